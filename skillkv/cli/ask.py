@@ -1,0 +1,82 @@
+"""skillkv ask "question": pick skills, reuse their KV, prefill only the question, stream the answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from skillkv.cli import app
+from skillkv.cli.common import DeviceOpt, JsonOpt, ModelOpt, SkillsOpt, StoreOpt, err, open_kv, print_json
+from skillkv.errors import SkillkvError
+
+
+def read_batch(path: Path) -> list[dict]:
+    """Lines of {"q": str, "skills": [str, ...] (optional)}; every line is checked before any work starts."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SkillkvError(f"cannot read batch file {path} ({getattr(e, 'strerror', None) or e})") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            raise SkillkvError(f"{path}:{n}: not a JSON object") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("q"), str) or not obj["q"].strip():
+            raise SkillkvError(f"{path}:{n}: needs a non-empty string field 'q'")
+        skills = obj.get("skills")
+        if skills is not None and (not isinstance(skills, list) or not all(isinstance(s, str) for s in skills)):
+            raise SkillkvError(f"{path}:{n}: 'skills' must be a list of skill names")
+        items.append({"q": obj["q"], "skills": skills})
+    if not items:
+        raise SkillkvError(f"batch file {path} holds no questions")
+    return items
+
+
+@app.command("ask")
+def ask_cmd(
+    question: Optional[str] = typer.Argument(None, help="The question (omit with --batch)."),
+    skill: Optional[list[str]] = typer.Option(None, "--skill", "-s", help="Use these skills (repeatable)."),
+    skills: Optional[Path] = SkillsOpt,
+    store: Optional[Path] = StoreOpt,
+    model: Optional[str] = ModelOpt,
+    mode: str = typer.Option("exact", "--mode", help="exact (reuse skill KV) | full (no cache, the reference)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Answer length limit."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
+    batch: Optional[Path] = typer.Option(None, "--batch", help="JSONL file of {\"q\", \"skills\"}; JSON lines out."),
+    device: Optional[str] = DeviceOpt,
+    as_json: bool = JsonOpt,
+):
+    """Answer a question with the skills it needs, reusing their compiled KV."""
+    from skillkv.engine.generate import SamplingParams
+
+    if batch is None and (question is None or not question.strip()):
+        raise SkillkvError("the question is empty")
+    items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
+    kv = open_kv(model, store, skills, device)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    stream = batch is None and not as_json
+
+    def on_text(t: str) -> None:
+        sys.stdout.write(t)
+        sys.stdout.flush()
+
+    for item in items:
+        ans = kv.ask(item["q"], item["skills"], mode=mode, params=params, on_text=on_text if stream else None)
+        if not stream:
+            print_json(ans.to_json())
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        tk, tm = ans.tokens, ans.timings_ms
+        err.print(f"[dim]skills: {', '.join(ans.skills) or 'none'} | mode {ans.mode} | prompt {tk['prompt']} tokens "
+                  f"({tk['cached']} cached, {tk['computed']} computed) | model load {tm['model_load']:.0f} ms | "
+                  f"snapshot load {tm['snapshot_load']:.0f} ms | first token {tm['ttft'] or 0:.0f} ms | "
+                  f"total {tm['total'] / 1000:.2f} s[/]", soft_wrap=True)

@@ -1,0 +1,32 @@
+"""skillkv gc: remove stale snapshots (skills changed or gone) and, with --max-bytes, the least recently used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from skillkv.cli import app
+from skillkv.cli.common import JsonOpt, ModelOpt, StoreOpt, human_bytes, open_kv, out, print_json
+
+
+@app.command("gc")
+def gc_cmd(
+    skills: Path = typer.Argument(Path("skills"), help="Folder of the current skills."),
+    store: Optional[Path] = StoreOpt,
+    model: Optional[str] = ModelOpt,
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Then evict LRU snapshots down to this."),
+    as_json: bool = JsonOpt,
+):
+    """Garbage-collect the store for the current model."""
+    kv = open_kv(model, store, skills)
+    kv.snapshots.ensure_writable()
+    removed, freed = kv.gc(max_bytes)
+    if as_json:
+        print_json({"removed": [{"skill": e.skill, "key": e.key, "bytes": e.bytes} for e in removed],
+                    "freed_bytes": freed, "store_bytes": kv.snapshots.size_bytes()})
+        return
+    for e in removed:
+        out.print(f"removed {e.skill} ({e.key[:12]}, {human_bytes(e.bytes)})")
+    out.print(f"freed {human_bytes(freed)}; store now {human_bytes(kv.snapshots.size_bytes())}")

@@ -1,0 +1,84 @@
+"""The decode loop: sample, stop on the chat template's end-of-turn, stream text as it forms."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Greedy when temperature == 0 (the default, and what exactness is defined over)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    first_token_at: float = 0.0  # perf_counter() when the first token was chosen
+    finish_reason: str = "length"
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    if p.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+class TextStream:
+    """Incremental detokenization: emits only complete characters (no half UTF-8 sequences)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text, self.ids, self.sent = tokenizer, on_text, [], 0
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if self.on_text and len(text) > self.sent:
+            self.on_text(text[self.sent:])
+        self.sent = len(text)
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def decode_loop(step: Callable[[int], torch.Tensor], first_logits: torch.Tensor, params: SamplingParams,
+                stop_ids: list[int], tokenizer, on_text: Callable[[str], None] | None = None,
+                budget: int | None = None) -> Generation:
+    """Generate from `first_logits`; `step(token)` feeds one token and returns the next logits.
+
+    Stops at a stop id (not included in the output), after `max_tokens`, or when `budget` (context room) ends.
+    """
+    gen = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
+    out, stream, logits = Generation(), TextStream(tokenizer, on_text), first_logits
+    limit = params.max_tokens if budget is None else min(params.max_tokens, budget)
+    stops = set(stop_ids)
+    for i in range(limit):
+        tok = sample(logits, params, gen)
+        if i == 0:
+            out.first_token_at = time.perf_counter()
+        if tok in stops:
+            out.finish_reason = "stop"
+            break
+        out.token_ids.append(tok)
+        stream.push(tok)
+        if i + 1 < limit:
+            logits = step(tok)
+    out.text = stream.text
+    return out

@@ -1,0 +1,53 @@
+"""A runner over a transformers causal LM with an explicit, reusable KV prefix.
+
+KV layout everywhere in skillkv: one (keys, values) pair per layer, each [kv_heads, tokens, head_dim] in the
+model's dtype. The runner turns such a prefix into a transformers DynamicCache without copying (the cache only
+concatenates new tensors on later steps, so a prefix shared by many questions is never mutated).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class HFRunner:
+    """Prefill and decode steps of `model` (a transformers CausalLM) over a DynamicCache."""
+
+    def __init__(self, model):
+        from transformers import DynamicCache
+
+        self.model = model
+        self._cache_cls = DynamicCache
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.2x renames `past_key_values` to `cache`; accept both (the GPU host has 5.17).
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.device = next(model.parameters()).device
+
+    def new_cache(self, prefix: KV | None = None):
+        """A cache holding `prefix` (which it never modifies in place)."""
+        cache = self._cache_cls(config=self.model.config)
+        for i, (k, v) in enumerate(prefix or []):
+            cache.update(k.unsqueeze(0).to(self.device), v.unsqueeze(0).to(self.device), i)
+        return cache
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], cache) -> torch.Tensor:
+        """Run `ids` after the tokens already in `cache` (which grows by len(ids)); return last-position
+        logits as float32 [vocab]."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[0, -1].float()
+
+    @staticmethod
+    def cache_len(cache) -> int:
+        return int(cache.get_seq_length())
+
+    @staticmethod
+    def slice_kv(cache, start: int, end: int) -> KV:
+        """Copy positions [start, end) of every layer out of `cache` as [kv_heads, n, head_dim] tensors."""
+        return [(layer.keys[0, :, start:end].clone(), layer.values[0, :, start:end].clone())
+                for layer in cache.layers]

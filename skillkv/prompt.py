@@ -1,0 +1,100 @@
+"""Prompt layout: the preamble, skill segments and the question, as token segments.
+
+The prompt IS the concatenation of independently tokenized segments:
+
+    [preamble] [skill 1] [skill 2] ... [question]
+
+  preamble  = chat-template head up to the system content + PREAMBLE
+  skill     = '<skill name="...">\\n' + compiled text + '\\n</skill>\\n\\n'
+  question  = chat-template text between system and user content + question + generation prompt
+
+The segment boundaries come from rendering the model's own chat template with marker strings, so any template
+with a system role works (ChatML for SmolLM2/Qwen, Llama 3 headers, ...). Because a snapshot of the first k
+segments depends only on those segments, it is an exact prefix of every prompt that starts with them, and full
+mode prefills the very same token ids from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from skillkv.skills import Skill
+
+PREAMBLE = (
+    "You are a helpful assistant. The skills below are instructions and reference material written for you; "
+    "follow the ones that apply to the user's question and answer accurately and concisely.\n\n"
+)
+_SYS, _USER = "\x00SKILLKV_SYSTEM\x00", "\x00SKILLKV_USER\x00"
+FALLBACK_TEMPLATE = ("<|im_start|>system\n", "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def template_parts(tokenizer) -> tuple[str, str, str]:
+    """(head, middle, tail) around the system and user contents in the model's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return FALLBACK_TEMPLATE
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": _SYS}, {"role": "user", "content": _USER}],
+            add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - templates without a system role raise arbitrary errors
+        return FALLBACK_TEMPLATE
+    if not isinstance(text, str) or text.count(_SYS) != 1 or text.count(_USER) != 1:
+        return FALLBACK_TEMPLATE
+    head, rest = text.split(_SYS)
+    middle, tail = rest.split(_USER)
+    return head, middle, tail
+
+
+def skill_segment_text(skill: Skill) -> str:
+    return f'<skill name="{skill.name}">\n{skill.compiled_text}</skill>\n\n'
+
+
+@dataclass
+class Layout:
+    """The token layout of one prompt. `segments[i]` are the ids of segment i; `ids` their concatenation."""
+
+    segments: list[list[int]]
+    names: list[str]  # "preamble", skill names..., "question"
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for seg in self.segments for t in seg]
+
+    @property
+    def bounds(self) -> list[int]:
+        """Cumulative end position of each segment."""
+        out, n = [], 0
+        for seg in self.segments:
+            n += len(seg)
+            out.append(n)
+        return out
+
+
+class PromptBuilder:
+    """Tokenizes segments for one tokenizer; skill segments are memoized by content hash."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.head, self.middle, self.tail = template_parts(tokenizer)
+        self._cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def preamble_ids(self) -> list[int]:
+        if "preamble" not in self._cache:
+            self._cache["preamble"] = self.encode(self.head + PREAMBLE)
+        return self._cache["preamble"]
+
+    def skill_ids(self, skill: Skill) -> list[int]:
+        key = "skill:" + skill.content_hash
+        if key not in self._cache:
+            self._cache[key] = self.encode(skill_segment_text(skill))
+        return self._cache[key]
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.encode(self.middle + question + self.tail)
+
+    def layout(self, skills: list[Skill], question: str) -> Layout:
+        segs = [self.preamble_ids()] + [self.skill_ids(s) for s in skills] + [self.question_ids(question)]
+        return Layout(segs, ["preamble"] + [s.name for s in skills] + ["question"])

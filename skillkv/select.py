@@ -1,0 +1,40 @@
+"""Skill selection: which skills a question gets when none are named.
+
+A deliberately simple, deterministic keyword scorer over names and descriptions: a question word that appears
+in a skill's name scores 2, one that appears in its description scores 1 (after lower-casing, dropping stop
+words and a plural 's'). Skills scoring at least MIN_SCORE are kept, best first, at most `top_k`.
+`--skill` always wins over this.
+"""
+
+from __future__ import annotations
+
+import re
+
+from skillkv.skills import Skill
+
+MIN_SCORE = 2
+STOP = set("""a an and are as at be by can do does for from how i in into is it its me my of on or our should so
+that the their them then there these this to use used using was we what when where which who why will with you
+your skill skills when user asks about""".split())
+
+
+def words(text: str) -> set[str]:
+    out = set()
+    for w in re.findall(r"[a-z0-9]+", text.lower()):
+        if w in STOP or len(w) < 2:
+            continue
+        out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
+    return out
+
+
+def score(question_words: set[str], skill: Skill) -> int:
+    name_words = words(skill.name.replace("-", " "))
+    desc_words = words(skill.description)
+    return 2 * len(question_words & name_words) + len(question_words & (desc_words - name_words))
+
+
+def choose_skills(question: str, skills: list[Skill], top_k: int = 2) -> list[Skill]:
+    """The best-matching skills for `question` (possibly none), best first."""
+    q = words(question)
+    scored = sorted(((score(q, s), s.name, s) for s in skills), key=lambda t: (-t[0], t[1]))
+    return [s for sc, _, s in scored if sc >= MIN_SCORE][:top_k]

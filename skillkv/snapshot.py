@@ -1,0 +1,223 @@
+"""Snapshot: the KV cache of one prompt segment, as a self-describing safetensors file.
+
+Tensors
+  k.<layer>, v.<layer>   [kv_heads, tokens, head_dim] in the model's KV dtype (compression "none"), or
+                         uint8 zstd frames of the byte-plane-shuffled tensor (compression "zstd"): all first
+                         bytes of every element, then all second bytes, ... which compresses floats far better.
+                         One frame per tensor, so layers decompress in parallel threads.
+  token_ids              int32 [tokens]: the ids this KV was computed for
+Metadata (all strings)
+  format, skillkv_version, fingerprint, key, parent, skill, content_hash, start, tokens, dtype, shape,
+  compression, created, checksums (crc32 of every stored tensor's bytes, JSON)
+
+Writes go to a temporary file in the destination folder, are fsynced and renamed, so a failed or partial write
+is never visible. `read_snapshot` checks the header, every checksum, and whatever the caller expects
+(fingerprint, key, token ids); any mismatch raises SnapshotError and the caller recompiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from skillkv import __version__
+from skillkv.errors import SnapshotError
+
+FORMAT_VERSION = 1
+COMPRESSIONS = ("none", "zstd")
+ZSTD_LEVEL = 3
+_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+_DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)}
+
+
+@dataclass
+class Snapshot:
+    """KV of `token_ids` at positions [start, start + len(token_ids)). keys/values: one tensor per layer."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    token_ids: list[int]
+    fingerprint: str
+    key: str
+    skill: str
+    content_hash: str
+    start: int = 0
+    parent: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
+
+
+def _shuffle(t: torch.Tensor) -> bytes:
+    b = t.contiguous().view(torch.uint8).reshape(-1, t.element_size())
+    return b.t().contiguous().numpy().tobytes()
+
+
+def _unshuffle(raw: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    size = torch.empty((), dtype=dtype).element_size()
+    b = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(size, -1)
+    return b.t().contiguous().view(dtype).reshape(shape)
+
+
+def encode(snap: Snapshot, compression: str = "none") -> bytes:
+    """Serialize a snapshot to bytes (safetensors). KV tensors are moved to the CPU."""
+    if compression not in COMPRESSIONS:
+        raise SnapshotError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
+    kv = {}
+    for i, (k, v) in enumerate(zip(snap.keys, snap.values)):
+        kv[f"k.{i}"], kv[f"v.{i}"] = k.detach().to("cpu").contiguous(), v.detach().to("cpu").contiguous()
+    first = kv["k.0"]
+    tensors: dict[str, torch.Tensor] = {"token_ids": torch.tensor(snap.token_ids, dtype=torch.int32)}
+    if compression == "zstd":
+        import zstandard
+
+        def comp(item):
+            name, t = item
+            return name, zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(_shuffle(t))
+
+        with ThreadPoolExecutor(_THREADS) as pool:
+            for name, blob in pool.map(comp, kv.items()):
+                tensors[name] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    else:
+        tensors.update(kv)
+    meta = {
+        "format": str(FORMAT_VERSION), "skillkv_version": __version__, "fingerprint": snap.fingerprint,
+        "key": snap.key, "parent": snap.parent, "skill": snap.skill, "content_hash": snap.content_hash,
+        "start": str(snap.start), "tokens": str(snap.n_tokens), "layers": str(len(snap.keys)),
+        "dtype": str(first.dtype), "shape": json.dumps(list(first.shape)), "compression": compression,
+        "created": str(time.time()),
+        "checksums": json.dumps({n: _crc(t) for n, t in sorted(tensors.items())}),
+    }
+    return st_save(tensors, metadata=meta)
+
+
+def write_snapshot(path: Path, snap: Snapshot, compression: str = "none") -> int:
+    """Atomically write `snap` to `path`; return the bytes written."""
+    data = encode(snap, compression)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib_suppress():
+            os.unlink(tmp)
+        raise
+    with contextlib_suppress():
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return len(data)
+
+
+class contextlib_suppress:
+    """Suppress OSError (tiny local helper to keep cleanup lines short)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        return et is not None and issubclass(et, OSError)
+
+
+def read_header(path: Path) -> dict:
+    """The metadata of a snapshot file without reading its tensors. Raises SnapshotError if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SnapshotError(f"{path.name}: truncated (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 << 20:
+                raise SnapshotError(f"{path.name}: corrupted header length")
+            raw = f.read(n)
+        header = json.loads(raw)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise SnapshotError(f"{path.name}: unreadable header ({e.__class__.__name__})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") is None:
+        raise SnapshotError(f"{path.name}: not a skillkv snapshot")
+    return meta
+
+
+def decode(data: bytes, name: str = "snapshot") -> Snapshot:
+    """Parse and verify snapshot bytes (header, checksums, shapes). Raises SnapshotError."""
+    try:
+        tensors = st_load(data)
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n])["__metadata__"]
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncation
+        raise SnapshotError(f"{name}: truncated or corrupted ({str(e).splitlines()[0][:80]})") from None
+    try:
+        if int(meta["format"]) != FORMAT_VERSION:
+            raise SnapshotError(f"{name}: snapshot format {meta['format']} (this skillkv reads {FORMAT_VERSION})")
+        checks = json.loads(meta["checksums"])
+        layers, dtype = int(meta["layers"]), _DTYPES[meta["dtype"]]
+        shape, compression = json.loads(meta["shape"]), meta["compression"]
+        tokens, start = int(meta["tokens"]), int(meta["start"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise SnapshotError(f"{name}: bad metadata ({e})") from None
+    if set(checks) != set(tensors) or any(_crc(tensors[k]) != c for k, c in checks.items()):
+        raise SnapshotError(f"{name}: checksum mismatch (corrupted on disk)")
+    names = [f"{kv}.{i}" for i in range(layers) for kv in "kv"]
+    if compression == "zstd":
+        import zstandard
+
+        def dec(n):
+            raw = zstandard.ZstdDecompressor().decompress(tensors[n].numpy().tobytes())
+            return n, _unshuffle(raw, dtype, shape)
+
+        with ThreadPoolExecutor(_THREADS) as pool:
+            kv = dict(pool.map(dec, names))
+    else:
+        kv = {n: tensors[n] for n in names}
+    ids = tensors["token_ids"].tolist()
+    if len(ids) != tokens or any(list(kv[n].shape) != shape or kv[n].dtype != dtype for n in names):
+        raise SnapshotError(f"{name}: tensor shapes do not match the header")
+    return Snapshot(keys=[kv[f"k.{i}"] for i in range(layers)], values=[kv[f"v.{i}"] for i in range(layers)],
+                    token_ids=ids, fingerprint=meta["fingerprint"], key=meta["key"], skill=meta["skill"],
+                    content_hash=meta["content_hash"], start=start, parent=meta.get("parent", ""), meta=meta)
+
+
+def read_snapshot(path: Path, fingerprint: str | None = None, key: str | None = None,
+                  token_ids: list[int] | None = None) -> Snapshot:
+    """Read and verify a snapshot; also check it against what the caller would compute now."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SnapshotError(f"{path.name}: cannot read ({e.strerror})") from None
+    snap = decode(data, path.name)
+    if fingerprint is not None and snap.fingerprint != fingerprint:
+        raise SnapshotError(f"{path.name}: made by another model (fingerprint {snap.fingerprint[:12]})")
+    if key is not None and snap.key != key:
+        raise SnapshotError(f"{path.name}: holds snapshot {snap.key[:12]}, expected {key[:12]}")
+    if token_ids is not None and snap.token_ids != list(token_ids):
+        raise SnapshotError(f"{path.name}: token ids differ from the current tokenization (stale)")
+    return snap

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models for the many small cases, the real default model once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def write_skill(root: Path, name: str, description: str, body: str, extra: str = "") -> Path:
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "SKILL.md").write_text(f"---\nname: {name}\ndescription: {description}\n{extra}---\n{body}\n")
+    return d
+
+
+@pytest.fixture
+def tiny_skills(tmp_path) -> Path:
+    """Three small synthetic skills."""
+    root = tmp_path / "skills"
+    write_skill(root, "alpha-tool", "Use when the user asks about the alpha tool and its flags.",
+                textwrap.dedent("""\
+                # Alpha tool
+                The alpha tool takes --frobnicate and --level N. Level 7 is the default.
+                """) * 3)
+    write_skill(root, "beta-codes", "Use for beta error codes and what they mean.",
+                "Code B-17 means the disk is full. Code B-42 means a checksum mismatch.\n" * 4)
+    write_skill(root, "gamma-notes", "Use when writing gamma release notes.",
+                "Gamma notes list Added, Fixed and Removed sections.\n" * 2)
+    return root
+
+
+@pytest.fixture
+def tiny_kv(tmp_path, tiny_skills):
+    from skillkv.api import SkillKV
+
+    warnings: list[str] = []
+    kv = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu",
+                 on_warning=warnings.append)
+    kv.warnings = warnings
+    return kv
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("real-store")
+
+
+@pytest.fixture(scope="session")
+def real_kv(real_store):
+    """The real default model (SmolLM2-135M-Instruct, fp32, CPU), loaded once per test session."""
+    from skillkv.api import SkillKV
+
+    kv = SkillKV(model="default", store=real_store, skills=REPO / "skills", device="cpu")
+    kv.runner  # load weights once
+    return kv
+
+
+@pytest.fixture
+def skills_copy(tmp_path) -> Path:
+    """A private copy of the repository's skills, safe to edit."""
+    dst = tmp_path / "skills"
+    shutil.copytree(REPO / "skills", dst)
+    return dst

@@ -1,0 +1,140 @@
+"""The Python API on a tiny random model: compile, exact == full, chains, verification, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skillkv.engine.generate import SamplingParams
+from skillkv.errors import PromptTooLong, SkillError, SkillkvError
+
+GREEDY = SamplingParams(max_tokens=12)
+
+
+def test_compile_is_incremental(tiny_kv, tiny_skills):
+    first = {r.skill: r.status for r in tiny_kv.compile()}
+    assert first == {"alpha-tool": "compiled", "beta-codes": "compiled", "gamma-notes": "compiled"}
+    again = {r.skill: r.status for r in tiny_kv.compile()}
+    assert set(again.values()) == {"up to date"}
+    md = tiny_skills / "beta-codes" / "SKILL.md"
+    md.write_text(md.read_text() + "\nCode B-99 means the network is down.\n")
+    tiny_kv._skills = None
+    after = {r.skill: r.status for r in tiny_kv.compile()}
+    assert after == {"alpha-tool": "up to date", "beta-codes": "recompiled", "gamma-notes": "up to date"}
+    assert {s.skill.name: s.state for s in tiny_kv.status()} == dict.fromkeys(after, "current")
+
+
+def test_snapshot_kv_equals_full_prefill_kv(tiny_kv):
+    skill = tiny_kv.pick(["alpha-tool"])[0]
+    tiny_kv.compile(["alpha-tool"])
+    snap = tiny_kv.snapshots.get(tiny_kv.chain_keys([skill])[0])
+    ids = tiny_kv.piece_ids([skill], 0)
+    assert snap.token_ids == ids
+    cache = tiny_kv.runner.new_cache()
+    tiny_kv.runner.forward(ids + [5, 6, 7], cache)
+    for (k, v), layer in zip(zip(snap.keys, snap.values), cache.layers):
+        torch.testing.assert_close(k, layer.keys[0, :, : len(ids)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, layer.values[0, :, : len(ids)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("skills", [["alpha-tool"], ["beta-codes", "alpha-tool"], ["gamma-notes", "beta-codes"]])
+def test_exact_equals_full(tiny_kv, skills):
+    for q in ("What does code B-17 mean?", "Which level is the default?"):
+        full = tiny_kv.ask(q, skills, mode="full", params=GREEDY)
+        exact = tiny_kv.ask(q, skills, mode="exact", params=GREEDY)
+        assert exact.output_token_ids == full.output_token_ids
+        assert exact.tokens["prompt"] == full.tokens["prompt"]
+        assert full.tokens["cached"] == 0
+
+
+def test_combination_is_computed_once_then_reused(tiny_kv):
+    skills = ["beta-codes", "alpha-tool"]
+    first = tiny_kv.ask("What does B-42 mean?", skills, params=GREEDY)
+    assert first.tokens["cached"] == 0  # nothing compiled yet: both pieces computed and stored
+    tiny_kv._memo.clear()
+    second = tiny_kv.ask("What does B-17 mean?", skills, params=GREEDY)
+    q_tokens = len(tiny_kv.builder.question_ids("What does B-17 mean?"))
+    assert second.tokens["computed"] == q_tokens
+    assert second.tokens["cached"] == second.tokens["prompt"] - q_tokens
+    parents = [e for e in tiny_kv.snapshots.entries().values() if e.parent]
+    assert [e.skill for e in parents] == ["alpha-tool"]
+    # the other order is a different chain
+    tiny_kv.ask("What does B-17 mean?", list(reversed(skills)), params=GREEDY)
+    assert len([e for e in tiny_kv.snapshots.entries().values() if e.parent]) == 2
+
+
+def _snapshot_file(kv, name):
+    skill = kv.pick([name])[0]
+    e = kv.snapshots.entries()[kv.chain_keys([skill])[0]]
+    return kv.snapshots.snap_dir / e.file
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
+def test_damaged_snapshot_is_recompiled_never_served(tiny_kv, tmp_path, tiny_skills, damage):
+    from skillkv.api import SkillKV
+
+    tiny_kv.compile()
+    reference = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], mode="full", params=GREEDY)
+    path = _snapshot_file(tiny_kv, "beta-codes")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:  # a snapshot made by another model (different random weights), put where this one is expected
+        other = SkillKV(model="dummy:smollm2-135m", store=tmp_path / "other", skills=tiny_skills, device="cpu")
+        other.handle.hf_config.num_hidden_layers = 2
+        other.compile(["beta-codes"])
+        data = _snapshot_file(other, "beta-codes").read_bytes()
+    path.write_bytes(bytes(data))
+    tiny_kv._memo.clear()
+    tiny_kv.snapshots._index = None
+    ans = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)
+    assert ans.output_token_ids == reference.output_token_ids
+    assert ans.tokens["cached"] == 0
+    assert any("recompiling" in w for w in tiny_kv.warnings)
+    tiny_kv._memo.clear()
+    again = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)
+    assert again.tokens["cached"] > 0 and again.output_token_ids == reference.output_token_ids
+
+
+def test_zstd_snapshots_answer_identically(tiny_kv):
+    tiny_kv.compile(compression="zstd")
+    e = next(iter(tiny_kv.snapshots.entries().values()))
+    assert e.compression == "zstd"
+    full = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], mode="full", params=GREEDY)
+    tiny_kv._memo.clear()
+    exact = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)
+    assert exact.tokens["cached"] > 0 and exact.output_token_ids == full.output_token_ids
+
+
+def test_errors(tiny_kv):
+    with pytest.raises(SkillkvError, match="empty"):
+        tiny_kv.ask("   ")
+    with pytest.raises(SkillError, match="unknown skill 'nope'"):
+        tiny_kv.ask("hi", ["nope"])
+    with pytest.raises(SkillkvError, match="unknown mode"):
+        tiny_kv.ask("hi", ["alpha-tool"], mode="fast")
+    tiny_kv.handle.hf_config.max_position_embeddings = 64
+    with pytest.raises(PromptTooLong, match=r"exceeds the model's context of 64 tokens"):
+        tiny_kv.ask("What does B-17 mean?", ["beta-codes"])
+
+
+def test_gc_removes_stale_snapshots(tiny_kv, tiny_skills):
+    tiny_kv.compile()
+    tiny_kv.ask("What does B-17 mean?", ["beta-codes", "alpha-tool"], params=SamplingParams(max_tokens=1))
+    md = tiny_skills / "beta-codes" / "SKILL.md"
+    md.write_text(md.read_text() + "\nMore codes.\n")
+    tiny_kv._skills = None
+    assert {s.skill.name: s.state for s in tiny_kv.status()}["beta-codes"] == "stale"
+    removed, freed = tiny_kv.gc()
+    # the old beta snapshot and the chain (beta, alpha) that started from it are both stale
+    assert sorted(e.skill for e in removed) == ["alpha-tool", "beta-codes"] and freed > 0
+    assert {e.skill for e in tiny_kv.snapshots.entries().values()} == {"alpha-tool", "gamma-notes"}
+
+
+def test_selection_without_names(tiny_kv):
+    ans = tiny_kv.ask("What do the beta error codes mean?", params=SamplingParams(max_tokens=2))
+    assert ans.skills == ["beta-codes"]
+    none = tiny_kv.ask("What is the capital of France?", params=SamplingParams(max_tokens=2))
+    assert none.skills == []

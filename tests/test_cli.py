@@ -1,0 +1,149 @@
+"""The CLI: one-line errors with non-zero exits, JSON output, batch mode (tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from skillkv.cli import main
+
+TINY = ["--model", "dummy:tiny", "--device", "cpu"]
+
+
+def run(monkeypatch, capsys, *argv):
+    monkeypatch.setattr(sys, "argv", ["skillkv", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def one_line_error(code, err, needle):
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("skillkv: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_compile_then_ask_json(monkeypatch, capsys, tiny_skills, tmp_path):
+    store = str(tmp_path / "store")
+    code, out, _ = run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", store, *TINY, "--json")
+    assert code == 0
+    assert {r["status"] for r in json.loads(out)["results"]} == {"compiled"}
+    code, out, _ = run(monkeypatch, capsys, "ask", "What does B-17 mean?", "--skill", "beta-codes", "--skills",
+                       str(tiny_skills), "--store", store, *TINY, "--json", "--max-tokens", "5")
+    assert code == 0
+    ans = json.loads(out)
+    assert set(ans) >= {"answer", "output_token_ids", "skills", "mode", "tokens", "timings_ms", "model"}
+    assert set(ans["tokens"]) == {"prompt", "cached", "computed"}
+    assert set(ans["timings_ms"]) == {"model_load", "snapshot_load", "ttft", "total"}
+    assert ans["skills"] == ["beta-codes"] and ans["mode"] == "exact" and ans["tokens"]["cached"] > 0
+    code, out, _ = run(monkeypatch, capsys, "ls", str(tiny_skills), "--store", store, *TINY[:2], "--json")
+    assert code == 0 and {s["state"] for s in json.loads(out)["skills"]} == {"current"}
+
+
+def test_ask_streams_text_and_stats(monkeypatch, capsys, tiny_skills, tmp_path):
+    code, out, err = run(monkeypatch, capsys, "ask", "What does B-17 mean?", "-s", "beta-codes", "--skills",
+                         str(tiny_skills), "--store", str(tmp_path / "s"), *TINY, "--max-tokens", "3")
+    assert code == 0
+    assert "mode exact" in err and "cached" in err
+
+
+def test_batch(monkeypatch, capsys, tiny_skills, tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"q": "What does B-17 mean?", "skills": ["beta-codes"]}\n\n'
+                 '{"q": "Which level is the default?", "skills": ["alpha-tool", "beta-codes"]}\n'
+                 '{"q": "What do the beta error codes mean?"}\n')
+    code, out, _ = run(monkeypatch, capsys, "ask", "--batch", str(f), "--skills", str(tiny_skills), "--store",
+                       str(tmp_path / "s"), *TINY, "--max-tokens", "2")
+    assert code == 0
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [r["skills"] for r in rows] == [["beta-codes"], ["alpha-tool", "beta-codes"], ["beta-codes"]]
+    assert rows[2]["tokens"]["cached"] > 0  # loaded once, reused
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "file", "all-malformed"])
+def test_bad_skills_folder(monkeypatch, capsys, tmp_path, case):
+    target = tmp_path / "skills"
+    if case == "empty":
+        target.mkdir()
+    elif case == "file":
+        target.write_text("x")
+    elif case == "all-malformed":
+        (target / "bad").mkdir(parents=True)
+        (target / "bad" / "SKILL.md").write_text("---\nname: [unclosed\n---\nbody\n")
+    code, out, err = run(monkeypatch, capsys, "compile", str(target), "--store", str(tmp_path / "s"), *TINY)
+    assert code != 0 and "Traceback" not in err
+    if case != "all-malformed":
+        one_line_error(code, err, str(target))
+    else:
+        line = [ln for ln in err.splitlines() if "skipped" in ln]
+        assert len(line) == 1 and "bad/SKILL.md" in line[0] and "not valid YAML" in line[0]
+
+
+def test_malformed_skill_is_skipped_others_compile(monkeypatch, capsys, tiny_skills, tmp_path):
+    (tiny_skills / "broken").mkdir()
+    (tiny_skills / "broken" / "SKILL.md").write_text("---\nname: broken\n---\nno description here\n")
+    code, out, _ = run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", str(tmp_path / "s"), *TINY,
+                       "--json")
+    assert code == 0
+    res = {r["skill"]: r for r in json.loads(out)["results"]}
+    assert sum(r["status"] == "compiled" for r in res.values()) == 3
+    skipped = [r for r in res.values() if r["status"] == "skipped"]
+    assert len(skipped) == 1 and "broken/SKILL.md" in skipped[0]["reason"] and "description" in skipped[0]["reason"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["ask", ""], "question is empty"),
+    (["ask", "hi", "--skill", "nope"], "unknown skill 'nope'"),
+    (["ask", "hi", "--mode", "fast"], "unknown mode"),
+])
+def test_ask_errors(monkeypatch, capsys, tiny_skills, tmp_path, argv, needle):
+    code, _, err = run(monkeypatch, capsys, *argv, "--skills", str(tiny_skills), "--store", str(tmp_path / "s"),
+                       *TINY)
+    one_line_error(code, err, needle)
+
+
+def test_unknown_model(monkeypatch, capsys, tiny_skills, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "compile", str(tiny_skills), "--model", str(tmp_path / "no-such-model"))
+    one_line_error(code, err, "not found")
+    code, _, err = run(monkeypatch, capsys, "compile", str(tiny_skills), "--model", "dummy:no-such-preset")
+    one_line_error(code, err, "unknown dummy model")
+
+
+def test_unwritable_store(monkeypatch, capsys, tiny_skills, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file, not a folder")
+    code, _, err = run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", str(blocker / "store"), *TINY)
+    one_line_error(code, err, "not writable")
+    assert blocker.read_text() == "I am a file, not a folder"
+
+
+def test_prompt_too_long(monkeypatch, capsys, tiny_skills, tmp_path):
+    (tiny_skills / "alpha-tool" / "SKILL.md").write_text(
+        "---\nname: alpha-tool\ndescription: huge\n---\n" + "word " * 5000)
+    code, _, err = run(monkeypatch, capsys, "ask", "What?", "--skill", "alpha-tool", "--skills", str(tiny_skills),
+                       "--store", str(tmp_path / "s"), *TINY)
+    one_line_error(code, err, "exceeds the model's context of 4096 tokens")
+
+
+def test_bad_batch_file(monkeypatch, capsys, tiny_skills, tmp_path):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"q": "fine"}\nnot json\n')
+    code, _, err = run(monkeypatch, capsys, "ask", "--batch", str(f), "--skills", str(tiny_skills), *TINY)
+    one_line_error(code, err, "q.jsonl:2")
+
+
+def test_gc_cli(monkeypatch, capsys, tiny_skills, tmp_path):
+    store = str(tmp_path / "s")
+    run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", store, *TINY)
+    import shutil
+    shutil.rmtree(tiny_skills / "gamma-notes")
+    code, out, _ = run(monkeypatch, capsys, "gc", str(tiny_skills), "--store", store, *TINY[:2], "--json")
+    assert code == 0 and [r["skill"] for r in json.loads(out)["removed"]] == ["gamma-notes"]

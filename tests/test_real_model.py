@@ -1,0 +1,55 @@
+"""The real default model (SmolLM2-135M-Instruct, fp32, CPU): exact mode is token-for-token full mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from skillkv.engine.generate import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+CASES = [
+    ("How long should the subject line of a commit message be?", ["git-commit-messages"]),
+    ("Which sections does a Keep a Changelog release note have?", ["release-notes"]),
+    ("What does breakpoint() do in Python?", ["python-debugging"]),
+    ("Write a commit subject for a release that fixes a crash.", ["release-notes", "git-commit-messages"]),
+    ("How do I find which commit introduced a bug?", ["git-commit-messages", "python-debugging"]),
+]
+
+
+@pytest.mark.parametrize("question,skills", CASES, ids=[f"{len(s)}-skill-{i}" for i, (_, s) in enumerate(CASES)])
+def test_exact_mode_is_token_identical_to_full(real_kv, question, skills):
+    params = SamplingParams(max_tokens=24)
+    full = real_kv.ask(question, skills, mode="full", params=params)
+    exact = real_kv.ask(question, skills, mode="exact", params=params)
+    assert full.output_token_ids, "the model should say something"
+    assert exact.output_token_ids == full.output_token_ids
+    assert exact.answer == full.answer
+    assert exact.tokens["prompt"] == full.tokens["prompt"]
+    real_kv._memo.clear()  # the next ask reads the stored snapshots from disk
+    again = real_kv.ask(question, skills, mode="exact", params=params)
+    assert again.output_token_ids == full.output_token_ids
+    assert again.tokens["computed"] < 64 and again.tokens["cached"] > 500
+
+
+def test_stops_at_end_of_turn(real_kv):
+    ans = real_kv.ask("Say hello.", ["git-commit-messages"], params=SamplingParams(max_tokens=200))
+    assert ans.finish_reason == "stop"
+    assert "<|im_end|>" not in ans.answer and "<|im_start|>" not in ans.answer
+
+
+def test_cli_ask_json_on_the_real_model(real_kv, real_store):
+    """A separate process: the model and snapshots come from disk; the answer equals the in-process one."""
+    q, skills = CASES[0]
+    expect = real_kv.ask(q, skills, mode="full", params=SamplingParams(max_tokens=16))
+    p = subprocess.run([sys.executable, "-m", "skillkv", "ask", q, "--skill", skills[0], "--store", str(real_store),
+                        "--skills", str(real_kv.skills_dir), "--max-tokens", "16", "--json", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    ans = json.loads(p.stdout)
+    assert ans["output_token_ids"] == expect.output_token_ids
+    assert ans["tokens"]["cached"] > 0 and ans["model"] == "smollm2-135m-instruct"
