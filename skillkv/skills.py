@@ -105,7 +105,7 @@ def parse_skill(folder: Path) -> Skill:
     comp = data.get("compatibility")
     if isinstance(comp, str) and len(comp) > 500:
         warnings.append(f"{where}: compatibility is {len(comp)} characters (the limit is 500)")
-    unknown = sorted(k for k in data if k not in KNOWN_KEYS)
+    unknown = sorted((k for k in data if k not in KNOWN_KEYS), key=str)
     if unknown:
         warnings.append(f"{where}: unknown keys {', '.join(map(str, unknown))} kept as metadata")
     metadata = dict(data.get("metadata") or {}) if isinstance(data.get("metadata"), dict) else {}

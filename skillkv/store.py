@@ -95,6 +95,8 @@ class Store:
         """Rebuild the index from the self-describing snapshot files (skips unreadable ones)."""
         out = {}
         for p in sorted(self.snap_dir.glob("*.safetensors")) if self.snap_dir.is_dir() else []:
+            if p.name.startswith("."):
+                continue  # a temporary file of a write that never finished
             try:
                 m = read_header(p)
                 if m.get("fingerprint") != self.fingerprint:
