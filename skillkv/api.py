@@ -73,7 +73,7 @@ class SkillState:
 def _cat(pieces: list[KV]) -> KV:
     if len(pieces) == 1:
         return pieces[0]
-    return [(torch.cat([p[i][0] for p in pieces], 1), torch.cat([p[i][1] for p in pieces], 1))
+    return [(torch.cat([p[i][0] for p in pieces], 0), torch.cat([p[i][1] for p in pieces], 0))
             for i in range(len(pieces[0]))]
 
 

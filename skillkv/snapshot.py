@@ -1,7 +1,7 @@
 """Snapshot: the KV cache of one prompt segment, as a self-describing safetensors file.
 
 Tensors
-  k.<layer>, v.<layer>   [kv_heads, tokens, head_dim] in the model's KV dtype (compression "none"), or
+  k.<layer>, v.<layer>   [tokens, kv_heads, head_dim] (NHD, the paged pool's layout) in the model's KV dtype (compression "none"), or
                          uint8 zstd frames of the byte-plane-shuffled tensor (compression "zstd"): all first
                          bytes of every element, then all second bytes, ... which compresses floats far better.
                          One frame per tensor, so layers decompress in parallel threads.
@@ -34,7 +34,7 @@ from safetensors.torch import save as st_save
 from skillkv import __version__
 from skillkv.errors import SnapshotError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: KV stored NHD [tokens, kv_heads, head_dim]
 COMPRESSIONS = ("none", "zstd")
 ZSTD_LEVEL = 3
 _THREADS = max(1, min(8, os.cpu_count() or 1))
@@ -110,7 +110,14 @@ def encode(snap: Snapshot, compression: str = "none") -> bytes:
         "created": str(time.time()),
         "checksums": json.dumps({n: _crc(t) for n, t in sorted(tensors.items())}),
     }
+    meta["meta_crc"] = str(_meta_crc(meta))
     return st_save(tensors, metadata=meta)
+
+
+def _meta_crc(meta: dict) -> int:
+    """crc32 of every metadata field but itself: a header edit is caught like a data edit."""
+    body = json.dumps({k: v for k, v in meta.items() if k != "meta_crc"}, sort_keys=True)
+    return zlib.crc32(body.encode())
 
 
 def write_snapshot(path: Path, snap: Snapshot, compression: str = "none") -> int:
@@ -178,15 +185,23 @@ def decode(data: bytes, name: str = "snapshot") -> Snapshot:
     try:
         if int(meta["format"]) != FORMAT_VERSION:
             raise SnapshotError(f"{name}: snapshot format {meta['format']} (this skillkv reads {FORMAT_VERSION})")
+        if meta.get("meta_crc") != str(_meta_crc(meta)):
+            raise SnapshotError(f"{name}: header checksum mismatch (corrupted on disk)")
+        if int(meta["format"]) != FORMAT_VERSION:
+            raise SnapshotError(f"{name}: snapshot format {meta['format']} (this skillkv reads {FORMAT_VERSION})")
         checks = json.loads(meta["checksums"])
         layers, dtype = int(meta["layers"]), _DTYPES[meta["dtype"]]
         shape, compression = json.loads(meta["shape"]), meta["compression"]
         tokens, start = int(meta["tokens"]), int(meta["start"])
     except (KeyError, ValueError, TypeError) as e:
         raise SnapshotError(f"{name}: bad metadata ({e})") from None
-    if set(checks) != set(tensors) or any(_crc(tensors[k]) != c for k, c in checks.items()):
+    with ThreadPoolExecutor(_THREADS) as pool:  # zlib releases the GIL on large buffers
+        crcs = dict(zip(checks, pool.map(lambda k: _crc(tensors[k]) if k in tensors else -1, checks)))
+    if set(checks) != set(tensors) or any(crcs[k] != c for k, c in checks.items()):
         raise SnapshotError(f"{name}: checksum mismatch (corrupted on disk)")
     names = [f"{kv}.{i}" for i in range(layers) for kv in "kv"]
+    if set(tensors) != set(names) | {"token_ids"}:
+        raise SnapshotError(f"{name}: stored tensors do not match the header's {layers} layers")
     if compression == "zstd":
         import zstandard
 

@@ -69,3 +69,12 @@ def skills_copy(tmp_path) -> Path:
     dst = tmp_path / "skills"
     shutil.copytree(REPO / "skills", dst)
     return dst
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -33,8 +33,8 @@ def test_snapshot_kv_equals_full_prefill_kv(tiny_kv):
     cache = tiny_kv.runner.new_cache()
     tiny_kv.runner.forward(ids + [5, 6, 7], cache)
     for (k, v), layer in zip(zip(snap.keys, snap.values), cache.layers):
-        torch.testing.assert_close(k, layer.keys[0, :, : len(ids)], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, layer.values[0, :, : len(ids)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k, layer.keys[0, :, : len(ids)].transpose(0, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, layer.values[0, :, : len(ids)].transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("skills", [["alpha-tool"], ["beta-codes", "alpha-tool"], ["gamma-notes", "beta-codes"]])

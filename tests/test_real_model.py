@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from skillkv.engine.generate import SamplingParams
 
@@ -53,3 +54,23 @@ def test_cli_ask_json_on_the_real_model(real_kv, real_store):
     ans = json.loads(p.stdout)
     assert ans["output_token_ids"] == expect.output_token_ids
     assert ans["tokens"]["cached"] > 0 and ans["model"] == "smollm2-135m-instruct"
+
+
+def test_lean_paged_runner_greedy_equals_transformers(real_kv):
+    """The paged engine's lean Llama runner on the real model (fp32): same greedy tokens as transformers."""
+    from skillkv.engine.paged import PagedEngine
+
+    q, skills = CASES[1]
+    layout = real_kv.builder.layout(real_kv.pick(skills), q)
+    params = SamplingParams(max_tokens=16)
+    ref = real_kv.ask(q, skills, mode="full", params=params)
+    eng = PagedEngine(real_kv.runner.model, budget_bytes=256 << 20, attention="torch", page_size=16)
+    req = eng.start(None)
+    logits = eng.prefill([req], [layout.ids])[0]
+    out = []
+    for _ in range(len(ref.output_token_ids)):
+        tok = int(torch.argmax(logits))
+        out.append(tok)
+        logits = eng.prefill([req], [[tok]])[0]
+    eng.finish(req)
+    assert out == ref.output_token_ids

@@ -1,7 +1,7 @@
 """A runner over a transformers causal LM with an explicit, reusable KV prefix.
 
-KV layout everywhere in skillkv: one (keys, values) pair per layer, each [kv_heads, tokens, head_dim] in the
-model's dtype. The runner turns such a prefix into a transformers DynamicCache without copying (the cache only
+KV layout everywhere in skillkv: one (keys, values) pair per layer, each [tokens, kv_heads, head_dim] (NHD, the
+layout of the paged pool and of snapshots) in the model's dtype. The runner turns such a prefix into a transformers DynamicCache without copying (the cache only
 concatenates new tensors on later steps, so a prefix shared by many questions is never mutated).
 """
 
@@ -31,7 +31,7 @@ class HFRunner:
         """A cache holding `prefix` (which it never modifies in place)."""
         cache = self._cache_cls(config=self.model.config)
         for i, (k, v) in enumerate(prefix or []):
-            cache.update(k.unsqueeze(0).to(self.device), v.unsqueeze(0).to(self.device), i)
+            cache.update(k.to(self.device).transpose(0, 1).unsqueeze(0), v.to(self.device).transpose(0, 1).unsqueeze(0), i)
         return cache
 
     @torch.inference_mode()
@@ -48,6 +48,7 @@ class HFRunner:
 
     @staticmethod
     def slice_kv(cache, start: int, end: int) -> KV:
-        """Copy positions [start, end) of every layer out of `cache` as [kv_heads, n, head_dim] tensors."""
-        return [(layer.keys[0, :, start:end].clone(), layer.values[0, :, start:end].clone())
+        """Copy positions [start, end) of every layer out of `cache` as [n, kv_heads, head_dim] tensors."""
+        return [(layer.keys[0, :, start:end].transpose(0, 1).contiguous(),
+                 layer.values[0, :, start:end].transpose(0, 1).contiguous())
                 for layer in cache.layers]

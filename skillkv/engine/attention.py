@@ -1,0 +1,121 @@
+"""Attention over the paged KV pool: an interface, a registry, and two backends.
+
+Contract: `plan(seqs)` once per batch (the new tokens of every sequence are already written to the pool before
+`run`), then `run(layer, q)` per layer. q is [total_new_tokens, q_heads, head_dim], ragged by sequence in `seqs`
+order; attention is causal with the new tokens at the *end* of each sequence (lower-right aligned).
+
+  torch       SDPA over pages gathered into contiguous tensors; CPU and CUDA; the reference
+  flashinfer  FlashInfer's BatchPrefillWithPagedKVCacheWrapper (CSR page table: kv_indptr, kv_indices,
+              kv_last_page_len, int32); CUDA only, imported only when chosen
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from skillkv.engine.pool import KVPool
+from skillkv.errors import SkillkvError
+
+
+@dataclass
+class SeqView:
+    """One sequence in a batch: its pages in order, its KV length after this step, and its new token count."""
+
+    pages: list[int]
+    kv_len: int
+    q_len: int
+
+
+class AttentionBackend(ABC):
+    name = "?"
+
+    def __init__(self, pool: KVPool, q_heads: int, scale: float):
+        self.pool, self.q_heads, self.scale = pool, q_heads, scale
+
+    @abstractmethod
+    def plan(self, seqs: list[SeqView]) -> None: ...
+
+    @abstractmethod
+    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+
+    def plan(self, seqs: list[SeqView]) -> None:
+        self.seqs = seqs
+        self.masks = []
+        for s in seqs:
+            if s.q_len == 1:
+                self.masks.append(None)
+                continue
+            qpos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=self.pool.device)
+            self.masks.append(torch.arange(s.kv_len, device=self.pool.device)[None, :] <= qpos[:, None])
+        self.page_idx = [torch.tensor(s.pages, device=self.pool.device) for s in seqs]
+
+    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        outs, off = [], 0
+        for s, mask in zip(self.seqs, self.masks):
+            k, v = self.pool.gather(layer, s.pages, s.kv_len)
+            qs = q[off:off + s.q_len].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                                               attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.q_heads != self.pool.kv_heads)
+            outs.append(o[0].transpose(0, 1))
+            off += s.q_len
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+
+    def __init__(self, pool: KVPool, q_heads: int, scale: float, workspace_mb: int = 256):
+        super().__init__(pool, q_heads, scale)
+        try:
+            import flashinfer
+        except ImportError:
+            raise SkillkvError("the flashinfer backend needs `pip install skillkv[gpu]` (flashinfer-python)") from None
+        if pool.device.type != "cuda":
+            raise SkillkvError("the flashinfer backend runs on CUDA only; use --attention torch on the CPU")
+        ws = torch.empty(workspace_mb << 20, dtype=torch.uint8, device=pool.device)
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+
+    def plan(self, seqs: list[SeqView]) -> None:
+        ps = self.pool.page_size
+        qo = [0]
+        kv_indptr, indices, last = [0], [], []
+        for s in seqs:
+            n_pages = -(-s.kv_len // ps)
+            qo.append(qo[-1] + s.q_len)
+            indices.extend(s.pages[:n_pages])
+            kv_indptr.append(len(indices))
+            last.append(s.kv_len - (n_pages - 1) * ps)
+        i32 = dict(dtype=torch.int32)  # host tensors: plan() reads them on the CPU and copies what it needs
+        self.wrapper.plan(torch.tensor(qo, **i32), torch.tensor(kv_indptr, **i32), torch.tensor(indices, **i32),
+                          torch.tensor(last, **i32), self.q_heads, self.pool.kv_heads, self.pool.head_dim, ps,
+                          causal=True, sm_scale=self.scale, q_data_type=self.pool.dtype,
+                          kv_data_type=self.pool.dtype)
+
+    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return self.wrapper.run(q, (self.pool.k[layer], self.pool.v[layer]))
+
+
+BACKENDS = {"torch": TorchBackend, "flashinfer": FlashInferBackend}
+
+
+def make_backend(name: str, pool: KVPool, q_heads: int, scale: float) -> AttentionBackend:
+    if name == "auto":
+        name = "flashinfer" if pool.device.type == "cuda" and _has_flashinfer() else "torch"
+    if name not in BACKENDS:
+        raise SkillkvError(f"unknown attention backend {name!r} (choose from auto, {', '.join(BACKENDS)})")
+    return BACKENDS[name](pool, q_heads, scale)
+
+
+def _has_flashinfer() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flashinfer") is not None

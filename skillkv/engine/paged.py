@@ -1,0 +1,118 @@
+"""The paged engine: skill prefixes resident in the KV pool (L1), questions prefilled over them, decode.
+
+A resident prefix is the exact KV of [preamble][skill 1]..[skill k] (one pool entry per ordered combination,
+keyed by its chain key). A request references the prefix's full pages in place (shared, never copied); if the
+prefix ends inside a page, that page's filled slots are copied to a private page first (copy-on-write), so
+the request can append without touching shared pages. The request's own tokens live in private pages that are
+freed when it finishes. Entries referenced by a running request are never evicted (PageTable contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from skillkv.engine.attention import SeqView, make_backend
+from skillkv.engine.llama import LlamaRunner
+from skillkv.engine.pool import KV, KVPool
+
+
+@dataclass
+class Request:
+    prefix_key: str | None
+    prefix_tokens: int
+    shared: list[int]  # shared full pages of the prefix
+    private: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in KV
+
+    @property
+    def pages(self) -> list[int]:
+        return self.shared + self.private
+
+
+class PagedEngine:
+    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer."""
+
+    def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16):
+        cfg = hf_model.config
+        p = next(hf_model.parameters())
+        self.pool = KVPool.for_model(cfg, p.dtype, p.device, budget_bytes, page_size)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.backend = make_backend(attention, self.pool, cfg.num_attention_heads, head_dim ** -0.5)
+        self.runner = LlamaRunner(hf_model, self.pool, self.backend)
+        self.device = p.device
+
+    @property
+    def table(self):
+        return self.pool.table
+
+    # ------------------------------------------------------------------ residency (L1)
+
+    def resident(self, key: str) -> bool:
+        return self.table.lookup(key) is not None
+
+    def make_resident(self, key: str, tokens: int, load: Callable[[], KV], pin: bool = False) -> str:
+        """Ensure the prefix `key` is in the pool; `load()` supplies its KV (per layer [n, H, D]) on a miss.
+        Returns "l1" on a hit, "loaded" after loading."""
+        if self.table.lookup(key) is not None:
+            if pin:
+                self.table.pin(key)
+            return "l1"
+        pages = self.table.alloc(self.table.pages_for(tokens))
+        try:
+            self.pool.load(pages, load())
+        except BaseException:
+            self.table.free_private(pages)
+            raise
+        self.table.add(key, pages, tokens, pinned=pin)
+        return "loaded"
+
+    # ------------------------------------------------------------------ requests
+
+    def start(self, prefix_key: str | None) -> Request:
+        """A request continuing the resident prefix `prefix_key` (None: empty prefix)."""
+        if prefix_key is None:
+            return Request(None, 0, [])
+        e = self.table.acquire(prefix_key)
+        full = e.tokens // self.pool.page_size
+        req = Request(prefix_key, e.tokens, e.pages[:full], length=e.tokens)
+        rem = e.tokens - full * self.pool.page_size
+        if rem:
+            try:
+                (page,) = self.table.alloc(1)
+            except BaseException:
+                self.table.release(prefix_key)
+                raise
+            self.pool.copy_page_prefix(e.pages[full], page, rem)
+            req.private.append(page)
+        return req
+
+    def _grow(self, req: Request, new_tokens: int) -> None:
+        need = self.table.pages_for(req.length + new_tokens) - len(req.pages)
+        if need > 0:
+            req.private.extend(self.table.alloc(need))
+
+    def prefill(self, reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
+        """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token."""
+        for r, t in zip(reqs, ids):
+            self._grow(r, len(t))
+        dev = self.device
+        flat = torch.tensor([t for seq in ids for t in seq], device=dev)
+        positions = torch.cat([torch.arange(r.length, r.length + len(t)) for r, t in zip(reqs, ids)]).to(dev)
+        slots = torch.cat([self.pool.slots(r.pages, r.length, len(t)) for r, t in zip(reqs, ids)])
+        seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
+        last = torch.tensor([sum(len(t) for t in ids[:i + 1]) - 1 for i in range(len(ids))], device=dev)
+        logits = self.runner.forward(flat, positions, slots, seqs, last)
+        for r, t in zip(reqs, ids):
+            r.length += len(t)
+        return logits
+
+    def finish(self, req: Request) -> None:
+        """Free the request's private pages and release its prefix reference."""
+        self.table.free_private(req.private)
+        req.private = []
+        if req.prefix_key is not None:
+            self.table.release(req.prefix_key)
+            req.prefix_key = None

@@ -1,0 +1,138 @@
+"""Page bookkeeping for the KV pool: allocation, skill residency, references, pins and LRU eviction.
+
+Free of torch (like nano-vllm's block manager), so its invariants are tested on the CPU after every operation.
+
+Contract
+  - Pages are ints in [0, num_pages). A page is free, or owned by exactly one resident entry (a skill snapshot
+    placed in the pool) or by one request (private pages: the question and its answer).
+  - `acquire(key)` references a resident entry; a referenced entry is never evicted. `release(key)` drops one
+    reference.
+  - When `alloc` runs out of free pages it evicts unreferenced entries, least recently used first, pinned entries
+    only after every unpinned one; if that is still not enough it raises PoolFull and changes nothing.
+  - `lookup` does not modify residency beyond marking the entry most recently used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from skillkv.errors import SkillkvError
+
+
+class PoolFull(SkillkvError):
+    """The pool cannot hold the request even after evicting every unreferenced entry."""
+
+
+@dataclass
+class Resident:
+    key: str
+    pages: list[int]
+    tokens: int
+    refs: int = 0
+    pinned: bool = False
+
+
+@dataclass
+class PageTable:
+    """Pages of a pool: free list, resident entries in LRU order, and private (request) pages."""
+
+    num_pages: int
+    page_size: int
+    free: list[int] = field(default_factory=list)
+    entries: OrderedDict = field(default_factory=OrderedDict)  # key -> Resident, least recently used first
+    private: set = field(default_factory=set)
+    evictions: int = 0
+
+    def __post_init__(self):
+        if self.num_pages <= 0 or self.page_size <= 0:
+            raise SkillkvError(f"the KV pool needs at least one page (got {self.num_pages} of {self.page_size})")
+        # popped from the end: low page ids first, so a fresh pool hands out contiguous runs
+        self.free = list(range(self.num_pages - 1, -1, -1))
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    # ------------------------------------------------------------------ allocation
+
+    def _evictable(self) -> list[Resident]:
+        unpinned = [e for e in self.entries.values() if e.refs == 0 and not e.pinned]
+        pinned = [e for e in self.entries.values() if e.refs == 0 and e.pinned]
+        return unpinned + pinned
+
+    def can_alloc(self, n: int) -> bool:
+        return n <= len(self.free) + sum(len(e.pages) for e in self._evictable())
+
+    def alloc(self, n: int, private: bool = True) -> list[int]:
+        """`n` pages, evicting LRU unreferenced entries as needed. Private pages belong to a request."""
+        if not self.can_alloc(n):
+            raise PoolFull(f"KV pool full: need {n} pages of {self.page_size} tokens, {len(self.free)} free, "
+                           f"{self.num_pages} in all (raise --gpu-kv-budget)")
+        victims = self._evictable()
+        while len(self.free) < n:
+            self.evict(victims.pop(0).key)
+        got = [self.free.pop() for _ in range(n)]
+        if private:
+            self.private.update(got)
+        return sorted(got)
+
+    def free_private(self, pages: list[int]) -> None:
+        for p in pages:
+            self.private.remove(p)
+            self.free.append(p)
+
+    # ------------------------------------------------------------------ residents
+
+    def add(self, key: str, pages: list[int], tokens: int, pinned: bool = False) -> Resident:
+        """Turn private pages (from alloc) into the resident entry `key`."""
+        if key in self.entries:
+            raise SkillkvError(f"entry {key[:12]} is already resident")
+        if len(pages) != self.pages_for(tokens):
+            raise SkillkvError(f"{tokens} tokens need {self.pages_for(tokens)} pages, got {len(pages)}")
+        for p in pages:
+            self.private.remove(p)
+        e = Resident(key, list(pages), tokens, pinned=pinned)
+        self.entries[key] = e
+        return e
+
+    def lookup(self, key: str) -> Resident | None:
+        e = self.entries.get(key)
+        if e is not None:
+            self.entries.move_to_end(key)
+        return e
+
+    def acquire(self, key: str) -> Resident:
+        e = self.entries[key]
+        e.refs += 1
+        self.entries.move_to_end(key)
+        return e
+
+    def release(self, key: str) -> None:
+        e = self.entries[key]
+        if e.refs <= 0:
+            raise SkillkvError(f"entry {key[:12]} released more often than acquired")
+        e.refs -= 1
+
+    def pin(self, key: str, pinned: bool = True) -> None:
+        self.entries[key].pinned = pinned
+
+    def evict(self, key: str) -> None:
+        e = self.entries[key]
+        if e.refs:
+            raise SkillkvError(f"entry {key[:12]} is in use by {e.refs} request(s) and cannot be evicted")
+        del self.entries[key]
+        self.free.extend(e.pages)
+        self.evictions += 1
+
+    # ------------------------------------------------------------------ checks
+
+    def used_pages(self) -> int:
+        return self.num_pages - len(self.free)
+
+    def check(self) -> None:
+        """Assert the invariants: every page is in exactly one of free / an entry / private."""
+        owned = [p for e in self.entries.values() for p in e.pages]
+        everything = self.free + owned + list(self.private)
+        assert sorted(everything) == list(range(self.num_pages)), "a page is lost or owned twice"
+        assert all(e.refs >= 0 for e in self.entries.values())
+        assert all(len(e.pages) == self.pages_for(e.tokens) for e in self.entries.values())

@@ -1,0 +1,88 @@
+"""The paged KV pool: one preallocated pair of tensors per model, sized by a byte budget.
+
+    k, v: [layers, num_pages, page_size, kv_heads, head_dim]   (per layer: FlashInfer's NHD paged layout)
+
+Bookkeeping (which pages are free, resident, referenced, pinned) lives in `PageTable` (engine/pages.py). The
+pool never grows: `budget_bytes` is a hard cap, and `nbytes` never exceeds it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from skillkv.engine.pages import PageTable
+from skillkv.errors import SkillkvError
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVPool:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device,
+                 budget_bytes: int, page_size: int = 16):
+        self.layers, self.kv_heads, self.head_dim, self.page_size = layers, kv_heads, head_dim, page_size
+        self.dtype, self.device = dtype, torch.device(device)
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.page_bytes = 2 * layers * page_size * kv_heads * head_dim * elem
+        num_pages = int(budget_bytes // self.page_bytes)
+        if num_pages < 1:
+            raise SkillkvError(f"KV budget of {budget_bytes} bytes holds no page ({self.page_bytes} bytes each)")
+        shape = (layers, num_pages, page_size, kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+        self.table = PageTable(num_pages, page_size)
+        self.budget_bytes = budget_bytes
+
+    @classmethod
+    def for_model(cls, hf_config, dtype, device, budget_bytes: int, page_size: int = 16) -> KVPool:
+        heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        return cls(hf_config.num_hidden_layers, hf_config.num_key_value_heads, head_dim, dtype, device,
+                   budget_bytes, page_size)
+
+    @property
+    def num_pages(self) -> int:
+        return self.table.num_pages
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def slots(self, pages: list[int], start: int, n: int) -> torch.Tensor:
+        """Flat slot ids (page * page_size + offset) of token positions [start, start + n) in `pages`."""
+        pos = torch.arange(start, start + n)
+        page_idx = torch.tensor(pages, dtype=torch.long)[pos // self.page_size]
+        return (page_idx * self.page_size + pos % self.page_size).to(self.device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values [n, kv_heads, head_dim] at flat `slots` of `layer`."""
+        self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
+        self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
+
+    def load(self, pages: list[int], kv: KV, non_blocking: bool = True) -> None:
+        """Copy a whole prefix (per layer [n, kv_heads, head_dim], any device, pinned host memory for speed)
+        into `pages`. Contiguous pages take one copy per layer and tensor; scattered pages go through slots."""
+        n = kv[0][0].shape[0]
+        contiguous = pages == list(range(pages[0], pages[0] + len(pages)))
+        for layer, (k, v) in enumerate(kv):
+            if contiguous:
+                dst_k = self.k[layer, pages[0]:pages[0] + len(pages)].view(-1, self.kv_heads, self.head_dim)[:n]
+                dst_v = self.v[layer, pages[0]:pages[0] + len(pages)].view(-1, self.kv_heads, self.head_dim)[:n]
+                dst_k.copy_(k, non_blocking=non_blocking)
+                dst_v.copy_(v, non_blocking=non_blocking)
+            else:
+                slots = self.slots(pages, 0, n)
+                self.write(layer, slots, k.to(self.device, non_blocking=non_blocking),
+                           v.to(self.device, non_blocking=non_blocking))
+
+    def gather(self, layer: int, pages: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [n, kv_heads, head_dim] of the first n tokens of `pages` (for the torch backend)."""
+        idx = torch.tensor(pages, device=self.device)
+        k = self.k[layer].index_select(0, idx).view(-1, self.kv_heads, self.head_dim)[:n]
+        v = self.v[layer].index_select(0, idx).view(-1, self.kv_heads, self.head_dim)[:n]
+        return k, v
+
+    def copy_page_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n token slots of page `src` to page `dst` in every layer (copy-on-write of a shared,
+        partly filled last page)."""
+        self.k[:, dst, :n].copy_(self.k[:, src, :n])
+        self.v[:, dst, :n].copy_(self.v[:, src, :n])

@@ -1,0 +1,194 @@
+"""The paged engine on the CPU: page-table invariants, the lean runner vs transformers, exact prefix reuse."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from skillkv.engine.pages import PageTable, PoolFull
+from skillkv.engine.paged import PagedEngine
+
+
+def test_page_table_invariants_under_random_operations():
+    rng = random.Random(0)
+    t = PageTable(num_pages=40, page_size=4)
+    live: dict[str, int] = {}  # key -> refs we hold
+    private: list[list[int]] = []
+    for step in range(400):
+        op = rng.choice(["add", "acquire", "release", "alloc", "free", "pin"])
+        try:
+            if op == "add":
+                key, tokens = f"k{step}", rng.randint(1, 30)
+                pages = t.alloc(t.pages_for(tokens))
+                t.add(key, pages, tokens, pinned=rng.random() < 0.2)
+                live[key] = 0
+            elif op == "acquire" and t.entries:
+                key = rng.choice(list(t.entries))
+                t.acquire(key)
+                live[key] = live.get(key, 0) + 1
+            elif op == "release":
+                held = [k for k, n in live.items() if n and k in t.entries]
+                if held:
+                    k = rng.choice(held)
+                    t.release(k)
+                    live[k] -= 1
+            elif op == "alloc":
+                private.append(t.alloc(rng.randint(1, 6)))
+            elif op == "free" and private:
+                t.free_private(private.pop(rng.randrange(len(private))))
+            elif op == "pin" and t.entries:
+                t.pin(rng.choice(list(t.entries)))
+        except PoolFull:
+            pass
+        t.check()
+        # a referenced entry is never evicted
+        for k, n in live.items():
+            if n:
+                assert k in t.entries
+
+
+def test_alloc_evicts_lru_unpinned_first_and_never_referenced():
+    t = PageTable(num_pages=6, page_size=1)
+    for key in "abc":
+        t.add(key, t.alloc(2), 2)
+    t.pin("a")
+    t.acquire("b")
+    t.lookup("a")
+    got = t.alloc(2)  # must evict c (unpinned, unreferenced), not a (pinned) nor b (referenced)
+    assert set(t.entries) == {"a", "b"} and len(got) == 2
+    with pytest.raises(PoolFull):
+        t.alloc(5)  # only a's 2 pages are evictable: free 0 + 2 < 5
+    t.check()
+    assert set(t.entries) == {"a", "b"}  # a failed alloc changes nothing
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from skillkv.model import resolve_model
+
+    h = resolve_model("dummy:tiny", device="cpu")
+    return h.load()
+
+
+def _hf_last_logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def test_lean_runner_matches_transformers(tiny_model):
+    eng = PagedEngine(tiny_model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    ids = list(range(3, 40))
+    req = eng.start(None)
+    logits = eng.prefill([req], [ids])[0]
+    torch.testing.assert_close(logits, _hf_last_logits(tiny_model, ids), rtol=1e-4, atol=1e-4)
+    eng.finish(req)
+    eng.table.check()
+    assert eng.table.used_pages() == 0
+
+
+def test_exact_prefix_reuse_in_the_pool_equals_full_prefill(tiny_model):
+    """A prefix made resident (partial last page -> copy-on-write) then several questions, batched."""
+    eng = PagedEngine(tiny_model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    prefix = list(range(5, 27))  # 22 tokens: 5 full pages + 2 tokens in a shared partial page
+    questions = [[40, 41, 42], [50, 51], [60, 61, 62, 63, 64]]
+    # the prefix KV, computed once by the engine itself (as compile does)
+    r = eng.start(None)
+    eng.prefill([r], [prefix])
+    kv = [tuple(x.clone() for x in eng.pool.gather(layer, r.pages, len(prefix))) for layer in range(eng.pool.layers)]
+    eng.finish(r)
+    assert eng.make_resident("p", len(prefix), lambda: kv) == "loaded"
+    assert eng.make_resident("p", len(prefix), lambda: kv) == "l1"
+    shared_before = [eng.pool.k[:, p].clone() for p in eng.table.entries["p"].pages]
+    reqs = [eng.start("p") for _ in questions]
+    batched = eng.prefill(reqs, questions)
+    for q, got in zip(questions, batched):
+        f = eng.start(None)
+        ref = eng.prefill([f], [prefix + q])[0]
+        eng.finish(f)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, _hf_last_logits(tiny_model, prefix + q), rtol=1e-4, atol=1e-4)
+    # decode a few steps on every request, then check the shared pages were never written
+    for _ in range(3):
+        nxt = [[int(torch.argmax(l))] for l in batched]
+        batched = eng.prefill(reqs, nxt)
+    for before, p in zip(shared_before, eng.table.entries["p"].pages):
+        assert torch.equal(before, eng.pool.k[:, p])
+    for r in reqs:
+        eng.finish(r)
+    eng.table.check()
+    assert eng.table.entries["p"].refs == 0
+
+
+def test_eviction_under_a_small_budget_still_answers(tiny_model):
+    page_bytes = 2 * 2 * 4 * 2 * 16 * 4  # layers, page_size 4, kv_heads 2, head_dim 16, fp32, k and v
+    eng = PagedEngine(tiny_model, budget_bytes=page_bytes * 12, attention="torch", page_size=4)
+    prefixes = {f"s{i}": list(range(10 + i, 30 + i)) for i in range(4)}  # 5 pages each; pool holds 2 at a time
+    kvs = {}
+    for key, ids in prefixes.items():
+        r = eng.start(None)
+        eng.prefill([r], [ids])
+        kvs[key] = [tuple(x.clone() for x in eng.pool.gather(i, r.pages, len(ids))) for i in range(eng.pool.layers)]
+        eng.finish(r)
+    for rnd in range(2):
+        for key, ids in prefixes.items():
+            eng.make_resident(key, len(ids), lambda k=key: kvs[k])
+            r = eng.start(key)
+            got = eng.prefill([r], [[7, 8]])[0]
+            eng.finish(r)
+            torch.testing.assert_close(got, _hf_last_logits(tiny_model, ids + [7, 8]), rtol=1e-4, atol=1e-4)
+            eng.table.check()
+            assert eng.pool.nbytes <= eng.pool.budget_bytes
+    assert eng.table.evictions >= 4
+
+
+@pytest.mark.gpu
+def test_flashinfer_backend_matches_torch_backend_on_random_batches():
+    from skillkv.model import resolve_model
+
+    model = resolve_model("dummy:smollm2-135m", device="cuda", dtype=torch.bfloat16).load()
+    engines = {name: PagedEngine(model, budget_bytes=256 << 20, attention=name, page_size=16)
+               for name in ("torch", "flashinfer")}
+    g = torch.Generator().manual_seed(0)
+    for trial in range(3):
+        prefix = torch.randint(0, 49152, (int(torch.randint(20, 900, (1,), generator=g)),), generator=g).tolist()
+        qs = [torch.randint(0, 49152, (int(torch.randint(1, 60, (1,), generator=g)),), generator=g).tolist()
+              for _ in range(5)]
+        out = {}
+        for name, eng in engines.items():
+            r = eng.start(None)
+            eng.prefill([r], [prefix])
+            kv = [eng.pool.gather(i, r.pages, len(prefix)) for i in range(eng.pool.layers)]
+            kv = [(k.clone(), v.clone()) for k, v in kv]
+            eng.finish(r)
+            eng.make_resident(f"t{trial}", len(prefix), lambda: kv)
+            reqs = [eng.start(f"t{trial}") for _ in qs]
+            out[name] = eng.prefill(reqs, qs)
+            for r in reqs:
+                eng.finish(r)
+            eng.table.check()
+        err = (out["flashinfer"] - out["torch"]).norm() / out["torch"].norm()
+        assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+def test_exact_mode_on_the_gpu_engine():
+    from skillkv.model import resolve_model
+
+    model = resolve_model("dummy:smollm2-135m", device="cuda", dtype=torch.bfloat16).load()
+    eng = PagedEngine(model, budget_bytes=256 << 20, attention="auto", page_size=16)
+    prefix, q = list(range(100, 900)), list(range(1000, 1040))
+    r = eng.start(None)
+    full = eng.prefill([r], [prefix + q])[0]
+    eng.finish(r)
+    r = eng.start(None)
+    eng.prefill([r], [prefix])
+    kv = [tuple(x.clone() for x in eng.pool.gather(i, r.pages, len(prefix))) for i in range(eng.pool.layers)]
+    eng.finish(r)
+    eng.make_resident("p", len(prefix), lambda: kv)
+    r = eng.start("p")
+    cached = eng.prefill([r], [q])[0]
+    eng.finish(r)
+    assert int(cached.argmax()) == int(full.argmax())
+    assert ((cached - full).norm() / full.norm()) < 2e-2
