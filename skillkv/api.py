@@ -57,6 +57,7 @@ class Answer:
     timings_ms: dict  # model_load, snapshot_load, ttft, total
     model: str
     finish_reason: str = "stop"
+    tiers: list = field(default_factory=list)  # per skill: memory | l2 | computed (where its KV came from)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -144,9 +145,10 @@ class SkillKV:
     def prefix(self, skills: list[Skill], compression: str = "none") -> tuple[KV, dict]:
         """The exact KV of preamble + `skills` in this order, loading stored pieces and computing (and storing)
         missing ones. Returns (kv, info) with info = cached/computed token counts and snapshot_load seconds."""
-        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0}
+        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
         keys = self.chain_keys(skills)
         if keys and keys[-1] in self._memo:
+            info["tiers"] = ["memory"] * len(skills)
             info["cached"] = sum(len(self.piece_ids(skills, i)) for i in range(len(skills)))
             return self._memo[keys[-1]], info
         pieces: list[KV] = []
@@ -159,6 +161,7 @@ class SkillKV:
             if snap is not None:
                 pieces.append(list(zip(snap.keys, snap.values)))
                 info["cached"] += len(ids)
+                info["tiers"].append("l2")
             else:
                 cache = self.runner.new_cache(_cat(pieces) if pieces else None)
                 self.runner.forward(ids, cache)
@@ -169,6 +172,7 @@ class SkillKV:
                                             parent=keys[i - 1] if i else ""), compression)
                 pieces.append(kv)
                 info["computed"] += len(ids)
+                info["tiers"].append("computed")
             start += len(ids)
         kv = _cat(pieces) if pieces else []
         if keys:
@@ -268,14 +272,33 @@ class SkillKV:
         gen = decode_loop(lambda t: runner.forward([t], cache), logits, params, self.handle.stop_ids,
                           self.handle.tokenizer, on_text, budget=self.handle.max_context - len(layout.ids))
         t_end = time.perf_counter()
-        return Answer(
+        ans = Answer(
             question=question, answer=gen.text, output_token_ids=gen.token_ids, skills=[s.name for s in chosen],
             mode=mode, tokens={"prompt": len(layout.ids), "cached": info["cached"], "computed": info["computed"]},
             timings_ms={"model_load": round(model_load * 1e3, 1),
                         "snapshot_load": round(info["snapshot_load"] * 1e3, 1),
                         "ttft": round((gen.first_token_at - t0) * 1e3, 1) if gen.first_token_at else None,
                         "total": round((t_end - t_start) * 1e3 + model_load * 1e3, 1)},
-            model=self.handle.name, finish_reason=gen.finish_reason)
+            model=self.handle.name, finish_reason=gen.finish_reason,
+            tiers=info.get("tiers") or ["computed"] * len(chosen))
+        self._record_stats(ans, chosen)
+        return ans
+
+    def _record_stats(self, ans: Answer, chosen: list[Skill]) -> None:
+        """Record this ask in the store's statistics (skillkv.stats); a stats failure never fails an ask."""
+        try:
+            from skillkv.stats import AskRecord, StatsDB
+
+            if not hasattr(self, "_stats"):
+                self._stats = StatsDB(self.store_root, on_warning=self.on_warning)
+            tm = ans.timings_ms
+            self._stats.record(AskRecord(
+                model=self.handle.tag, mode=ans.mode, skills=ans.skills, tiers=ans.tiers,
+                skill_tokens=[len(self.piece_ids(chosen, i)) for i in range(len(chosen))],
+                prompt=ans.tokens["prompt"], cached=ans.tokens["cached"], computed=ans.tokens["computed"],
+                snapshot_load_ms=tm["snapshot_load"], ttft_ms=tm["ttft"], total_ms=tm["total"]))
+        except Exception as e:  # noqa: BLE001 - statistics are never worth a failed ask
+            self.on_warning(f"statistics not recorded ({type(e).__name__}: {e})")
 
     def status(self) -> list[SkillState]:
         """Each skill with the state of its single-skill snapshot for this model."""

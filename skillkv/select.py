@@ -1,6 +1,9 @@
 """Skill selection: which skills a question gets when none are named.
 
-A deliberately simple, deterministic keyword scorer over names and descriptions: a question word that appears
+`choose_skills` ranks with skillkv.rank (BM25 over name, description and body; optional embeddings; a threshold so
+that a question needing no skill gets none; see docs/EVAL.md). `--skill` always wins over this.
+
+The previous scorer stays as `keyword_choose`, the baseline in the evaluation: a deliberately simple, deterministic keyword scorer over names and descriptions: a question word that appears
 in a skill's name scores 2, one that appears in its description scores 1 (after lower-casing, dropping stop
 words and a plural 's'). Skills scoring at least MIN_SCORE are kept, best first, at most `top_k`.
 `--skill` always wins over this.
@@ -33,8 +36,35 @@ def score(question_words: set[str], skill: Skill) -> int:
     return 2 * len(question_words & name_words) + len(question_words & (desc_words - name_words))
 
 
-def choose_skills(question: str, skills: list[Skill], top_k: int = 2) -> list[Skill]:
-    """The best-matching skills for `question` (possibly none), best first."""
+def keyword_choose(question: str, skills: list[Skill], top_k: int = 2) -> list[Skill]:
+    """The keyword baseline: best-matching skills for `question` (possibly none), best first."""
     q = words(question)
     scored = sorted(((score(q, s), s.name, s) for s in skills), key=lambda t: (-t[0], t[1]))
     return [s for sc, _, s in scored if sc >= MIN_SCORE][:top_k]
+
+
+MIN_RANKED = 5  # below this many skills BM25's IDF is degenerate (a word in every skill weighs ~0): keywords
+
+
+def explain_skills(question: str, skills: list[Skill], top_k: int = 2):
+    """Every skill as a skillkv.rank.Candidate (scores, chosen or not, and why), best first."""
+    from skillkv.rank import Candidate, ranker_for
+
+    if not question or not question.strip() or not skills:
+        return []
+    if len(skills) >= MIN_RANKED:
+        return ranker_for(skills).rank(question, top_k)
+    q = words(question)
+    chosen = {s.name for s in keyword_choose(question, skills, top_k)}
+    out = []
+    for sc, _, s in sorted(((score(q, s), s.name, s) for s in skills), key=lambda t: (-t[0], t[1])):
+        why = (f"keyword score {sc} >= {MIN_SCORE} (fewer than {MIN_RANKED} skills: keyword scorer)"
+               if s.name in chosen else f"keyword score {sc}" + (" below " + str(MIN_SCORE) if sc < MIN_SCORE
+                                                                 else f", top-{top_k} limit reached"))
+        out.append(Candidate(s, float(sc), float(sc), None, float(sc), s.name in chosen, why))
+    return out
+
+
+def choose_skills(question: str, skills: list[Skill], top_k: int = 2) -> list[Skill]:
+    """The best-matching skills for `question` (possibly none, e.g. with zero skills), best first."""
+    return [c.skill for c in explain_skills(question, skills, top_k) if c.chosen]

@@ -39,6 +39,21 @@ def read_batch(path: Path) -> list[dict]:
     return items
 
 
+def _explain(kv, item: dict) -> None:
+    from skillkv.select import explain_skills
+
+    if item["skills"]:
+        err.print(f"explain: --skill given ({', '.join(item['skills'])}): selection skipped", markup=False)
+        return
+    cands = explain_skills(item["q"], kv.load_skills().skills)
+    if not cands:
+        err.print("explain: no skills to choose from", markup=False)
+    for c in cands:
+        emb = f" embed {c.embed:.2f}" if c.embed is not None else ""
+        err.print(f"explain: {'+' if c.chosen else '-'} {c.name}  score {c.score:.3f} (bm25 {c.bm25_raw:.2f}{emb})  "
+                  f"{c.why}", markup=False, soft_wrap=True)
+
+
 @app.command("ask")
 def ask_cmd(
     question: Optional[str] = typer.Argument(None, help="The question (omit with --batch)."),
@@ -52,6 +67,7 @@ def ask_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
     batch: Optional[Path] = typer.Option(None, "--batch", help="JSONL file of {\"q\", \"skills\"}; JSON lines out."),
     device: Optional[str] = DeviceOpt,
+    explain: bool = typer.Option(False, "--explain", help="Print the candidate skills, scores and why (stderr)."),
     as_json: bool = JsonOpt,
 ):
     """Answer a question with the skills it needs, reusing their compiled KV."""
@@ -69,6 +85,8 @@ def ask_cmd(
         sys.stdout.flush()
 
     for item in items:
+        if explain:
+            _explain(kv, item)
         ans = kv.ask(item["q"], item["skills"], mode=mode, params=params, on_text=on_text if stream else None)
         if not stream:
             print_json(ans.to_json())

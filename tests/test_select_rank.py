@@ -1,0 +1,43 @@
+"""Ranked selection (skillkv.rank): the labelled eval set, no-skill questions, top-k, zero skills, speed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from skillkv.rank import Ranker
+from skillkv.select import choose_skills, explain_skills
+from skillkv.skills import Skill, load_skills
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_eval_set_meets_the_goals():
+    skills = load_skills(REPO / "skills").skills
+    items = [json.loads(x) for x in (REPO / "eval" / "selection.jsonl").read_text().splitlines() if x.strip()]
+    assert len(items) >= 40 and any(not i["skills"] for i in items) and any(len(i["skills"]) == 2 for i in items)
+    tp = fp = fn = none_ok = none_n = 0
+    for it in items:
+        got, want = {s.name for s in choose_skills(it["q"], skills)}, set(it["skills"])
+        tp, fp, fn = tp + len(got & want), fp + len(got - want), fn + len(want - got)
+        none_n += not want
+        none_ok += not want and not got
+    assert tp / (tp + fp) >= 0.9 and tp / (tp + fn) >= 0.9 and none_ok / none_n >= 0.9
+
+
+def test_explain_zero_skills_top_k_and_speed():
+    skills = load_skills(REPO / "skills").skills
+    assert choose_skills("Why is my SQL query slow?", []) == [] and explain_skills("x", []) == []
+    cands = explain_skills("Is the KV cache per token memory-bandwidth bound on the GPU?", skills)
+    assert len(cands) == len(skills) and all(c.why for c in cands)
+    assert [c.chosen for c in cands][:2] == [True, True]
+    assert [s.name for s in choose_skills("Is the KV cache per token memory-bandwidth bound on the GPU?", skills,
+                                          top_k=1)] == [cands[0].name]
+    many = skills + [Skill(name=f"filler-{i:03d}", description=f"filler topic {i} about gardening and birds",
+                           body="plants soil birds " * 200, path=REPO) for i in range(94)]
+    r = Ranker(many, "bm25")
+    t0 = time.perf_counter()
+    for _ in range(20):
+        r.rank("Why is this SQL query slow even with an index?")
+    assert (time.perf_counter() - t0) / 20 < 0.02  # <= 20 ms per question for 100 skills
