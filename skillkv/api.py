@@ -103,6 +103,7 @@ class SkillKV:
         self._runner: HFRunner | None = None
         self._memo: dict[str, KV] = {}  # chain key -> concatenated prefix KV (one process, e.g. --batch)
         self._model_load_pending = True
+        self._stats = None  # skillkv.stats.StatsDB, opened on the first recorded ask
 
     # ------------------------------------------------------------------ parts
 
@@ -206,8 +207,7 @@ class SkillKV:
                 self._memo.pop(key, None)
                 if force and existed:
                     self.snapshots.remove([key])
-                stale = not existed and any(e.skill == skill.name and not e.parent
-                                            for e in self.snapshots.entries().values())
+                stale = not existed and self._has_old_snapshot(skill.name)
                 self.prefix([skill], compression)
                 e = self.snapshots.entries()[key]
                 status = "recompiled" if (existed or stale) else "compiled"
@@ -289,7 +289,7 @@ class SkillKV:
         try:
             from skillkv.stats import AskRecord, StatsDB
 
-            if not hasattr(self, "_stats"):
+            if self._stats is None:
                 self._stats = StatsDB(self.store_root, on_warning=self.on_warning)
             tm = ans.timings_ms
             self._stats.record(AskRecord(
@@ -300,6 +300,10 @@ class SkillKV:
         except Exception as e:  # noqa: BLE001 - statistics are never worth a failed ask
             self.on_warning(f"statistics not recorded ({type(e).__name__}: {e})")
 
+    def _has_old_snapshot(self, name: str) -> bool:
+        """Whether some single-skill snapshot of `name` is stored (callers know it is not the current one)."""
+        return any(e.skill == name and not e.parent for e in self.snapshots.entries().values())
+
     def status(self) -> list[SkillState]:
         """Each skill with the state of its single-skill snapshot for this model."""
         entries = self.snapshots.entries()
@@ -309,7 +313,7 @@ class SkillKV:
             e = entries.get(key)
             if e is not None and self.snapshots.contains(key):
                 out.append(SkillState(s, "current", e.tokens, e.bytes))
-            elif any(x.skill == s.name and not x.parent for x in entries.values()):
+            elif self._has_old_snapshot(s.name):
                 out.append(SkillState(s, "stale"))
             else:
                 out.append(SkillState(s, "missing"))

@@ -17,6 +17,7 @@ is never visible. `read_snapshot` checks the header, every checksum, and whateve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -132,10 +133,10 @@ def write_snapshot(path: Path, snap: Snapshot, compression: str = "none") -> int
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib_suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib_suppress():
+    with contextlib.suppress(OSError):
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -143,15 +144,6 @@ def write_snapshot(path: Path, snap: Snapshot, compression: str = "none") -> int
             os.close(dfd)
     return len(data)
 
-
-class contextlib_suppress:
-    """Suppress OSError (tiny local helper to keep cleanup lines short)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, et, ev, tb):
-        return et is not None and issubclass(et, OSError)
 
 
 def read_header(path: Path) -> dict:

@@ -78,3 +78,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def run_cli(monkeypatch, capsys, *argv):
+    """Run `skillkv *argv` in-process; return (exit code, stdout, stderr)."""
+    import sys
+
+    from skillkv.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["skillkv", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-
-from skillkv.cli import main
+from conftest import run_cli as run
 
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
-
-
-def run(monkeypatch, capsys, *argv):
-    monkeypatch.setattr(sys, "argv", ["skillkv", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def one_line_error(code, err, needle):

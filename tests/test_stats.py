@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 
 import pytest
+from conftest import run_cli as run
 
 from skillkv.engine.generate import SamplingParams
 from skillkv.stats import DB_NAME, StatsDB, summary
 
 GREEDY = SamplingParams(max_tokens=2)
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
-
-
-def run(monkeypatch, capsys, *argv):
-    from skillkv.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["skillkv", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_every_ask_records_tiers(tiny_kv):
