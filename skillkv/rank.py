@@ -24,12 +24,12 @@ docs/EVAL.md for the numbers and the caveat that the set is small and was also t
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 
+from skillkv.select import terms
 from skillkv.skills import Skill
 
 BM25_HALF = 1.0  # raw BM25 score that maps to 0.5
@@ -49,12 +49,7 @@ skill skills user asks ask please tell explain write want need help get make use
 
 
 def tokens(text: str) -> list[str]:
-    out = []
-    for w in re.findall(r"[a-z0-9_+]+", text.lower()):
-        if w in STOP or len(w) < 2:
-            continue
-        out.append(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
-    return out
+    return terms(text, STOP, r"[a-z0-9_+]+")
 
 
 @dataclass

@@ -21,13 +21,18 @@ that the their them then there these this to use used using was we what when whe
 your skill skills when user asks about""".split())
 
 
-def words(text: str) -> set[str]:
-    out = set()
-    for w in re.findall(r"[a-z0-9]+", text.lower()):
-        if w in STOP or len(w) < 2:
+def terms(text: str, stop: set[str], pattern: str = r"[a-z0-9]+") -> list[str]:
+    """Lower-cased words of `text` minus `stop` and 1-letter words, with a plural 's' stripped."""
+    out = []
+    for w in re.findall(pattern, text.lower()):
+        if w in stop or len(w) < 2:
             continue
-        out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
+        out.append(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
     return out
+
+
+def words(text: str) -> set[str]:
+    return set(terms(text, STOP))
 
 
 def score(question_words: set[str], skill: Skill) -> int:
@@ -38,9 +43,13 @@ def score(question_words: set[str], skill: Skill) -> int:
 
 def keyword_choose(question: str, skills: list[Skill], top_k: int = 2) -> list[Skill]:
     """The keyword baseline: best-matching skills for `question` (possibly none), best first."""
+    return [s for sc, s in keyword_ranked(question, skills) if sc >= MIN_SCORE][:top_k]
+
+
+def keyword_ranked(question: str, skills: list[Skill]) -> list[tuple[int, Skill]]:
+    """(keyword score, skill) for every skill, best first, ties by name."""
     q = words(question)
-    scored = sorted(((score(q, s), s.name, s) for s in skills), key=lambda t: (-t[0], t[1]))
-    return [s for sc, _, s in scored if sc >= MIN_SCORE][:top_k]
+    return [(sc, s) for sc, _, s in sorted(((score(q, s), s.name, s) for s in skills), key=lambda t: (-t[0], t[1]))]
 
 
 MIN_RANKED = 5  # below this many skills BM25's IDF is degenerate (a word in every skill weighs ~0): keywords
@@ -54,10 +63,9 @@ def explain_skills(question: str, skills: list[Skill], top_k: int = 2):
         return []
     if len(skills) >= MIN_RANKED:
         return ranker_for(skills).rank(question, top_k)
-    q = words(question)
     chosen = {s.name for s in keyword_choose(question, skills, top_k)}
     out = []
-    for sc, _, s in sorted(((score(q, s), s.name, s) for s in skills), key=lambda t: (-t[0], t[1])):
+    for sc, s in keyword_ranked(question, skills):
         why = (f"keyword score {sc} >= {MIN_SCORE} (fewer than {MIN_RANKED} skills: keyword scorer)"
                if s.name in chosen else f"keyword score {sc}" + (" below " + str(MIN_SCORE) if sc < MIN_SCORE
                                                                  else f", top-{top_k} limit reached"))
