@@ -55,7 +55,6 @@ class TorchBackend(AttentionBackend):
                 continue
             qpos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=self.pool.device)
             self.masks.append(torch.arange(s.kv_len, device=self.pool.device)[None, :] <= qpos[:, None])
-        self.page_idx = [torch.tensor(s.pages, device=self.pool.device) for s in seqs]
 
     def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         outs, off = [], 0

@@ -10,6 +10,7 @@ freed when it finishes. Entries referenced by a running request are never evicte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable
 
 import torch
@@ -103,7 +104,7 @@ class PagedEngine:
         positions = torch.cat([torch.arange(r.length, r.length + len(t)) for r, t in zip(reqs, ids)]).to(dev)
         slots = torch.cat([self.pool.slots(r.pages, r.length, len(t)) for r, t in zip(reqs, ids)])
         seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
-        last = torch.tensor([sum(len(t) for t in ids[:i + 1]) - 1 for i in range(len(ids))], device=dev)
+        last = torch.tensor(list(accumulate(len(t) for t in ids)), device=dev) - 1
         logits = self.runner.forward(flat, positions, slots, seqs, last)
         for r, t in zip(reqs, ids):
             r.length += len(t)
