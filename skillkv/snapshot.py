@@ -10,6 +10,8 @@ Metadata (all strings)
   format, skillkv_version, fingerprint, key, parent, skill, content_hash, start, tokens, dtype, shape,
   compression, created, checksums (crc32 of every stored tensor's bytes, JSON)
 
+Reads map the file (mmap) and return the KV as read-only views of it, verified by checksum: no copy. The store
+only ever replaces a snapshot by rename (a new inode), so a mapping in use is never truncated under a reader.
 Writes go to a temporary file in the destination folder, are fsynced and renamed, so a failed or partial write
 is never visible. `read_snapshot` checks the header, every checksum, and whatever the caller expects
 (fingerprint, key, token ids); any mismatch raises SnapshotError and the caller recompiles.
@@ -19,17 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 import tempfile
 import time
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from skillkv import __version__
@@ -40,6 +43,8 @@ COMPRESSIONS = ("none", "zstd")
 ZSTD_LEVEL = 3
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
+              "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
 _DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)}
 
 
@@ -166,21 +171,46 @@ def read_header(path: Path) -> dict:
     return meta
 
 
-def decode(data: bytes, name: str = "snapshot") -> Snapshot:
-    """Parse and verify snapshot bytes (header, checksums, shapes). Raises SnapshotError."""
+def _views(data, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of safetensors bytes, the tensors as zero-copy views of `data` (bytes or mmap).
+    Every tensor must lie inside the data section and have exactly the bytes its dtype and shape need."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(bytes(data[8:8 + n]))
+    base, end = 8 + n, len(data)
+    tensors = {}
+    for tname, info in header.items():
+        if tname == "__metadata__":
+            continue
+        dtype, shape = _ST_DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+        lo, hi = (int(x) for x in info["data_offsets"])
+        count = 1
+        for d in shape:
+            count *= d
+        size = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= lo <= hi or base + hi > end or hi - lo != count * size:
+            raise ValueError(f"tensor {tname} lies outside the file")
+        if count:
+            tensors[tname] = torch.frombuffer(data, dtype=dtype, count=count, offset=base + lo).view(shape)
+        else:
+            tensors[tname] = torch.empty(shape, dtype=dtype)
+    return header["__metadata__"], tensors
+
+
+def decode(data, name: str = "snapshot") -> Snapshot:
+    """Parse and verify snapshot bytes (header, checksums, shapes). Raises SnapshotError. Uncompressed KV comes
+    back as read-only views of `data` (no copy)."""
     try:
-        tensors = st_load(data)
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n])["__metadata__"]
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncation
-        raise SnapshotError(f"{name}: truncated or corrupted ({str(e).splitlines()[0][:80]})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer on a read-only buffer: we never write
+            meta, tensors = _views(data, name)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a truncated or corrupted file
+        why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+        raise SnapshotError(f"{name}: truncated or corrupted ({why})") from None
     try:
         if int(meta["format"]) != FORMAT_VERSION:
             raise SnapshotError(f"{name}: snapshot format {meta['format']} (this skillkv reads {FORMAT_VERSION})")
         if meta.get("meta_crc") != str(_meta_crc(meta)):
             raise SnapshotError(f"{name}: header checksum mismatch (corrupted on disk)")
-        if int(meta["format"]) != FORMAT_VERSION:
-            raise SnapshotError(f"{name}: snapshot format {meta['format']} (this skillkv reads {FORMAT_VERSION})")
         checks = json.loads(meta["checksums"])
         layers, dtype = int(meta["layers"]), _DTYPES[meta["dtype"]]
         shape, compression = json.loads(meta["shape"]), meta["compression"]
@@ -217,9 +247,10 @@ def read_snapshot(path: Path, fingerprint: str | None = None, key: str | None = 
                   token_ids: list[int] | None = None) -> Snapshot:
     """Read and verify a snapshot; also check it against what the caller would compute now."""
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SnapshotError(f"{path.name}: cannot read ({e.strerror})") from None
+        with open(path, "rb") as f:  # mapped, not copied: the KV tensors are views of the page cache
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{path.name}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     snap = decode(data, path.name)
     if fingerprint is not None and snap.fingerprint != fingerprint:
         raise SnapshotError(f"{path.name}: made by another model (fingerprint {snap.fingerprint[:12]})")

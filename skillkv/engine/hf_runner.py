@@ -31,7 +31,8 @@ class HFRunner:
         """A cache holding `prefix` (which it never modifies in place)."""
         cache = self._cache_cls(config=self.model.config)
         for i, (k, v) in enumerate(prefix or []):
-            cache.update(k.to(self.device).transpose(0, 1).unsqueeze(0), v.to(self.device).transpose(0, 1).unsqueeze(0), i)
+            k, v = (t.to(self.device).transpose(0, 1).unsqueeze(0) for t in (k, v))
+            cache.update(k, v, i)
         return cache
 
     @torch.inference_mode()
