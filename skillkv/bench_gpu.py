@@ -145,6 +145,11 @@ def main() -> None:
             return out
         l1_logits = l1()[0]
         r["l1_ms"], _ = cuda_ms(l1, args.reps)
+        graphs, eng.graphs = eng.graphs, None  # the same, without CUDA graphs (eager kernel launches)
+        l1_eager_logits = l1()[0]
+        r["l1_eager_ms"], _ = cuda_ms(l1, args.reps)
+        eng.graphs = graphs
+        r["l1_graph_vs_eager_rel_err"] = rel_err(l1_logits, l1_eager_logits)
         # the engine's own full prefill: exact mode must pick the same token
         req = eng.start(None)
         eng_full = eng.prefill([req], [prefix + q])[0]

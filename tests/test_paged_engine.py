@@ -174,21 +174,63 @@ def test_flashinfer_backend_matches_torch_backend_on_random_batches():
 
 @pytest.mark.gpu
 def test_exact_mode_on_the_gpu_engine():
+    """Exact reuse is bitwise equal to a from-scratch prefill cut at the same segment boundaries (what compile and
+    full mode compute); an uncut prefill differs only by bf16 rounding of other kernel shapes."""
     from skillkv.model import resolve_model
 
     model = resolve_model("dummy:smollm2-135m", device="cuda", dtype=torch.bfloat16).load()
     eng = PagedEngine(model, budget_bytes=256 << 20, attention="auto", page_size=16)
     prefix, q = list(range(100, 900)), list(range(1000, 1040))
     r = eng.start(None)
-    full = eng.prefill([r], [prefix + q])[0]
-    eng.finish(r)
-    r = eng.start(None)
     eng.prefill([r], [prefix])
     kv = [tuple(x.clone() for x in eng.pool.gather(i, r.pages, len(prefix))) for i in range(eng.pool.layers)]
+    segmented = eng.prefill([r], [q])[0]
+    eng.finish(r)
+    r = eng.start(None)
+    uncut = eng.prefill([r], [prefix + q])[0]
     eng.finish(r)
     eng.make_resident("p", len(prefix), lambda: kv)
     r = eng.start("p")
     cached = eng.prefill([r], [q])[0]
     eng.finish(r)
-    assert int(cached.argmax()) == int(full.argmax())
-    assert ((cached - full).norm() / full.norm()) < 2e-2
+    assert torch.equal(cached, segmented)
+    assert ((cached - uncut).norm() / uncut.norm()) < 6e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_eager_forward():
+    """Graph replays (padded buckets, fillers, several prefix lengths, decode steps) against the eager forward."""
+    from skillkv.engine.cuda_graph import bucket
+    from skillkv.model import resolve_model
+
+    model = resolve_model("dummy:smollm2-135m", device="cuda", dtype=torch.bfloat16).load()
+    eng = PagedEngine(model, budget_bytes=256 << 20, attention="flashinfer", page_size=16)
+    assert eng.graphs is not None
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(0, 49152, (n,), generator=g).tolist()  # noqa: E731
+    for trial, (plen, qlens) in enumerate([(37, [5]), (700, [100]), (1500, [1, 3, 17]), (16, [31, 2, 9, 60, 1])]):
+        prefix = rand(plen)
+        r = eng.start(None)
+        eng.prefill([r], [prefix])
+        kv = [tuple(x.clone() for x in eng.pool.gather(i, r.pages, plen)) for i in range(eng.pool.layers)]
+        eng.finish(r)
+        eng.make_resident(f"g{trial}", plen, lambda: kv)
+        qs = [rand(n) for n in qlens]
+        out = {}
+        for mode in ("graph", "eager"):
+            saved = eng.graphs
+            eng.graphs = saved if mode == "graph" else None
+            reqs = [eng.start(f"g{trial}") for _ in qs]
+            steps = [eng.prefill(reqs, qs)]
+            for _ in range(3):  # decode steps: one token per request
+                steps.append(eng.prefill(reqs, [[int(x.argmax())] for x in steps[-1]]))
+            for rq in reqs:
+                eng.finish(rq)
+            eng.graphs = saved
+            out[mode] = steps
+        for a, b in zip(out["graph"], out["eager"]):
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            assert (a - b).norm() / b.norm() < 1e-2
+        eng.table.check()
+    assert eng.graphs.replays >= 16 and bucket(1, 100) in eng.graphs.graphs
+    assert eng.table.used_pages() == 1 + sum(len(e.pages) for e in eng.table.entries.values())  # + scratch page

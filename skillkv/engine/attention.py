@@ -70,18 +70,34 @@ class TorchBackend(AttentionBackend):
 
 
 class FlashInferBackend(AttentionBackend):
+    """FlashInfer paged prefill. With `graph_batch` set, the wrapper runs in CUDA-graph mode: its page-table
+    buffers are fixed (sized for `graph_batch` sequences over the whole pool), every `plan` must have exactly
+    `graph_batch` sequences listing at most `max_indices` pages in all, and `run` may be captured once and
+    replayed after each new `plan`."""
+
     name = "flashinfer"
 
-    def __init__(self, pool: KVPool, q_heads: int, scale: float, workspace_mb: int = 256):
+    def __init__(self, pool: KVPool, q_heads: int, scale: float, workspace_mb: int = 256,
+                 graph_batch: int | None = None, max_indices: int = 0, workspace: torch.Tensor | None = None,
+                 kernel: str = "fa2"):
         super().__init__(pool, q_heads, scale)
+        self.kernel = kernel
         try:
             import flashinfer
         except ImportError:
             raise SkillkvError("the flashinfer backend needs `pip install skillkv[gpu]` (flashinfer-python)") from None
         if pool.device.type != "cuda":
             raise SkillkvError("the flashinfer backend runs on CUDA only; use --attention torch on the CPU")
-        ws = torch.empty(workspace_mb << 20, dtype=torch.uint8, device=pool.device)
-        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD")
+        self.workspace = workspace if workspace is not None else torch.empty(
+            workspace_mb << 20, dtype=torch.uint8, device=pool.device)
+        graph = {}
+        if graph_batch is not None:
+            i32 = dict(dtype=torch.int32, device=pool.device)
+            graph = dict(use_cuda_graph=True, qo_indptr_buf=torch.zeros(graph_batch + 1, **i32),
+                         paged_kv_indptr_buf=torch.zeros(graph_batch + 1, **i32),
+                         paged_kv_indices_buf=torch.zeros(max_indices, **i32),
+                         paged_kv_last_page_len_buf=torch.zeros(graph_batch, **i32))
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=kernel, **graph)
 
     def plan(self, seqs: list[SeqView]) -> None:
         ps = self.pool.page_size
@@ -107,11 +123,17 @@ BACKENDS = {"torch": TorchBackend, "flashinfer": FlashInferBackend}
 
 
 def make_backend(name: str, pool: KVPool, q_heads: int, scale: float) -> AttentionBackend:
+    """`auto` | `torch` | `flashinfer[:KERNEL]`, KERNEL being FlashInfer's prefill implementation (fa2, the
+    default: it splits long KV across SMs, which a batch of one short question over a long prefix needs; fa3;
+    auto)."""
     if name == "auto":
         name = "flashinfer" if pool.device.type == "cuda" and _has_flashinfer() else "torch"
-    if name not in BACKENDS:
+    base, _, kernel = name.partition(":")
+    if base not in BACKENDS or (kernel and base != "flashinfer"):
         raise SkillkvError(f"unknown attention backend {name!r} (choose from auto, {', '.join(BACKENDS)})")
-    return BACKENDS[name](pool, q_heads, scale)
+    if kernel:
+        return BACKENDS[base](pool, q_heads, scale, kernel=kernel)
+    return BACKENDS[base](pool, q_heads, scale)
 
 
 def _has_flashinfer() -> bool:

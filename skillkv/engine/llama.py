@@ -1,8 +1,9 @@
 """A lean runner for the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3) over the paged KV pool.
 
-It loads the very weights of a transformers model (fused QKV and gate/up matrices, the model's own RMSNorm and
-rotary-embedding modules, so RoPE scaling variants match transformers exactly), writes each step's new keys and
-values into pool slots, and computes attention through an `AttentionBackend`. Only the logits of the positions
+It loads the very weights of a transformers model (fused QKV and gate/up matrices), computes the element-wise parts
+through `ops` (engine/ops.py: the model's own RMSNorm and rotary modules, or FlashInfer's fused kernels fed by the
+same rotary module, so RoPE scaling variants match transformers), writes each step's new keys and values into pool
+slots, and computes attention through an `AttentionBackend`. Only the logits of the positions
 asked for are computed. Checked against transformers in tests (fp32 greedy identical, bf16 relative error).
 """
 
@@ -18,22 +19,18 @@ from skillkv.errors import SkillkvError
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 class LlamaRunner:
-    def __init__(self, hf_model, pool: KVPool, backend: AttentionBackend):
+    def __init__(self, hf_model, pool: KVPool, backend: AttentionBackend, ops: str = "auto"):
         cfg = hf_model.config
         if cfg.model_type not in SUPPORTED:
             raise SkillkvError(f"the paged engine supports {', '.join(sorted(SUPPORTED))}, not {cfg.model_type}")
         inner = hf_model.model
         self.cfg, self.pool, self.backend = cfg, pool, backend
-        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.embed, self.norm = inner.embed_tokens, inner.norm
         self.lm_head = hf_model.lm_head.weight
         self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
+        self.ops = make_ops(ops, inner.rotary_emb, self.head_dim, cfg, pool.device)
         self.layers = []
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -52,23 +49,48 @@ class LlamaRunner:
         """Run new tokens `ids` [N] at `positions` [N], storing their KV at pool `slots` [N]; return float32
         logits [len(logits_at), vocab] of the rows `logits_at`."""
         self.backend.plan(seqs)
+        return self.compute(ids, positions, slots, logits_at)
+
+    @torch.inference_mode()
+    def compute(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, logits_at: torch.Tensor,
+                backend: AttentionBackend | None = None) -> torch.Tensor:
+        """The forward pass proper, over an already planned `backend` (default: the runner's own). Only device
+        work and no host synchronisation, so it can be captured in a CUDA graph (engine/cuda_graph.py)."""
+        backend, ops = backend or self.backend, self.ops
         x = self.embed(ids)
-        cos, sin = self.rotary(x[None], positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        ops.begin(x, positions)
         nq, nk, d = self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        h = ops.norm(x, self.layers[0]["ln1"])
         for i, w in enumerate(self.layers):
-            h = w["ln1"](x)
             qkv = F.linear(h, w["qkv"], w["qkv_b"])
             q = qkv[:, :nq].view(-1, self.q_heads, d)
             k = qkv[:, nq:nq + nk].view(-1, self.kv_heads, d)
             v = qkv[:, nq + nk:].reshape(-1, self.kv_heads, d)
             if w["q_norm"] is not None:
-                q, k = w["q_norm"](q), w["k_norm"](k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                q, k = ops.norm(q.contiguous(), w["q_norm"]), ops.norm(k.contiguous(), w["k_norm"])
+            q, k = ops.rope(q, k)
             self.pool.write(i, slots, k, v)
-            o = self.backend.run(i, q.contiguous())
-            x = x + F.linear(o.reshape(-1, nq), w["o"])
-            g, u = F.linear(w["ln2"](x), w["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, w["down"])
-        return F.linear(self.norm(x[logits_at]), self.lm_head).float()
+            o = backend.run(i, q.contiguous())
+            h, x = ops.add_norm(F.linear(o.reshape(-1, nq), w["o"]), x, w["ln2"])
+            m = F.linear(ops.silu_mul(F.linear(h, w["gate_up"])), w["down"])
+            if i + 1 < len(self.layers):
+                h, x = ops.add_norm(m, x, self.layers[i + 1]["ln1"])
+            else:
+                x = x + m
+        return F.linear(ops.norm(x[logits_at], self.norm), self.lm_head).float()
+
+
+def make_ops(name: str, rotary, head_dim: int, cfg, device: torch.device):
+    """`auto`: FlashInfer's fused kernels on CUDA when installed, else the transformers modules (engine/ops.py)."""
+    from skillkv.engine.attention import _has_flashinfer
+    from skillkv.engine.ops import FlashInferOps, TorchOps
+
+    if name == "auto":
+        name = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
+    if name == "torch":
+        return TorchOps(rotary, head_dim)
+    if name == "flashinfer":
+        if device.type != "cuda":
+            raise SkillkvError("the flashinfer kernels run on CUDA only")
+        return FlashInferOps(rotary, head_dim, cfg.max_position_embeddings, device)
+    raise SkillkvError(f"unknown layer ops {name!r} (choose from auto, torch, flashinfer)")

@@ -34,16 +34,24 @@ class Request:
 
 
 class PagedEngine:
-    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer."""
+    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer[:KERNEL];
+    `ops` (auto | torch | flashinfer) picks the element-wise kernels; `cuda_graphs` replays short batches."""
 
-    def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16):
+    def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16,
+                 cuda_graphs: bool = True, ops: str = "auto"):
         cfg = hf_model.config
         p = next(hf_model.parameters())
         self.pool = KVPool.for_model(cfg, p.dtype, p.device, budget_bytes, page_size)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.backend = make_backend(attention, self.pool, cfg.num_attention_heads, head_dim ** -0.5)
-        self.runner = LlamaRunner(hf_model, self.pool, self.backend)
+        self.runner = LlamaRunner(hf_model, self.pool, self.backend, ops)
         self.device = p.device
+        self.graphs = None  # CUDA graphs of short batches (questions, decode steps): FlashInfer on CUDA only
+        if cuda_graphs and self.backend.name == "flashinfer":
+            from skillkv.engine.cuda_graph import CudaGraphs
+
+            (scratch,) = self.table.alloc(1)  # held for ever: padding tokens write here
+            self.graphs = CudaGraphs(self.runner, self.pool, cfg.num_attention_heads, head_dim ** -0.5, scratch)
 
     @property
     def table(self):
@@ -99,13 +107,21 @@ class PagedEngine:
         """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token."""
         for r, t in zip(reqs, ids):
             self._grow(r, len(t))
-        dev = self.device
-        flat = torch.tensor([t for seq in ids for t in seq], device=dev)
-        positions = torch.cat([torch.arange(r.length, r.length + len(t)) for r, t in zip(reqs, ids)]).to(dev)
-        slots = torch.cat([self.pool.slots(r.pages, r.length, len(t)) for r, t in zip(reqs, ids)])
         seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
-        last = torch.tensor(list(accumulate(len(t) for t in ids)), device=dev) - 1
-        logits = self.runner.forward(flat, positions, slots, seqs, last)
+        last = [n - 1 for n in accumulate(len(t) for t in ids)]
+        logits = None
+        if self.graphs is not None:
+            flat = [t for seq in ids for t in seq]
+            positions = [p for r, t in zip(reqs, ids) for p in range(r.length, r.length + len(t))]
+            ps = self.pool.page_size
+            slots = [r.pages[p // ps] * ps + p % ps for r, t in zip(reqs, ids) for p in range(r.length, r.length + len(t))]
+            logits = self.graphs.run(flat, positions, slots, seqs, last)
+        if logits is None:
+            dev = self.device
+            flat = torch.tensor([t for seq in ids for t in seq], device=dev)
+            positions = torch.cat([torch.arange(r.length, r.length + len(t)) for r, t in zip(reqs, ids)]).to(dev)
+            slots = torch.cat([self.pool.slots(r.pages, r.length, len(t)) for r, t in zip(reqs, ids)])
+            logits = self.runner.forward(flat, positions, slots, seqs, torch.tensor(last, device=dev))
         for r, t in zip(reqs, ids):
             r.length += len(t)
         return logits

@@ -1,0 +1,81 @@
+"""The element-wise parts of a Llama-family layer (RMSNorm, residual add, RoPE, SiLU-and-mul), in two versions.
+
+  torch       the model's own transformers modules (RMSNorm, rotary embedding): bit-for-bit what transformers
+              computes; CPU and CUDA. The reference.
+  flashinfer  FlashInfer's fused kernels (one kernel each instead of ~6 for a norm, ~12 for RoPE), CUDA only.
+              RoPE reads a cos/sin table computed once by the model's own rotary module, so every RoPE variant
+              transformers implements (default, llama3, linear, yarn...) is reproduced, not re-implemented.
+              Math in float32 inside the kernels: results differ from the torch version by bf16 rounding only.
+
+Contract (both): `begin(positions)` once per forward; `norm(x, ln)` -> RMSNorm(x); `add_norm(a, x, ln)` ->
+(RMSNorm(x + a), x + a), where the flashinfer version may reuse the storage of `a` and `x`; `rope(q, k)` -> rotated
+(q [n, q_heads, d], k [n, kv_heads, d]); `silu_mul(gu)` -> silu(gu[:, :m]) * gu[:, m:].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self, rotary, head_dim: int):
+        self.rotary, self.head_dim = rotary, head_dim
+
+    def begin(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        cos, sin = self.rotary(x[None], positions[None])
+        self.cos, self.sin = cos[0, :, None, :], sin[0, :, None, :]
+
+    def norm(self, x: torch.Tensor, ln) -> torch.Tensor:
+        return ln(x)
+
+    def add_norm(self, a: torch.Tensor, x: torch.Tensor, ln) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + a
+        return ln(x), x
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q * self.cos + _rotate_half(q) * self.sin, k * self.cos + _rotate_half(k) * self.sin
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        g, u = gu.chunk(2, dim=-1)
+        return F.silu(g) * u
+
+
+class FlashInferOps:
+    name = "flashinfer"
+
+    def __init__(self, rotary, head_dim: int, max_positions: int, device: torch.device):
+        import flashinfer
+
+        self.fi, self.head_dim = flashinfer, head_dim
+        pos = torch.arange(max_positions, device=device)
+        probe = torch.zeros(1, dtype=torch.float32, device=device)
+        cos, sin = rotary(probe[None], pos[None])  # the model's own RoPE, float32: [1, P, d] each
+        half = cos.shape[-1] // 2
+        self.cos_sin = torch.cat([cos[0, :, :half], sin[0, :, :half]], dim=-1).float().contiguous()
+
+    def begin(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        self.positions = positions
+
+    def norm(self, x: torch.Tensor, ln) -> torch.Tensor:
+        return self.fi.rmsnorm(x, ln.weight, ln.variance_epsilon)
+
+    def add_norm(self, a: torch.Tensor, x: torch.Tensor, ln) -> tuple[torch.Tensor, torch.Tensor]:
+        self.fi.fused_add_rmsnorm(a, x, ln.weight, ln.variance_epsilon)  # x += a; a = norm(x)
+        return a, x
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = q.contiguous(), k.contiguous()
+        self.fi.apply_rope_with_cos_sin_cache_inplace(self.positions, q.view(q.shape[0], -1),
+                                                      k.view(k.shape[0], -1), self.head_dim, self.cos_sin)
+        return q, k
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        return self.fi.silu_and_mul(gu)
