@@ -10,10 +10,18 @@ Modes
          whose snapshot is missing or stale) are prefilled. The KV of an ordered combination of several skills is
          stored as a chain of segment snapshots (skill i's KV given skills 0..i-1), computed once and reused.
   full   no cache at all: the same token ids prefilled from scratch. The reference exact mode must equal.
+
+Engines
+  hf     transformers over a DynamicCache (the default on the CPU).
+  paged  the paged KV pool with FlashInfer, CUDA graphs and fused kernels (engine/, the default on CUDA for the
+         Llama family). Skill prefixes stay resident in the pool (L1) between questions of one process; `pin`
+         keeps named skills resident. Full mode prefills from scratch in the same segments that exact mode caches,
+         so the two agree bit for bit in any dtype. Snapshots are per engine (its name is in the fingerprint).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +42,21 @@ from skillkv.snapshot import COMPRESSIONS, Snapshot
 from skillkv.store import Store, snapshot_key
 
 MODES = ("exact", "full")
+ENGINES = ("auto", "hf", "paged")
+
+
+def resolve_engine(name: str, handle: ModelHandle) -> str:
+    """`auto`: paged on CUDA for the Llama family, hf otherwise."""
+    from skillkv.engine.llama import SUPPORTED
+
+    if name not in ENGINES:
+        raise SkillkvError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
+    model_type = getattr(handle.hf_config, "model_type", None)
+    if name == "paged" and model_type not in SUPPORTED:
+        raise SkillkvError(f"the paged engine supports {', '.join(sorted(SUPPORTED))}, not {model_type}")
+    if name == "auto":
+        return "paged" if handle.device.startswith("cuda") and model_type in SUPPORTED else "hf"
+    return name
 
 
 @dataclass
@@ -91,16 +114,24 @@ class SkillKV:
     skills: str | Path | None = None
     device: str | None = None
     on_warning: Callable[[str], None] = _stderr_warning
+    engine: str = "auto"  # auto | hf | paged
+    kv_budget: int | None = None  # bytes of the paged engine's KV pool (default: half the free device memory)
+    pin: list[str] = field(default_factory=list)  # skills kept resident in the paged engine's pool
     handle: ModelHandle = field(init=False)
 
     def __post_init__(self):
         self.handle = resolve_model(self.model, self.device)
+        self.engine = resolve_engine(self.engine, self.handle)
+        self.fingerprint = self.handle.fingerprint
+        if self.engine != "hf":  # another engine computes other roundings: its snapshots are its own
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint}|engine={self.engine}".encode()).hexdigest()
+        self.tag = f"{self.handle.name}-{self.fingerprint[:16]}"
         self.store_root = Path(self.store or cfg.default_store())
-        self.snapshots = Store(self.store_root, self.handle.tag, self.handle.fingerprint)
+        self.snapshots = Store(self.store_root, self.tag, self.fingerprint)
         self.skills_dir = Path(self.skills or cfg.default_skills())
         self.builder = PromptBuilder(self.handle.tokenizer)
         self._skills: LoadResult | None = None
-        self._runner: HFRunner | None = None
+        self._runner = None  # HFRunner | PagedRunner
         self._memo: dict[str, KV] = {}  # chain key -> concatenated prefix KV (one process, e.g. --batch)
         self._model_load_pending = True
         self._stats = None  # skillkv.stats.StatsDB, opened on the first recorded ask
@@ -108,9 +139,15 @@ class SkillKV:
     # ------------------------------------------------------------------ parts
 
     @property
-    def runner(self) -> HFRunner:
+    def runner(self):
+        """HFRunner or PagedRunner (same calls: new_cache, forward, slice_kv, release, resident)."""
         if self._runner is None:
-            self._runner = HFRunner(self.handle.load())
+            if self.engine == "paged":
+                from skillkv.engine.paged_runner import PagedRunner
+
+                self._runner = PagedRunner(self.handle.load(), self.kv_budget)
+            else:
+                self._runner = HFRunner(self.handle.load())
         return self._runner
 
     def load_skills(self) -> LoadResult:
@@ -128,7 +165,7 @@ class SkillKV:
     def chain_keys(self, skills: list[Skill]) -> list[str]:
         keys, parent = [], ""
         for s in skills:
-            parent = snapshot_key(self.handle.fingerprint, parent, s.content_hash)
+            parent = snapshot_key(self.fingerprint, parent, s.content_hash)
             keys.append(parent)
         return keys
 
@@ -164,11 +201,12 @@ class SkillKV:
                 info["cached"] += len(ids)
                 info["tiers"].append("l2")
             else:
-                cache = self.runner.new_cache(_cat(pieces) if pieces else None)
+                cache = self.runner.new_cache(_cat(pieces) if pieces else None, key=keys[i - 1] if i else None)
                 self.runner.forward(ids, cache)
                 kv = self.runner.slice_kv(cache, start, start + len(ids))
+                self.runner.release(cache)
                 self.snapshots.put(Snapshot(keys=[k for k, _ in kv], values=[v for _, v in kv], token_ids=ids,
-                                            fingerprint=self.handle.fingerprint, key=key, skill=skill.name,
+                                            fingerprint=self.fingerprint, key=key, skill=skill.name,
                                             content_hash=skill.content_hash, start=start,
                                             parent=keys[i - 1] if i else ""), compression)
                 pieces.append(kv)
@@ -176,7 +214,7 @@ class SkillKV:
                 info["tiers"].append("computed")
             start += len(ids)
         kv = _cat(pieces) if pieces else []
-        if keys:
+        if keys and self.engine == "hf":  # the paged engine keeps prefixes resident in its pool instead
             self._memo[keys[-1]] = kv
         return kv, info
 
@@ -258,19 +296,35 @@ class SkillKV:
         t0 = time.perf_counter()
         if mode == "full":
             cache = runner.new_cache()
-            logits = runner.forward(layout.ids, cache)
+            if self.engine == "paged":  # from scratch, cut where exact mode's pieces are cut
+                for i in range(len(chosen)):
+                    runner.forward(self.piece_ids(chosen, i), cache)
+                logits = runner.forward(q_ids if chosen else layout.ids, cache)
+            else:
+                logits = runner.forward(layout.ids, cache)
             info = {"cached": 0, "computed": len(layout.ids), "snapshot_load": 0.0}
         else:
+            self._warm_pins()
             if chosen:
-                kv, info = self.prefix(chosen, compression)
+                key = self.chain_keys(chosen)[-1]
+                if runner.resident(key):
+                    info = {"cached": len(layout.ids) - len(q_ids), "computed": 0, "snapshot_load": 0.0,
+                            "tiers": ["l1"] * len(chosen)}
+                    kv = None
+                else:
+                    kv, info = self.prefix(chosen, compression)
+                cache = runner.new_cache(kv or None, key=key)
             else:
-                kv, info = [], {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
+                info = {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
                 q_ids = layout.segments[0] + q_ids
-            cache = runner.new_cache(kv or None)
+                cache = runner.new_cache()
             logits = runner.forward(q_ids, cache)
             info["computed"] += len(layout.segments[-1])
-        gen = decode_loop(lambda t: runner.forward([t], cache), logits, params, self.handle.stop_ids,
-                          self.handle.tokenizer, on_text, budget=self.handle.max_context - len(layout.ids))
+        try:
+            gen = decode_loop(lambda t: runner.forward([t], cache), logits, params, self.handle.stop_ids,
+                              self.handle.tokenizer, on_text, budget=self.handle.max_context - len(layout.ids))
+        finally:
+            runner.release(cache)
         t_end = time.perf_counter()
         ans = Answer(
             question=question, answer=gen.text, output_token_ids=gen.token_ids, skills=[s.name for s in chosen],
@@ -284,6 +338,20 @@ class SkillKV:
         self._record_stats(ans, chosen)
         return ans
 
+    def _warm_pins(self) -> None:
+        """Make the pinned skills resident (paged engine) once; a pinned entry is evicted only after every
+        unpinned one."""
+        if self.engine != "paged" or not self.pin or getattr(self, "_pins_warm", False):
+            return
+        for skill in self.pick(self.pin):
+            key = self.chain_keys([skill])[0]
+            if not self.runner.resident(key):
+                kv, _ = self.prefix([skill])
+                self.runner.pin(key, len(self.piece_ids([skill], 0)), lambda kv=kv: kv)
+            else:
+                self.runner.pin(key, 0, lambda: None)
+        self._pins_warm = True
+
     def _record_stats(self, ans: Answer, chosen: list[Skill]) -> None:
         """Record this ask in the store's statistics (skillkv.stats); a stats failure never fails an ask."""
         try:
@@ -293,7 +361,7 @@ class SkillKV:
                 self._stats = StatsDB(self.store_root, on_warning=self.on_warning)
             tm = ans.timings_ms
             self._stats.record(AskRecord(
-                model=self.handle.tag, mode=ans.mode, skills=ans.skills, tiers=ans.tiers,
+                model=self.tag, mode=ans.mode, skills=ans.skills, tiers=ans.tiers,
                 skill_tokens=[len(self.piece_ids(chosen, i)) for i in range(len(chosen))],
                 prompt=ans.tokens["prompt"], cached=ans.tokens["cached"], computed=ans.tokens["computed"],
                 snapshot_load_ms=tm["snapshot_load"], ttft_ms=tm["ttft"], total_ms=tm["total"]))
@@ -333,7 +401,7 @@ class SkillKV:
                     break
                 chain.append(x)
                 k = x.parent
-            if ok and snapshot_key(self.handle.fingerprint, e.parent, e.content_hash) == key:
+            if ok and snapshot_key(self.fingerprint, e.parent, e.content_hash) == key:
                 live.add(key)
         return live
 

@@ -138,3 +138,32 @@ def test_selection_without_names(tiny_kv):
     assert ans.skills == ["beta-codes"]
     none = tiny_kv.ask("What is the capital of France?", params=SamplingParams(max_tokens=2))
     assert none.skills == []
+
+
+def test_paged_engine_through_the_api_exact_equals_full_and_reuses_l1(tiny_skills, tmp_path):
+    """The paged engine behind SkillKV (CPU, torch attention): exact == full token for token, a second question
+    over the same skills is an L1 hit, a pinned skill is resident before it is asked, and its snapshots live in
+    their own store folder."""
+    from skillkv.api import SkillKV
+
+    kv = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu", engine="paged",
+                 kv_budget=8 << 20, pin=["beta-codes"])
+    hf = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu")
+    assert kv.engine == "paged" and hf.engine == "hf" and kv.tag != hf.tag
+    names = [s.name for s in kv.load_skills().skills]
+    params = SamplingParams(max_tokens=12)
+    a = kv.ask("how do pages work?", names[:2], params=params)
+    b = kv.ask("how do pages work?", names[:2], mode="full", params=params)
+    c = kv.ask("and what else?", names[:2], params=params)
+    assert a.output_token_ids == b.output_token_ids
+    assert a.tiers == ["computed", "computed"] and c.tiers == ["l1", "l1"]
+    chosen = kv.pick(names[:2])
+    assert c.tokens["cached"] == sum(len(kv.piece_ids(chosen, i)) for i in range(2))
+    assert c.tokens["computed"] == c.tokens["prompt"] - c.tokens["cached"]
+    eng = kv.runner.engine
+    beta = kv.chain_keys(kv.pick(["beta-codes"]))[0]
+    assert eng.table.entries[beta].pinned
+    eng.table.check()
+    assert all(e.refs == 0 for e in eng.table.entries.values())  # every request released its prefix
+    hf_ans = hf.ask("how do pages work?", names[:2], params=params)
+    assert hf_ans.output_token_ids == a.output_token_ids  # fp32 on the CPU: both engines agree

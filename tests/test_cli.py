@@ -134,3 +134,20 @@ def test_gc_cli(monkeypatch, capsys, tiny_skills, tmp_path):
     shutil.rmtree(tiny_skills / "gamma-notes")
     code, out, _ = run(monkeypatch, capsys, "gc", str(tiny_skills), "--store", store, *TINY[:2], "--json")
     assert code == 0 and [r["skill"] for r in json.loads(out)["removed"]] == ["gamma-notes"]
+
+
+def test_ask_on_the_paged_engine_and_its_option_errors(monkeypatch, capsys, tiny_skills, tmp_path):
+    store = str(tmp_path / "store")
+    base = ["ask", "What does B-17 mean?", "-s", "beta-codes", "--skills", str(tiny_skills), "--store", store, *TINY,
+            "--max-tokens", "4", "--json"]
+    code, out, err = run(monkeypatch, capsys, *base, "--engine", "paged", "--gpu-kv-budget", "8MiB",
+                         "--pin", "alpha-tool")
+    assert code == 0, err
+    paged = json.loads(out)
+    code, out, _ = run(monkeypatch, capsys, *base, "--engine", "hf")
+    assert code == 0 and json.loads(out)["output_token_ids"] == paged["output_token_ids"]
+    for args, needle in [(["--engine", "vllm"], "unknown engine"), (["--gpu-kv-budget", "lots"], "not a size"),
+                         (["--engine", "paged", "--gpu-kv-budget", "1KB"], "holds no page"),
+                         (["--engine", "paged", "--pin", "nope"], "unknown skill")]:
+        code, _, err = run(monkeypatch, capsys, *base, *args)
+        one_line_error(code, err, needle)

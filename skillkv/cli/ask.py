@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import DeviceOpt, JsonOpt, ModelOpt, SkillsOpt, StoreOpt, err, open_kv, print_json
+from skillkv.cli.common import (DeviceOpt, EngineOpt, JsonOpt, KvBudgetOpt, ModelOpt, PinOpt, SkillsOpt, StoreOpt, err,
+                                open_kv, print_json)
 from skillkv.errors import SkillkvError
 
 
@@ -67,6 +68,9 @@ def ask_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
     batch: Optional[Path] = typer.Option(None, "--batch", help="JSONL file of {\"q\", \"skills\"}; JSON lines out."),
     device: Optional[str] = DeviceOpt,
+    engine: str = EngineOpt,
+    gpu_kv_budget: Optional[str] = KvBudgetOpt,
+    pin: Optional[list[str]] = PinOpt,
     explain: bool = typer.Option(False, "--explain", help="Print the candidate skills, scores and why (stderr)."),
     as_json: bool = JsonOpt,
 ):
@@ -76,7 +80,7 @@ def ask_cmd(
     if batch is None and (question is None or not question.strip()):
         raise SkillkvError("the question is empty")
     items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
-    kv = open_kv(model, store, skills, device)
+    kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     stream = batch is None and not as_json
 

@@ -18,6 +18,12 @@ SkillsOpt = typer.Option(None, "--skills", help="Skills folder (default ./skills
                          show_default=False)
 JsonOpt = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).", show_default=False)
+EngineOpt = typer.Option("auto", "--engine", help="auto (paged on CUDA, hf on CPU) | hf (transformers) | paged "
+                         "(KV pool, FlashInfer, CUDA graphs).")
+KvBudgetOpt = typer.Option(None, "--gpu-kv-budget", help="Paged engine KV pool size, e.g. 8GB or 512MiB "
+                           "(default: half the free device memory).", show_default=False)
+PinOpt = typer.Option(None, "--pin", help="Keep this skill resident in the paged engine's pool (repeatable).",
+                      show_default=False)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -32,10 +38,30 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
-def open_kv(model: Optional[str], store: Optional[Path], skills: Optional[Path], device: Optional[str] = None):
+def parse_bytes(text: Optional[str]) -> Optional[int]:
+    """'8GB', '512MiB', '1.5G', '1000000' -> bytes; SkillkvError on anything else."""
+    import re
+
+    from skillkv.errors import SkillkvError
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not m:
+        raise SkillkvError(f"not a size: {text!r} (use e.g. 8GB, 512MiB or a number of bytes)")
+    base = 1024 if m.group(3) else 1000
+    n = float(m.group(1)) * base ** "_kmgt".index(m.group(2) or "_")
+    if n < 1:
+        raise SkillkvError(f"size must be positive: {text!r}")
+    return int(n)
+
+
+def open_kv(model: Optional[str], store: Optional[Path], skills: Optional[Path], device: Optional[str] = None,
+            engine: str = "auto", kv_budget: Optional[str] = None, pin: Optional[list[str]] = None):
     from skillkv.api import SkillKV
 
-    return SkillKV(model=model, store=store, skills=skills, device=device, on_warning=warn)
+    return SkillKV(model=model, store=store, skills=skills, device=device, on_warning=warn, engine=engine,
+                   kv_budget=parse_bytes(kv_budget), pin=list(pin or []))
 
 
 def human_bytes(n: float) -> str:

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from skillkv.cli import app
-from skillkv.cli.common import DeviceOpt, JsonOpt, ModelOpt, StoreOpt, err, human_bytes, open_kv, out, print_json
+from skillkv.cli.common import DeviceOpt, EngineOpt, JsonOpt, ModelOpt, StoreOpt, err, human_bytes, open_kv, out, print_json
 
 
 @app.command("compile")
@@ -23,10 +23,11 @@ def compile_cmd(
     force: bool = typer.Option(False, "--force", help="Recompile even current snapshots."),
     only: Optional[list[str]] = typer.Option(None, "--skill", help="Compile only these skills."),
     device: Optional[str] = DeviceOpt,
+    engine: str = EngineOpt,
     as_json: bool = JsonOpt,
 ):
     """Compile SKILL.md folders into KV snapshots (skips skills whose snapshot is current)."""
-    kv = open_kv(model, store, skills, device)
+    kv = open_kv(model, store, skills, device, engine)
     n = len(kv.load_skills().skills) if not only else len(only)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:

@@ -19,7 +19,7 @@ def collect(kv, max_bytes: int | None) -> tuple[dict, list[dict]]:
     """The stats report for this model's store (and the raw ask rows, for the plot)."""
     from skillkv.stats import StatsDB, summary
 
-    asks = StatsDB(kv.store_root, on_warning=kv.on_warning).asks(model=kv.handle.tag)
+    asks = StatsDB(kv.store_root, on_warning=kv.on_warning).asks(model=kv.tag)
     rep = summary(asks)
     entries = kv.snapshots.entries()
     try:

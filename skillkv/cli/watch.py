@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import DeviceOpt, JsonOpt, ModelOpt, StoreOpt, err, open_kv, out, print_json
+from skillkv.cli.common import DeviceOpt, EngineOpt, JsonOpt, ModelOpt, StoreOpt, err, open_kv, out, print_json
 
 
 @app.command("watch")
@@ -22,12 +22,13 @@ def watch_cmd(
     max_events: Optional[int] = typer.Option(None, "--max-events", min=1, help="Stop after N processed changes."),
     timeout: Optional[float] = typer.Option(None, "--timeout", min=0.0, help="Stop after this many seconds."),
     device: Optional[str] = DeviceOpt,
+    engine: str = EngineOpt,
     as_json: bool = JsonOpt,
 ):
     """Compile what is out of date, then recompile each skill as its files change (Ctrl-C stops)."""
     from skillkv.watch import Watcher
 
-    kv = open_kv(model, store, skills, device)
+    kv = open_kv(model, store, skills, device, engine)
 
     def show(line) -> None:
         if as_json:

@@ -15,7 +15,10 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class HFRunner:
-    """Prefill and decode steps of `model` (a transformers CausalLM) over a DynamicCache."""
+    """Prefill and decode steps of `model` (a transformers CausalLM) over a DynamicCache. Nothing stays resident
+    between questions (`resident` is always False); SkillKV memoizes prefixes itself."""
+
+    name = "hf"
 
     def __init__(self, model):
         from transformers import DynamicCache
@@ -27,8 +30,8 @@ class HFRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.device = next(model.parameters()).device
 
-    def new_cache(self, prefix: KV | None = None):
-        """A cache holding `prefix` (which it never modifies in place)."""
+    def new_cache(self, prefix: KV | None = None, key: str | None = None):
+        """A cache holding `prefix` (which it never modifies in place); `key` is unused here."""
         cache = self._cache_cls(config=self.model.config)
         for i, (k, v) in enumerate(prefix or []):
             k, v = (t.to(self.device).transpose(0, 1).unsqueeze(0) for t in (k, v))
@@ -42,6 +45,12 @@ class HFRunner:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[0, -1].float()
+
+    def resident(self, key: str) -> bool:
+        return False
+
+    def release(self, cache) -> None:
+        """Nothing to free: the cache is garbage-collected."""
 
     @staticmethod
     def cache_len(cache) -> int:
