@@ -45,9 +45,12 @@ def _explain(kv, item: dict) -> None:
     if item["skills"]:
         err.print(f"explain: --skill given ({', '.join(item['skills'])}): selection skipped", markup=False)
         return
-    cands = explain_skills(item["q"], kv.load_skills().skills)
+    loaded = kv.load_skills()
+    cands = explain_skills(item["q"], loaded.skills)
     if not cands:
-        err.print("explain: no skills to choose from", markup=False)
+        err.print("explain: no skills to choose from" + (f" ({len(loaded.problems)} skipped: "
+                                                         f"{'; '.join(loaded.problems)})" if loaded.problems else ""),
+                  markup=False, soft_wrap=True)
     for c in cands:
         emb = f" embed {c.embed:.2f}" if c.embed is not None else ""
         err.print(f"explain: {'+' if c.chosen else '-'} {c.name}  score {c.score:.3f} (bm25 {c.bm25_raw:.2f}{emb})  "
