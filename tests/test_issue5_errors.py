@@ -135,3 +135,24 @@ def test_selection_with_zero_valid_skills(monkeypatch, capsys, tmp_path):
     code, out, err = run(monkeypatch, capsys, "ask", "Why is my SQL query slow?", "--skills", str(empty),
                          "--store", str(tmp_path / "s"), *TINY, "--max-tokens", "2")
     assert code != 0 and out == "" and "holds no skills" in one_line(err)
+
+
+def test_cli_errors_and_help_do_not_import_torch(tmp_path):
+    """`--help` and input errors answer in a fraction of a second: torch and transformers are never imported."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cases = [(["--help"], 0), (["ask", "--help"], 0), (["ask", ""], 2),
+             (["ask", "q", "--batch", str(tmp_path / "x")], 2), (["watch", str(tmp_path / "missing")], 2)]
+    for argv, want in cases:
+        p = subprocess.run([sys.executable, "-X", "importtime", "-m", "skillkv", *argv], capture_output=True, text=True,
+                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert p.returncode == want, (argv, p.stderr[-500:])
+        imported = {line.split("|")[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+        assert not {"torch", "transformers"} & imported, argv
+        if want:
+            [line] = [x for x in p.stderr.splitlines() if not x.startswith("import time:")]
+            assert line.startswith("skillkv: error:")

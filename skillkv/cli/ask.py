@@ -74,11 +74,12 @@ def ask_cmd(
     as_json: bool = JsonOpt,
 ):
     """Answer a question with the skills it needs, reusing their compiled KV."""
-    from skillkv.engine.generate import SamplingParams
-
+    # everything that can be checked without torch/transformers is checked first: an error costs ~0.3 s, not ~4 s
     if batch is None and (question is None or not question.strip()):
         raise SkillkvError("the question is empty")
     items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
+    from skillkv.engine.generate import SamplingParams
+
     kv = open_kv(model, store, skills, device)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     stream = batch is None and not as_json
