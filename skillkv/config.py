@@ -3,7 +3,8 @@
 SKILLKV_MODEL   model spec used when --model is not given (see skillkv.model.resolve_model)
 SKILLKV_STORE   snapshot store folder (default: ./cache_store)
 SKILLKV_SKILLS  skills folder (default: ./skills)
-SKILLKV_HOME    where converted models and hash caches live (default: ~/.cache/skillkv)
+SKILLKV_HOME    where converted models, hash caches and skill embeddings live (default: ~/.cache/skillkv)
+SKILLKV_SELECT  skill selection method: bm25 | embed | fused (default: fused with the embed extra, else bm25)
 """
 
 from __future__ import annotations

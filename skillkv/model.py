@@ -308,6 +308,9 @@ def resolve_model(spec: str | None = None, device: str | None = None, dtype: tor
     spec = spec or cfg.default_model()
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    if not spec.startswith("dummy:") and spec not in ("default", "smollm2") and not Path(spec).expanduser().exists():
+        # before importing transformers (~2-4 s): a mistyped model is reported at once
+        raise ModelError(f"model {spec!r} not found (a folder, a .gguf file, 'default' or dummy:<preset>)")
     quiet_transformers()
     from transformers import AutoConfig, AutoTokenizer
 

@@ -1,12 +1,13 @@
 """Skill selection: which skills a question gets when none are named.
 
-`choose_skills` ranks with skillkv.rank (BM25 over name, description and body; optional embeddings; a threshold so
-that a question needing no skill gets none; see docs/EVAL.md). `--skill` always wins over this.
+`choose_skills` ranks with skillkv.rank (BM25 over name, description and body, fused with all-MiniLM-L6-v2
+embeddings when the `embed` extra is installed; a threshold so that a question needing no skill gets none; see
+docs/EVAL.md). `--skill` always wins over this.
 
-The previous scorer stays as `keyword_choose`, the baseline in the evaluation: a deliberately simple, deterministic keyword scorer over names and descriptions: a question word that appears
-in a skill's name scores 2, one that appears in its description scores 1 (after lower-casing, dropping stop
-words and a plural 's'). Skills scoring at least MIN_SCORE are kept, best first, at most `top_k`.
-`--skill` always wins over this.
+The previous scorer stays as `keyword_choose`, the baseline in the evaluation and the scorer for fewer than
+MIN_RANKED skills: deliberately simple and deterministic, over names and descriptions. A question word that appears
+in a skill's name scores 2, one that appears in its description scores 1 (after lower-casing, dropping stop words
+and a plural 's'). Skills scoring at least MIN_SCORE are kept, best first, at most `top_k`.
 """
 
 from __future__ import annotations

@@ -53,6 +53,14 @@ class WatchLine:
         return f"{self.skill}  {self.tokens} tokens  {self.seconds:.2f} s  {self.result}{tail}"
 
 
+def check_root(root: Path | str) -> Path:
+    """The watched folder, resolved; SkillError if it is not a folder."""
+    path = Path(root).resolve()
+    if not path.is_dir():
+        raise SkillError(f"skills folder {path} does not exist")
+    return path
+
+
 class Watcher:
     def __init__(self, kv, root: Path | str, on_line: Callable[[WatchLine], None] = print, debounce: float = 0.3,
                  compression: str = "none"):
@@ -173,8 +181,7 @@ class Watcher:
     def run(self, max_events: int | None = None, timeout: float | None = None, initial: bool = True,
             ready: Callable[[], None] | None = None) -> list[WatchLine]:
         """Watch until Ctrl-C, `max_events` processed folders, or `timeout` seconds. Returns the event lines."""
-        if not self.root.is_dir():
-            raise SkillError(f"skills folder {self.root} does not exist")
+        check_root(self.root)
         if initial:
             self.initial()
         self._start_observer()

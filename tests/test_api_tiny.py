@@ -167,3 +167,25 @@ def test_paged_engine_through_the_api_exact_equals_full_and_reuses_l1(tiny_skill
     assert all(e.refs == 0 for e in eng.table.entries.values())  # every request released its prefix
     hf_ans = hf.ask("how do pages work?", names[:2], params=params)
     assert hf_ans.output_token_ids == a.output_token_ids  # fp32 on the CPU: both engines agree
+
+
+@pytest.mark.gpu
+def test_exact_equals_full_on_the_gpu_paged_engine(tiny_skills, tmp_path):
+    """bf16 on CUDA, CUDA graphs and FlashInfer: exact mode answers token for token like full mode, cold (pieces
+    computed), from L2 (a new process's view: fresh SkillKV) and from L1."""
+    from skillkv.api import SkillKV
+
+    def open_kv():
+        return SkillKV(model="dummy:smollm2-135m", store=tmp_path / "store", skills=tiny_skills, device="cuda")
+
+    kv = open_kv()
+    assert kv.engine == "paged" and kv.runner.engine.graphs is not None
+    names = [s.name for s in kv.load_skills().skills]
+    params = SamplingParams(max_tokens=16)
+    for chosen in (names[:1], names[:2], names[1::-1]):
+        full = kv.ask("how do pages work?", chosen, mode="full", params=params)
+        cold = kv.ask("how do pages work?", chosen, params=params)
+        warm = kv.ask("how do pages work?", chosen, params=params)
+        l2 = open_kv().ask("how do pages work?", chosen, params=params)
+        assert warm.tiers == ["l1"] * len(chosen) and l2.tiers == ["l2"] * len(chosen)
+        assert full.output_token_ids == cold.output_token_ids == warm.output_token_ids == l2.output_token_ids

@@ -10,6 +10,11 @@ import sys
 
 import typer
 
+# OpenMP threads that sleep instead of spinning while they wait (set before any command imports torch; an explicit
+# OMP_WAIT_POLICY wins). On a 2-core machine shared with other processes, spinning workers made a cached first
+# token 1.2-8.9 s instead of 0.3-0.5 s and decoding 1-2 tok/s instead of 8-13 (docs/BENCHMARKS.md, cold start).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile Agent Skills once into KV-cache snapshots; answer by prefilling only the question.")
 

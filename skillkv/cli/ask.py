@@ -46,9 +46,12 @@ def _explain(kv, item: dict) -> None:
     if item["skills"]:
         err.print(f"explain: --skill given ({', '.join(item['skills'])}): selection skipped", markup=False)
         return
-    cands = explain_skills(item["q"], kv.load_skills().skills)
+    loaded = kv.load_skills()
+    cands = explain_skills(item["q"], loaded.skills)
     if not cands:
-        err.print("explain: no skills to choose from", markup=False)
+        err.print("explain: no skills to choose from" + (f" ({len(loaded.problems)} skipped: "
+                                                         f"{'; '.join(loaded.problems)})" if loaded.problems else ""),
+                  markup=False, soft_wrap=True)
     for c in cands:
         emb = f" embed {c.embed:.2f}" if c.embed is not None else ""
         err.print(f"explain: {'+' if c.chosen else '-'} {c.name}  score {c.score:.3f} (bm25 {c.bm25_raw:.2f}{emb})  "
@@ -75,11 +78,12 @@ def ask_cmd(
     as_json: bool = JsonOpt,
 ):
     """Answer a question with the skills it needs, reusing their compiled KV."""
-    from skillkv.engine.generate import SamplingParams
-
+    # everything that can be checked without torch/transformers is checked first: an error costs ~0.3 s, not ~4 s
     if batch is None and (question is None or not question.strip()):
         raise SkillkvError("the question is empty")
     items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
+    from skillkv.engine.generate import SamplingParams
+
     kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     stream = batch is None and not as_json

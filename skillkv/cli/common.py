@@ -58,10 +58,11 @@ def parse_bytes(text: Optional[str]) -> Optional[int]:
 
 def open_kv(model: Optional[str], store: Optional[Path], skills: Optional[Path], device: Optional[str] = None,
             engine: str = "auto", kv_budget: Optional[str] = None, pin: Optional[list[str]] = None):
+    budget = parse_bytes(kv_budget)  # checked before torch is imported
     from skillkv.api import SkillKV
 
     return SkillKV(model=model, store=store, skills=skills, device=device, on_warning=warn, engine=engine,
-                   kv_budget=parse_bytes(kv_budget), pin=list(pin or []))
+                   kv_budget=budget, pin=list(pin or []))
 
 
 def human_bytes(n: float) -> str:

@@ -26,8 +26,9 @@ def watch_cmd(
     as_json: bool = JsonOpt,
 ):
     """Compile what is out of date, then recompile each skill as its files change (Ctrl-C stops)."""
-    from skillkv.watch import Watcher
+    from skillkv.watch import Watcher, check_root
 
+    check_root(skills)  # before the model is resolved: a wrong folder is reported at once
     kv = open_kv(model, store, skills, device, engine)
 
     def show(line) -> None:
