@@ -48,15 +48,18 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seqs: list[SeqView],
-                logits_at: torch.Tensor) -> torch.Tensor:
+                logits_at: torch.Tensor, layer_ready=None) -> torch.Tensor:
         """Run new tokens `ids` [N] at `positions` [N], storing their KV at pool `slots` [N]; return float32
-        logits [len(logits_at), vocab] of the rows `logits_at`."""
+        logits [len(logits_at), vocab] of the rows `logits_at`. `layer_ready(i)`, if given, is called before
+        layer i's KV is written or read (layer-pipelined paging, engine/tiers.py)."""
         self.backend.plan(seqs)
         x = self.embed(ids)
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         nq, nk, d = self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         for i, w in enumerate(self.layers):
+            if layer_ready is not None:
+                layer_ready(i)
             h = w["ln1"](x)
             qkv = F.linear(h, w["qkv"], w["qkv_b"])
             q = qkv[:, :nq].view(-1, self.q_heads, d)

@@ -27,6 +27,7 @@ class Request:
     shared: list[int]  # shared full pages of the prefix
     private: list[int] = field(default_factory=list)
     length: int = 0  # tokens in KV
+    cow: tuple[int, int, int] | None = None  # (src page, dst page, slots): a copy-on-write still to do per layer
 
     @property
     def pages(self) -> list[int]:
@@ -72,8 +73,10 @@ class PagedEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def start(self, prefix_key: str | None) -> Request:
-        """A request continuing the resident prefix `prefix_key` (None: empty prefix)."""
+    def start(self, prefix_key: str | None, defer_copy: bool = False) -> Request:
+        """A request continuing the resident prefix `prefix_key` (None: empty prefix). With `defer_copy` the
+        copy-on-write of a partly filled last page is left to the caller, layer by layer (`req.cow`; used while
+        the prefix is still being paged in, see engine/tiers.py)."""
         if prefix_key is None:
             return Request(None, 0, [])
         e = self.table.acquire(prefix_key)
@@ -86,7 +89,10 @@ class PagedEngine:
             except BaseException:
                 self.table.release(prefix_key)
                 raise
-            self.pool.copy_page_prefix(e.pages[full], page, rem)
+            if defer_copy:
+                req.cow = (e.pages[full], page, rem)
+            else:
+                self.pool.copy_page_prefix(e.pages[full], page, rem)
             req.private.append(page)
         return req
 
@@ -95,8 +101,9 @@ class PagedEngine:
         if need > 0:
             req.private.extend(self.table.alloc(need))
 
-    def prefill(self, reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
-        """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token."""
+    def prefill(self, reqs: list[Request], ids: list[list[int]], layer_ready=None) -> torch.Tensor:
+        """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token.
+        `layer_ready(i)`, if given, is called before layer i's KV is written or read (layer-pipelined paging)."""
         for r, t in zip(reqs, ids):
             self._grow(r, len(t))
         dev = self.device
@@ -105,7 +112,10 @@ class PagedEngine:
         slots = torch.cat([self.pool.slots(r.pages, r.length, len(t)) for r, t in zip(reqs, ids)])
         seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
         last = torch.tensor(list(accumulate(len(t) for t in ids)), device=dev) - 1
-        logits = self.runner.forward(flat, positions, slots, seqs, last)
+        if layer_ready is None:
+            logits = self.runner.forward(flat, positions, slots, seqs, last)
+        else:
+            logits = self.runner.forward(flat, positions, slots, seqs, last, layer_ready=layer_ready)
         for r, t in zip(reqs, ids):
             r.length += len(t)
         return logits
