@@ -386,3 +386,24 @@ def test_pipelined_paging_on_the_gpu_equals_a_resident_prefix(tmp_path, compress
             eng.table.check()
     finally:
         tiers.close()
+
+
+def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU benchmark's tier scenarios run end to end on the CPU (smoke test with a tiny model)."""
+    import json
+    import sys
+
+    from skillkv import bench_gpu
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["bench_gpu", "--out", str(tmp_path / "out"), "--sizes", "64", "--reps", "1",
+                                      "--batch", "2", "--attention", "torch", "--model", "dummy:tiny",
+                                      "--device", "cpu", "--dtype", "float32", "--reader-threads", "2"])
+    bench_gpu.main()
+    res = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    r = res["sizes"]["64"]
+    assert r["check"]["l1_same_argmax_as_engine_full"] and r["host_same_argmax"]
+    assert r["l2_none_same_argmax"] and r["l2_zstd_same_argmax"]
+    assert r["file_zstd_bytes"] < r["file_none_bytes"]
+    assert set(res["policy"]["crossover_tokens"]) == {"host", "l2_none", "l2_zstd"}
+    assert res["pool_within_budget"]
