@@ -221,10 +221,12 @@ def test_a_damaged_snapshot_fails_the_prefill_and_is_never_served(tmp_path, tiny
     tiers = Tiers(eng, store, host_budget=1 << 20, reader_threads=2, pin=False)
     try:
         assert tiers.make_resident(key, [(key, ids)]) == "l2"
-        r = tiers.start(key)
         with pytest.raises(SnapshotError, match="checksum"):
-            tiers.prefill([r], [[7, 8]])
-        tiers.finish(r)
+            r = tiers.start(key)  # raises here if the damage was already found, else in the prefill
+            try:
+                tiers.prefill([r], [[7, 8]])
+            finally:
+                tiers.finish(r)
         assert not eng.resident(key) and not tiers.host.contains(key)
         eng.table.check()
         with pytest.raises(SnapshotError, match="checksum"):  # asked again: read again, caught again
@@ -294,8 +296,11 @@ def test_page_in_releases_layers_one_by_one_and_the_runner_waits(tiny):
         eng.finish(req)
     rt = threading.Thread(target=runner)
     rt.start()
-    time.sleep(0.1)
-    assert calls == [0, 1] and "logits" not in out  # layer 0 computed, waiting on layer 1
+    deadline = time.time() + 20
+    while len(calls) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert calls == [0, 1] and "logits" not in out  # layer 0 computed, blocked on layer 1
     for i in range(1, len(kv)):
         host.keys[i].copy_(kv[i][0])
         host.values[i].copy_(kv[i][1])
@@ -305,6 +310,35 @@ def test_page_in_releases_layers_one_by_one_and_the_runner_waits(tiny):
     assert calls == list(range(len(kv)))
     torch.testing.assert_close(out["logits"], ref, rtol=1e-5, atol=1e-5)
     assert p.finished.is_set() and p.pieces == []  # host buffers released once copied
+    eng.table.check()
+
+
+def test_damage_found_mid_prefill_aborts_it(tiny):
+    h, model = tiny
+    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    host = HostKV("p", list(range(8)), eng.pool.layers, [8, 2, 16], eng.pool.dtype, pin=False)
+    host.keys[0].zero_()
+    host.values[0].zero_()
+    host.set_ready(0)
+    pages = eng.table.alloc(2)
+    eng.table.add("p", pages, 8)
+    p = PageIn("p", [host], [0], pages, eng.pool.layers, eng.device)
+    t = threading.Thread(target=p.run, args=(eng.pool, None))
+    t.start()
+    req = eng.start("p")
+    calls = []
+
+    def ready(i):
+        calls.append(i)
+        if i == 1:
+            host.fail(SnapshotError("p: checksum mismatch (corrupted on disk)"))
+        p.wait(i)
+    with pytest.raises(SnapshotError, match="checksum"):
+        eng.prefill([req], [[1, 2]], layer_ready=ready)
+    t.join(5)
+    assert calls == [0, 1] and p.failed and p.pieces == []
+    eng.finish(req)
+    eng.table.evict("p")
     eng.table.check()
 
 
