@@ -324,6 +324,14 @@ def main() -> None:
                     "prefill_tokens_skillkv": args.batch * qn + S, "prefill_tokens_full": args.batch * (S + qn)}
     res["batch"]["prefill_token_ratio"] = res["batch"]["prefill_tokens_full"] / res["batch"]["prefill_tokens_skillkv"]
     res["pool_within_budget"] = eng.pool.nbytes <= budget
+    res["host_cache"] = {"budget_bytes": host_budget, "held_bytes": tiers.host.nbytes, "within_budget":
+                         tiers.host.nbytes <= host_budget}
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if cuda and stats is not None:  # pinned bytes torch really holds (its caching host allocator may round up)
+        try:
+            res["host_cache"]["torch_host_memory_stats"] = {k: v for k, v in stats().items() if "bytes" in k}
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            res["host_cache"]["torch_host_memory_stats"] = repr(e)
     (args.out / "gpu.json").write_text(json.dumps(res, indent=1))
 
     print(f"\n{res['gpu']} | torch {res['torch']} | flashinfer {res['flashinfer']} | {res['model']} {args.dtype} | "
