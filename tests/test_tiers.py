@@ -381,6 +381,45 @@ def test_policy_recompute_interpolation_and_crossover():
     assert TierPolicy(_m(disk_gbs=1e-6)).crossover("l2", limit=1 << 16) is None
 
 
+def test_tiers_choose_follows_the_policy(tmp_path, tiny):
+    h, model = tiny
+    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    store = Store(tmp_path, h.tag, h.fingerprint)
+    pieces = _store_pieces(eng, store, [list(range(5, 30))])
+    bpt = 2 * eng.pool.layers * eng.pool.kv_heads * eng.pool.head_dim * 4
+    slow_disk = TierPolicy(_m(bytes_per_token=bpt, disk_gbs=1e-9, h2d_gbs=1.0, prefill=[[25, 0.01]]))
+    tiers = Tiers(eng, store, host_budget=1 << 20, reader_threads=1, pin=False, policy=slow_disk)
+    try:
+        assert tiers.choose("p", pieces) == "recompute"  # reading 25 tokens at 1 B/s loses to 10 ms
+        assert tiers.choose("p", [("f" * 32, [1])]) == "recompute"  # not stored anywhere
+        tiers.policy = None
+        assert tiers.choose("p", pieces) == "l2"
+        tiers.make_resident("p", pieces)
+        assert tiers.choose("p", pieces) == "l1"
+        tiers.wait("p")
+        eng.table.evict("p")
+        tiers.policy = slow_disk
+        assert tiers.host.contains(pieces[0][0])
+        assert tiers.choose("p", pieces) == "host"  # 25 tokens at 1 GB/s: far below 10 ms
+    finally:
+        tiers.close()
+
+
+def test_policy_is_measured_once_and_cached_in_the_store(tmp_path, tiny):
+    from skillkv.engine.tier_policy import policy_for
+
+    h, model = tiny
+    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    store = Store(tmp_path, h.tag, h.fingerprint)
+    pol = policy_for(eng, store, sizes=[16, 48], file_bytes=2 << 20, zstd_bytes=1 << 20, threads=2)
+    m = pol.m
+    assert (store.dir / "tiers.json").is_file() and m.device == "cpu"
+    assert m.disk_gbs > 0 and m.h2d_gbs > 0 and m.zstd_gbs > 0 and [p[0] for p in m.prefill] == [16, 48]
+    assert m.bytes_per_token == 2 * eng.pool.layers * eng.pool.kv_heads * eng.pool.head_dim * 4
+    assert policy_for(eng, store).m == m  # cached: not measured again
+    assert policy_for(eng, store, sizes=[16], remeasure=True, file_bytes=1 << 20, zstd_bytes=1 << 20).m != m
+
+
 def test_measurements_are_cached_per_device(tmp_path):
     m = _m()
     save(tmp_path / "tiers.json", m)

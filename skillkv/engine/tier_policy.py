@@ -206,8 +206,9 @@ def prefill_points(engine, sizes: list[int], reps: int = 2, vocab: int = 256) ->
 
 
 def measure(engine, sizes: list[int], tmp_dir: Path | None = None, threads: int = 4,
-            file_bytes: int = 256 << 20, vocab: int = 256) -> Measurements:
-    """Measure every number the policy needs, for this engine's model and machine."""
+            file_bytes: int = 256 << 20, zstd_bytes: int = 128 << 20, vocab: int = 256) -> Measurements:
+    """Measure every number the policy needs, for this engine's model and machine (`file_bytes` of disk reads
+    in `tmp_dir`, which should be on the store's disk; `zstd_bytes` decoded)."""
     pool = engine.pool
     bpt = 2 * pool.layers * pool.kv_heads * pool.head_dim * pool.k.element_size()
     with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
@@ -217,7 +218,7 @@ def measure(engine, sizes: list[int], tmp_dir: Path | None = None, threads: int 
             for _ in range(max(1, file_bytes >> 20)):
                 f.write(block)
         disk = disk_gbs(p, threads)
-    zgbs, _ = zstd_gbs(pool.dtype, threads=threads)
+    zgbs, _ = zstd_gbs(pool.dtype, nbytes=zstd_bytes, threads=threads, tensor_bytes=min(8 << 20, zstd_bytes))
     return Measurements(device=torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
                         bytes_per_token=bpt, disk_gbs=disk, h2d_gbs=h2d_gbs(engine.device), zstd_gbs=zgbs,
                         prefill=prefill_points(engine, sizes, vocab=vocab), measured_at=time.time())
@@ -247,6 +248,8 @@ def policy_for(engine, store, sizes: list[int] = (512, 2048), remeasure: bool = 
     dev = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     m = None if remeasure else load_cached(path, dev)
     if m is None:
+        kw.setdefault("tmp_dir", Path(store.dir))
+        Path(store.dir).mkdir(parents=True, exist_ok=True)
         m = measure(engine, list(sizes), **kw)
         save(path, m)
     return TierPolicy(m)

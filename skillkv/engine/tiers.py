@@ -32,6 +32,7 @@ import torch
 from skillkv.engine.host_cache import HostCache, HostKV
 from skillkv.engine.l2_reader import L2Reader
 from skillkv.engine.paged import PagedEngine, Request
+from skillkv.engine.tier_policy import TierPolicy
 from skillkv.errors import SnapshotError
 
 Piece = tuple[str, list[int]]  # (snapshot key, the token ids the caller expects it to hold)
@@ -114,8 +115,8 @@ class Tiers:
     threads (readers, prefetch, copier) never touch the page table."""
 
     def __init__(self, engine: PagedEngine, store, host_budget: int, reader_threads: int = 4,
-                 chunk_bytes: int | None = None, pin: bool | None = None):
-        self.engine, self.store = engine, store
+                 chunk_bytes: int | None = None, pin: bool | None = None, policy: TierPolicy | None = None):
+        self.engine, self.store, self.policy = engine, store, policy
         self.host = HostCache(host_budget, pin=pin)
         kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
         self.reader = L2Reader(reader_threads, pin=self.host.pin, **kw)
@@ -199,6 +200,26 @@ class Tiers:
                         self._reading.pop(key, None)
                     fut.set_exception(e)
             self._prefetch.submit(go)
+
+    def choose(self, key: str, pieces: list[Piece]) -> str:
+        """Where the prefix `key` should come from: "l1" if resident; else "host" or "l2" (the slowest tier its
+        pieces are in) when the policy estimates loading faster than recomputing (always, without a policy);
+        else "recompute". Changes nothing."""
+        if self.engine.table.entries.get(key) is not None:
+            return "l1"
+        entries = self.store.entries()
+        if any(k not in entries and not self.host.contains(k) for k, _ in pieces):
+            return "recompute"
+        tiers = ["host" if self.host.contains(k) else "l2" for k, _ in pieces]
+        where = "l2" if "l2" in tiers else "host"
+        if self.policy is None:
+            return where
+        est = 0.0
+        for (k, ids), tier in zip(pieces, tiers):
+            e = entries.get(k)
+            est += self.policy.load_seconds(tier, len(ids), e.bytes if e else None, e.compression if e else "none")
+        tokens = sum(len(ids) for _, ids in pieces)
+        return where if est * self.policy.margin < self.policy.m.recompute_seconds(tokens) else "recompute"
 
     # ------------------------------------------------------------------ L1 (host -> pool)
 
