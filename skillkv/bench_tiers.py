@@ -38,6 +38,28 @@ def _best(fn, reps: int) -> float:
     return statistics.median(out)
 
 
+def _real_kv(tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """bf16 KV [tokens, kv_heads, head_dim] per layer of the default model over the repository's skills."""
+    from transformers import DynamicCache
+
+    from skillkv.model import resolve_model
+
+    h = resolve_model("default", device="cpu")
+    model = h.load()
+    root = Path(__file__).resolve().parent.parent / "skills"
+    text = "\n\n".join(p.read_text() for p in sorted(root.glob("*/SKILL.md")))
+    ids = h.tokenizer(text)["input_ids"][:tokens]
+    import inspect
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]), use_cache=True, **{kw: cache})
+    ks = [layer.keys[0].transpose(0, 1).contiguous().to(torch.bfloat16) for layer in cache.layers]
+    vs = [layer.values[0].transpose(0, 1).contiguous().to(torch.bfloat16) for layer in cache.layers]
+    return ks, vs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
@@ -47,6 +69,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--dir", type=Path, default=None, help="where to write the test snapshots (the disk to test)")
+    ap.add_argument("--real", action="store_true", help="KV of the real default model over the repository's "
+                    "skills (in bf16) instead of random-normal KV of the 8B shape")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
 
@@ -56,14 +80,18 @@ def main() -> None:
     from skillkv.engine.tier_policy import _cold, disk_gbs
     from skillkv.snapshot import Snapshot, _shuffle, decode, unzstd_into, write_snapshot
 
-    g = torch.Generator().manual_seed(0)
-    shape = (args.tokens, 8, 128)
-    ks = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(args.layers)]
-    vs = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(args.layers)]
+    if args.real:
+        ks, vs = _real_kv(args.tokens)
+    else:
+        g = torch.Generator().manual_seed(0)
+        shape = (args.tokens, 8, 128)
+        ks = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(args.layers)]
+        vs = [torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(args.layers)]
+    shape, args.layers, args.tokens = tuple(ks[0].shape), len(ks), ks[0].shape[0]
     snap = Snapshot(keys=ks, values=vs, token_ids=list(range(args.tokens)), fingerprint="bench", key="k" * 32,
                     skill="bench", content_hash="-")
     kv_bytes = snap.nbytes
-    res = {"tokens": args.tokens, "kv_bytes": kv_bytes, "cpu_count": os.cpu_count(), "threads": threads,
+    res = {"source": "real default model" if args.real else "random normal, 8B shape", "tokens": args.tokens, "kv_bytes": kv_bytes, "cpu_count": os.cpu_count(), "threads": threads,
            "load_avg_start": os.getloadavg()[0], "rows": {}}
     rows = res["rows"]
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
@@ -71,7 +99,7 @@ def main() -> None:
         for c, p in paths.items():
             write_snapshot(p, snap, c)
         res["file_bytes"] = {c: p.stat().st_size for c, p in paths.items()}
-        print(f"KV {kv_bytes / 1e6:.0f} MB ({args.tokens} tokens, {args.layers} layers, bf16); zstd file "
+        print(f"KV {kv_bytes / 1e6:.0f} MB ({res['source']}: {args.tokens} tokens, {args.layers} layers, bf16); zstd file "
               f"{res['file_bytes']['zstd'] / res['file_bytes']['none']:.3f} of raw", file=sys.stderr)
 
         tensors = [t.view(torch.uint8).numpy() for t in ks + vs]
