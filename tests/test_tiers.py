@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -245,6 +246,8 @@ def test_prefetch_fills_the_host_tier(tmp_path, tiny):
     eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
     store = Store(tmp_path, h.tag, h.fingerprint)
     pieces = _store_pieces(eng, store, [list(range(5, 30))])
+    path = store.snap_dir / store.entries()[pieces[0][0]].file
+    os.utime(path, (1, 1))
     tiers = Tiers(eng, store, host_budget=1 << 20, reader_threads=2, pin=False)
     try:
         tiers.prefetch(pieces + [("f" * 32, [1, 2])])  # an unknown key: its error surfaces only on use
@@ -252,6 +255,7 @@ def test_prefetch_fills_the_host_tier(tmp_path, tiny):
         while not tiers.host.contains(pieces[0][0]) and time.time() < deadline:
             time.sleep(0.01)
         assert tiers.make_resident("p", pieces) == "host"
+        assert path.stat().st_mtime > 1  # an L2 read counts as a use for the store's LRU
         with pytest.raises(SnapshotError, match="not in the store"):
             tiers.make_resident("q", [("f" * 32, [1, 2])])
         tiers.wait("p")

@@ -14,6 +14,9 @@ Contract (HostCache, a storage backend of four methods, like early LMCache's)
   - The bytes held (`nbytes`) never exceed `budget_bytes`, after every operation (`check()` asserts it).
   An evicted entry's memory is freed once nothing else references it: a page-in still copying from it holds its
   own reference (engine/tiers.py), so eviction never pulls a buffer from under an in-flight copy.
+  The budget counts the entries' bytes. Reads in flight (not yet verified, so not yet cached) and entries still
+  referenced by a copy are outside it, and torch's caching host allocator may round a pinned block up (to a power
+  of two in the versions we know), so the pinned memory the process holds can exceed the budget by that much.
 """
 
 from __future__ import annotations

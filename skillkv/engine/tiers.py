@@ -149,8 +149,10 @@ class Tiers:
                 self.host.put(key, kv)
             with self._lock:
                 self._reading.pop(key, None)
-        return self.reader.read(self._path(key), fingerprint=self.store.fingerprint, key=key, token_ids=ids,
-                                alloc=self.host.alloc, on_done=done)
+        kv = self.reader.read(self._path(key), fingerprint=self.store.fingerprint, key=key, token_ids=ids,
+                              alloc=self.host.alloc, on_done=done)
+        self.store.touch(key)
+        return kv
 
     def fetch(self, key: str, ids: list[int]) -> tuple[HostKV, str]:
         """The snapshot `key` in host memory: from the host cache ("host"), or an L2 read in flight or started
