@@ -200,6 +200,7 @@ def test_paging_from_l2_then_host_is_exact(tmp_path, tiny, compression):
             for r in reqs:
                 tiers.finish(r)
             tiers.wait("ab")
+            assert all(tiers.host.contains(k) for k, _ in pieces)  # a finished L2 page-in is in the host tier
             eng.table.check()
             tiers.host.check()
             if expect == "l1":

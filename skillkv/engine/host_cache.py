@@ -63,6 +63,10 @@ class HostKV:
         self.values = [typed[(2 * i + 1) * per:(2 * i + 2) * per].view(shape) for i in range(layers)]
         self._ready = [threading.Event() for _ in range(layers)]
         self._error: BaseException | None = None
+        # set once the filler is done with the entry (after its completion callback, e.g. caching it); a filler
+        # that works in the background (the L2 reader) clears it first
+        self.complete = threading.Event()
+        self.complete.set()
         self.compression, self.file_bytes, self.read_seconds = "", 0, None  # set by the L2 reader
 
     @classmethod

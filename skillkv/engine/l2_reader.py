@@ -103,6 +103,7 @@ class L2Reader:
         except BaseException:
             os.close(fd)
             raise
+        kv.complete.clear()
         job = _Job(fd, lay, kv, name, on_done)
         if lay.layers == 0:
             self._finish(job)
@@ -136,12 +137,19 @@ class L2Reader:
             kv.read_seconds = time.perf_counter() - job.t0
         if layer_done and not kv.failed:
             kv.set_ready(layer)
-        if all_done and job.on_done is not None:
-            job.on_done(kv)
+        if all_done:
+            try:
+                if job.on_done is not None:
+                    job.on_done(kv)
+            finally:
+                kv.complete.set()
 
     def _finish(self, job: _Job) -> None:
         """A snapshot without layers: nothing to read."""
         os.close(job.fd)
         job.kv.read_seconds = 0.0
-        if job.on_done is not None:
-            job.on_done(job.kv)
+        try:
+            if job.on_done is not None:
+                job.on_done(job.kv)
+        finally:
+            job.kv.complete.set()

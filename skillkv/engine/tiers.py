@@ -75,6 +75,8 @@ class PageIn:
                     self.issued[layer].set()
                 if self.cuda and self.layers:
                     self.events[-1].synchronize()  # host buffers stay referenced until the last copy landed
+                for piece in self.pieces:
+                    piece.complete.wait()  # an L2 read is cached in the host tier before the page-in counts as done
         except BaseException as e:  # noqa: BLE001 - reported to every waiter
             self.error = e
             for ev in self.issued:
