@@ -118,7 +118,8 @@ def main() -> None:
     cfg = model.config
     vocab = cfg.vocab_size
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_bytes_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_bytes_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
     budget = int(sum(sizes) * kv_bytes_tok * 1.2 + (args.batch // 10 + 8) * 128 * kv_bytes_tok + (1 << 30))
     eng = PagedEngine(model, budget_bytes=budget, attention=args.attention, page_size=16)
     import inspect
@@ -135,9 +136,11 @@ def main() -> None:
             pass
     res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "cuda": torch.version.cuda, "transformers": transformers.__version__, "flashinfer": fi_version,
-           "driver": os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip() if cuda else "-",
+           "driver": (os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip()
+                      if cuda else "-"),
            "model": h.name, "attention": eng.backend.name, "page_size": 16, "pool_bytes": eng.pool.nbytes,
-           "budget_bytes": budget, "question_tokens": qn, "dtype": args.dtype, "reps": args.reps, "reader_threads": args.reader_threads,
+           "budget_bytes": budget, "question_tokens": qn, "dtype": args.dtype, "reps": args.reps,
+           "reader_threads": args.reader_threads,
            "cpu_count": os.cpu_count(), "sizes": {}}
     g = torch.Generator(device="cpu").manual_seed(0)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "skillkv-bench-gpu"

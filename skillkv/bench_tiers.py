@@ -91,7 +91,8 @@ def main() -> None:
     snap = Snapshot(keys=ks, values=vs, token_ids=list(range(args.tokens)), fingerprint="bench", key="k" * 32,
                     skill="bench", content_hash="-")
     kv_bytes = snap.nbytes
-    res = {"source": "real default model" if args.real else "random normal, 8B shape", "tokens": args.tokens, "kv_bytes": kv_bytes, "cpu_count": os.cpu_count(), "threads": threads,
+    res = {"source": "real default model" if args.real else "random normal, 8B shape", "tokens": args.tokens,
+           "kv_bytes": kv_bytes, "cpu_count": os.cpu_count(), "threads": threads,
            "load_avg_start": os.getloadavg()[0], "rows": {}}
     rows = res["rows"]
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
@@ -99,7 +100,8 @@ def main() -> None:
         for c, p in paths.items():
             write_snapshot(p, snap, c)
         res["file_bytes"] = {c: p.stat().st_size for c, p in paths.items()}
-        print(f"KV {kv_bytes / 1e6:.0f} MB ({res['source']}: {args.tokens} tokens, {args.layers} layers, bf16); zstd file "
+        print(f"KV {kv_bytes / 1e6:.0f} MB ({res['source']}: {args.tokens} tokens, {args.layers} layers, bf16); "
+              f"zstd file "
               f"{res['file_bytes']['zstd'] / res['file_bytes']['none']:.3f} of raw", file=sys.stderr)
 
         tensors = [t.view(torch.uint8).numpy() for t in ks + vs]

@@ -245,7 +245,8 @@ def parse_layout(header: bytes, file_size: int, name: str = "snapshot") -> Layou
             count = 1
             for d in shape:
                 count *= d
-            if not 0 <= lo <= hi or base + hi > file_size or hi - lo != count * torch.empty((), dtype=dtype).element_size():
+            size = torch.empty((), dtype=dtype).element_size()
+            if not 0 <= lo <= hi or base + hi > file_size or hi - lo != count * size:
                 raise ValueError(f"tensor {tname} lies outside the file")
             spans[tname] = Span(dtype, shape, base + lo, base + hi)
     except Exception as e:  # noqa: BLE001 - any parse failure means a truncated or corrupted file

@@ -71,8 +71,9 @@ class KVPool:
         n = k.shape[0]
         if pages == list(range(pages[0], pages[0] + len(pages))):
             span = slice(pages[0], pages[0] + len(pages))
-            self.k[layer, span].view(-1, self.kv_heads, self.head_dim)[offset:offset + n].copy_(k, non_blocking=non_blocking)
-            self.v[layer, span].view(-1, self.kv_heads, self.head_dim)[offset:offset + n].copy_(v, non_blocking=non_blocking)
+            for pool, src in ((self.k, k), (self.v, v)):
+                dst = pool[layer, span].view(-1, self.kv_heads, self.head_dim)[offset:offset + n]
+                dst.copy_(src, non_blocking=non_blocking)
         else:
             slots = self.slots(pages, offset, n)
             self.write(layer, slots, k.to(self.device, non_blocking=non_blocking),
