@@ -318,6 +318,38 @@ def test_page_in_releases_layers_one_by_one_and_the_runner_waits(tiny):
     eng.table.check()
 
 
+def test_an_entry_being_paged_in_is_never_evicted(tmp_path, tiny):
+    """Its pages must not be handed to anyone else while copies into them may still be in flight."""
+    from concurrent.futures import Future
+
+    from skillkv.engine.pages import PoolFull
+
+    h, model = tiny
+    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    tiers = Tiers(eng, Store(tmp_path, h.tag, h.fingerprint), host_budget=1 << 20, reader_threads=1, pin=False)
+    try:
+        ids = list(range(20))
+        host = HostKV("k", ids, eng.pool.layers, [20, 2, 16], eng.pool.dtype, pin=False)
+        fut = Future()
+        fut.set_result(host)
+        tiers._reading["k"] = fut  # as if an L2 read of "k" were in flight
+        assert tiers.make_resident("p", [("k", ids)]) == "l2"
+        free = len(eng.table.free)
+        with pytest.raises(PoolFull):
+            eng.table.alloc(free + 1)  # would have to evict "p"
+        assert eng.resident("p")
+        for i in range(eng.pool.layers):
+            host.keys[i].zero_()
+            host.values[i].zero_()
+            host.set_ready(i)
+        tiers.wait("p")
+        eng.table.alloc(free + 1)  # now it may go
+        assert not eng.resident("p")
+        eng.table.check()
+    finally:
+        tiers.close()
+
+
 def test_damage_found_mid_prefill_aborts_it(tiny):
     h, model = tiny
     eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)

@@ -23,6 +23,7 @@ The page table is only touched from the caller's thread; the copier only writes 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,7 @@ class PageIn:
         self.events: list = [None] * layers
         self.error: BaseException | None = None
         self.finished = threading.Event()  # every copy completed (or failed): pinned buffers released
+        self.released = False  # the Tiers' own reference on the pool entry, dropped once finished
         self.start_event = None
         if self.cuda:  # copies go after everything already queued on the compute stream
             self.start_event = torch.cuda.Event()
@@ -60,8 +62,7 @@ class PageIn:
     def run(self, pool, stream) -> None:
         """Issue every layer's copies (on the copier thread)."""
         try:
-            ctx = torch.cuda.stream(stream) if self.cuda else _nullctx()
-            with ctx:
+            with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
                 if self.cuda:
                     stream.wait_event(self.start_event)
                 for layer in range(self.layers):
@@ -78,6 +79,9 @@ class PageIn:
                 for piece in self.pieces:
                     piece.complete.wait()  # an L2 read is cached in the host tier before the page-in counts as done
         except BaseException as e:  # noqa: BLE001 - reported to every waiter
+            if self.cuda:  # copies already issued land before the pages can be freed and reused
+                with contextlib.suppress(Exception):
+                    stream.synchronize()
             self.error = e
             for ev in self.issued:
                 ev.set()
@@ -102,14 +106,6 @@ class PageIn:
     @property
     def failed(self) -> bool:
         return self.finished.is_set() and self.error is not None
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 class Tiers:
@@ -228,17 +224,19 @@ class Tiers:
     # ------------------------------------------------------------------ L1 (host -> pool)
 
     def _reap(self) -> None:
-        """Retire finished page-ins; drop failed entries from the pool once no request holds them."""
+        """Retire finished page-ins (dropping the reference that kept their pages from being evicted and reused
+        while copies were in flight); drop failed entries from the pool once no request holds them."""
         table = self.engine.table
         for key, p in list(self.pending.items()):
             if not p.finished.is_set():
                 continue
+            if not p.released:
+                table.release(key)
+                p.released = True
             if p.error is not None:
-                e = table.entries.get(key)
-                if e is not None and e.refs:
+                if table.entries[key].refs:
                     continue
-                if e is not None:
-                    table.evict(key)
+                table.evict(key)
             del self.pending[key]
 
     def make_resident(self, key: str, pieces: list[Piece], pin: bool = False) -> str:
@@ -265,6 +263,7 @@ class Tiers:
             n += kv.tokens
         pages = eng.table.alloc(eng.table.pages_for(n))
         eng.table.add(key, pages, n, pinned=pin)
+        eng.table.acquire(key)  # never evicted (its pages reused) while copies into them are in flight
         p = PageIn(key, kvs, offsets, pages, eng.pool.layers, eng.device)
         self.pending[key] = p
         self._copier.submit(p.run, eng.pool, self._stream)
