@@ -327,9 +327,9 @@ def test_an_entry_being_paged_in_is_never_evicted(tmp_path, tiny):
     h, model = tiny
     eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
     tiers = Tiers(eng, Store(tmp_path, h.tag, h.fingerprint), host_budget=1 << 20, reader_threads=1, pin=False)
+    ids = list(range(20))
+    host = HostKV("k", ids, eng.pool.layers, [20, 2, 16], eng.pool.dtype, pin=False)
     try:
-        ids = list(range(20))
-        host = HostKV("k", ids, eng.pool.layers, [20, 2, 16], eng.pool.dtype, pin=False)
         fut = Future()
         fut.set_result(host)
         tiers._reading["k"] = fut  # as if an L2 read of "k" were in flight
@@ -347,6 +347,8 @@ def test_an_entry_being_paged_in_is_never_evicted(tmp_path, tiny):
         assert not eng.resident("p")
         eng.table.check()
     finally:
+        if not host.ready:
+            host.fail(SnapshotError("test over"))  # never leave the copier waiting
         tiers.close()
 
 
