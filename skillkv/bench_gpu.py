@@ -1,17 +1,24 @@
 """GPU benchmark of the paged engine (issue 3 scenarios), Llama-3.1-8B shape with `dummy:` weights, bf16.
 
-    python -m skillkv.bench_gpu --out DIR [--sizes 2048,8192,20480] [--reps 10]
+    python -m skillkv.bench_gpu --out DIR [--sizes 2048,8192,20480] [--reps 10] [--reader-threads 8]
+    python -m skillkv.bench_gpu --out /tmp/x --sizes 2048 --reps 2 --batch 8 --attention torch \
+        --model dummy:tiny --device cpu                                   # CPU smoke test
 
 Per skill size S (random prefix ids) and a 100-token question, medians of `reps` timed runs after warm-up,
 all in one process and one run:
   full            transformers forward over S+100 tokens (SDPA), last-token logits only
   hf_prefix       transformers forward of the question over a DynamicCache holding the prefix KV
+  engine_full     the engine's own full prefill of S+100 tokens: what a tier must beat ("recompute")
   l1              skillkv: prefix resident in the pool, question prefilled by the lean runner + attention backend
-  host            prefix in pinned host memory -> pool (one copy per layer and tensor), then the question
-  l2_cold         snapshot file (page cache dropped with posix_fadvise) -> verify -> pool, then the question
-  l2_zstd         the same from a zstd snapshot (per-layer frames decompressed in parallel threads)
-plus the raw disk read bandwidth of the same file, correctness checks (lean vs transformers logits, L1 vs a
-full prefill on the engine), and a batch of 1000 questions over a shared prefix. Writes JSON and prints a table.
+  host            host tier hit: snapshot in the pinned host cache -> pool, copies pipelined layer by layer with
+                  the question's prefill (engine/tiers.py); host_transfer: the same without the question
+  l2_none         L2 cold hit (page cache dropped with posix_fadvise): file -> pinned host buffer (reader threads,
+                  crc per tensor) -> pool, pipelined with the question; l2_none_load: the same without the question
+  l2_zstd         the same from a zstd snapshot (frames decompressed in the reader threads)
+plus the raw disk read bandwidth of the same file (one thread, 64 MiB reads, as before; and with the reader
+threads), the tier policy's measurements and crossovers (engine/tier_policy.py), correctness checks (lean vs
+transformers logits, every tier vs a full prefill on the engine), and a batch of 1000 questions over a shared
+prefix. Writes JSON and prints a table.
 """
 
 from __future__ import annotations
@@ -27,18 +34,25 @@ from pathlib import Path
 import torch
 
 
-def cuda_ms(fn, reps: int, warmup: int = 2) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed_ms(fn, reps: int, warmup: int = 2, device="cuda") -> tuple[float, list[float]]:
+    """Median wall milliseconds of `fn` (device synchronized around each run) and every run, warm-up first."""
+    times = []
+    for i in range(warmup + reps):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), times
+    return statistics.median(times[warmup:]), times
+
+
+def cuda_ms(fn, reps: int, warmup: int = 2) -> tuple[float, list[float]]:
+    return timed_ms(fn, reps, warmup, "cuda")
 
 
 def drop_cache(path: Path) -> None:
@@ -76,50 +90,75 @@ def main() -> None:
     ap.add_argument("--model", default="dummy:llama-3.1-8b")
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--attention", default="flashinfer")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--reader-threads", type=int, default=min(8, os.cpu_count() or 1))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
 
     from transformers import DynamicCache
 
     from skillkv.engine.paged import PagedEngine
+    from skillkv.engine.tier_policy import Measurements, TierPolicy, disk_gbs, zstd_gbs
+    from skillkv.engine.tiers import Tiers
     from skillkv.model import resolve_model
-    from skillkv.snapshot import Snapshot, decode, write_snapshot
+    from skillkv.snapshot import Snapshot
+    from skillkv.store import Store
 
     sizes = [int(s) for s in args.sizes.split(",")]
     qn = 100
-    h = resolve_model(args.model, device="cuda", dtype=torch.bfloat16)
+    dtype = getattr(torch, args.dtype)
+    h = resolve_model(args.model, device=args.device, dtype=dtype)
     t0 = time.perf_counter()
     model = h.load()
-    torch.cuda.synchronize()
+    _sync(dev)
     print(f"model {h.name} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     cfg = model.config
-    kv_bytes_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    vocab = cfg.vocab_size
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_bytes_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
     budget = int(sum(sizes) * kv_bytes_tok * 1.2 + (args.batch // 10 + 8) * 128 * kv_bytes_tok + (1 << 30))
     eng = PagedEngine(model, budget_bytes=budget, attention=args.attention, page_size=16)
     import inspect
 
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    import flashinfer
     import transformers
 
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "transformers": transformers.__version__, "flashinfer": flashinfer.__version__,
-           "driver": os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip(),
+    fi_version = "-"
+    if cuda:  # the CPU path never imports FlashInfer
+        try:
+            import flashinfer
+            fi_version = flashinfer.__version__
+        except ImportError:
+            pass
+    res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "transformers": transformers.__version__, "flashinfer": fi_version,
+           "driver": (os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip()
+                      if cuda else "-"),
            "model": h.name, "attention": eng.backend.name, "page_size": 16, "pool_bytes": eng.pool.nbytes,
-           "budget_bytes": budget, "question_tokens": qn, "reps": args.reps, "sizes": {}}
+           "budget_bytes": budget, "question_tokens": qn, "dtype": args.dtype, "reps": args.reps,
+           "reader_threads": args.reader_threads,
+           "cpu_count": os.cpu_count(), "sizes": {}}
     g = torch.Generator(device="cpu").manual_seed(0)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / "skillkv-bench-gpu"
     tmp.mkdir(parents=True, exist_ok=True)
+    store = Store(tmp / "store", h.tag, h.fingerprint)
+    host_budget = int(max(sizes) * kv_bytes_tok * 1.1) + (1 << 20)
+    tiers = Tiers(eng, store, host_budget=host_budget, reader_threads=args.reader_threads)
+    ms = lambda fn, reps, warmup=2: timed_ms(fn, reps, warmup, dev)  # noqa: E731
 
     for S in sizes:
         print(f"size {S}", file=sys.stderr, flush=True)
-        prefix = torch.randint(0, 32000, (S,), generator=g).tolist()
-        q = torch.randint(0, 32000, (qn,), generator=g).tolist()
-        all_ids = torch.tensor([prefix + q], device="cuda")
+        prefix = torch.randint(0, vocab, (S,), generator=g).tolist()
+        q = torch.randint(0, vocab, (qn,), generator=g).tolist()
+        all_ids = torch.tensor([prefix + q], device=dev)
         r = {}
         with torch.inference_mode():
             full_logits = model(input_ids=all_ids, logits_to_keep=1).logits[0, -1].float()
-            r["full_ms"], _ = cuda_ms(lambda: model(input_ids=all_ids, logits_to_keep=1), args.reps)
+            r["full_ms"], _ = ms(lambda: model(input_ids=all_ids, logits_to_keep=1), args.reps)
             c = DynamicCache(config=cfg)
             model(input_ids=all_ids[:, :S], use_cache=True, **{cache_kw: c})
             kv = [(layer.keys[0].transpose(0, 1).contiguous(), layer.values[0].transpose(0, 1).contiguous())
@@ -133,7 +172,7 @@ def main() -> None:
                     cc.update(k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0), i)
                 return model(input_ids=q_ids, use_cache=True, logits_to_keep=1, **{cache_kw: cc}).logits
             hf_logits = hf_prefix()[0, -1].float()
-            r["hf_prefix_ms"], _ = cuda_ms(hf_prefix, args.reps)
+            r["hf_prefix_ms"], _ = ms(hf_prefix, args.reps)
 
         key = f"p{S}"
         eng.make_resident(key, S, lambda: kv)
@@ -144,76 +183,139 @@ def main() -> None:
             eng.finish(req)
             return out
         l1_logits = l1()[0]
-        r["l1_ms"], _ = cuda_ms(l1, args.reps)
+        r["l1_ms"], _ = ms(l1, args.reps)
         graphs, eng.graphs = eng.graphs, None  # the same, without CUDA graphs (eager kernel launches)
         l1_eager_logits = l1()[0]
-        r["l1_eager_ms"], _ = cuda_ms(l1, args.reps)
+        r["l1_eager_ms"], _ = ms(l1, args.reps)
         eng.graphs = graphs
         r["l1_graph_vs_eager_rel_err"] = rel_err(l1_logits, l1_eager_logits)
-        # the engine's own full prefill: exact mode must pick the same token
-        req = eng.start(None)
-        eng_full = eng.prefill([req], [prefix + q])[0]
-        eng.finish(req)
+
+        def engine_full():
+            req = eng.start(None)
+            out = eng.prefill([req], [prefix + q])[0]
+            eng.finish(req)
+            return out
+        # the engine's own full prefill: exact mode must pick the same token; also the "recompute" baseline
+        eng_full = engine_full()
+        r["engine_full_ms"], _ = ms(engine_full, args.reps)
         r["check"] = {"lean_vs_hf_full_rel_err": rel_err(eng_full, full_logits),
                       "l1_vs_engine_full_rel_err": rel_err(l1_logits, eng_full),
                       "l1_same_argmax_as_engine_full": int(l1_logits.argmax()) == int(eng_full.argmax()),
                       "hf_prefix_vs_hf_full_rel_err": rel_err(hf_logits, full_logits)}
+        eng.table.evict(key)
 
-        # host tier: pinned host copy of the prefix -> pool
-        host = [(k.cpu().pin_memory(), v.cpu().pin_memory()) for k, v in kv]
-        nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in host)
+        # snapshots in the store (L2), one per compression
+        snap = Snapshot(keys=[k.cpu() for k, _ in kv], values=[v.cpu() for _, v in kv], token_ids=prefix,
+                        fingerprint=h.fingerprint, key="", skill="bench", content_hash="-")
+        nbytes = snap.nbytes
+        skeys = {}
+        for comp in ("none", "zstd"):
+            snap.key = f"{S:08d}{comp[0]}".ljust(32, "0")
+            t0 = time.perf_counter()
+            e = store.put(snap, comp)
+            r[f"write_{comp}_s"] = time.perf_counter() - t0
+            r[f"file_{comp}_bytes"] = e.bytes
+            skeys[comp] = snap.key
+        path = {c: store.snap_dir / store.entries()[k].file for c, k in skeys.items()}
+        r["disk_read_gbs"] = statistics.median(disk_read_gbs(path["none"]) for _ in range(3))
+        r["disk_read_threads_gbs"] = disk_gbs(path["none"], args.reader_threads)
+        del snap
+
+        def hit(pieces, question=True):
+            tiers.make_resident(key, pieces)
+            if not question:
+                tiers.wait(key)
+                return None
+            req = tiers.start(key)
+            out = tiers.prefill([req], [q])
+            tiers.finish(req)
+            return out
+
+        def unload():
+            tiers.wait(key)
+            eng.table.evict(key)
+
+        # host tier: the snapshot in the pinned host cache (read once from L2), pipelined into the pool
+        pieces = [(skeys["none"], prefix)]
+        tiers.make_resident(key, pieces)
+        unload()
+        assert tiers.host.contains(skeys["none"])
 
         def host_load_only():
-            eng.table.evict(key)
-            eng.make_resident(key, S, lambda: host)
-        r["host_transfer_ms"], _ = cuda_ms(host_load_only, args.reps)
+            hit(pieces, question=False)
+            unload()
+        r["host_transfer_ms"], _ = ms(host_load_only, args.reps)
         r["host_transfer_gbs"] = nbytes / (r["host_transfer_ms"] / 1e3) / 1e9
 
         def host_hit():
-            host_load_only()
-            return l1()
-        r["host_ms"], _ = cuda_ms(host_hit, args.reps)
+            out = hit(pieces)
+            unload()
+            return out
+        r["host_ms"], _ = ms(host_hit, args.reps)
         r["host_same_argmax"] = int(host_hit()[0].argmax()) == int(eng_full.argmax())
 
-        # L2: snapshot files on disk
-        snap = Snapshot(keys=[k for k, _ in host], values=[v for _, v in host], token_ids=prefix,
-                        fingerprint=h.fingerprint, key=key, skill="bench", content_hash="-")
+        # L2 cold: page cache dropped, host cache emptied, pool entry evicted before every run
         for comp in ("none", "zstd"):
-            path = tmp / f"{key}-{comp}.safetensors"
-            t0 = time.perf_counter()
-            size = write_snapshot(path, snap, comp)
-            r[f"write_{comp}_s"] = time.perf_counter() - t0
-            r[f"file_{comp}_bytes"] = size
-            if comp == "none":
-                r["disk_read_gbs"] = statistics.median(disk_read_gbs(path) for _ in range(3))
+            pieces = [(skeys[comp], prefix)]
 
-            def l2_hit(path=path):
-                drop_cache(path)
-                eng.table.evict(key)
-                loaded = {}
+            def cold():
+                tiers.host.evict(skeys[comp])
+                drop_cache(path[comp])
 
-                def load():
-                    s = decode(path.read_bytes(), path.name)
-                    loaded["kv"] = list(zip(s.keys, s.values))
-                    return loaded["kv"]
-                eng.make_resident(key, S, load)
-                return l1()
-            ms, _ = cuda_ms(l2_hit, max(3, args.reps // 3), warmup=1)
-            r[f"l2_{comp}_ms"] = ms
-            r[f"l2_{comp}_gbs"] = size / (ms / 1e3) / 1e9
+            def l2_load_only():
+                cold()
+                hit(pieces, question=False)
+                unload()
+
+            def l2_hit():
+                cold()
+                out = hit(pieces)
+                unload()
+                return out
+            reps = max(3, args.reps // 3)
+            r[f"l2_{comp}_load_ms"], times = ms(l2_load_only, reps, warmup=1)
+            r[f"l2_{comp}_first_load_ms"] = times[0]  # includes pinned allocation on first use
+            r[f"l2_{comp}_ms"], _ = ms(l2_hit, reps, warmup=1)
+            size = r[f"file_{comp}_bytes"]
+            r[f"l2_{comp}_gbs"] = size / (r[f"l2_{comp}_load_ms"] / 1e3) / 1e9
             r[f"l2_{comp}_same_argmax"] = int(l2_hit()[0].argmax()) == int(eng_full.argmax())
-            path.unlink()
+        r["l2_none_pct_of_disk"] = 100 * r["l2_none_gbs"] / r["disk_read_gbs"]
+        r["zstd_ratio"] = r["file_zstd_bytes"] / r["file_none_bytes"]
+        for comp in ("none", "zstd"):
+            path[comp].unlink()
+        store.remove(list(skeys.values()))
         r["speedup_full_over_l1"] = r["full_ms"] / r["l1_ms"]
         r["speedup_hf_prefix_over_l1"] = r["hf_prefix_ms"] / r["l1_ms"]
         r["kv_bytes"] = nbytes
         res["sizes"][str(S)] = r
-        del kv, host, snap
-        torch.cuda.empty_cache()
+        eng.make_resident(key, S, lambda: kv)  # the batch below runs over the largest prefix, resident
+        del kv
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # tier policy from this run's numbers: load only when faster than recomputing; crossovers per tier
+    per_tensor = max(sizes) * kv_bytes_tok // (2 * cfg.num_hidden_layers)
+    zgbs, zratio = zstd_gbs(dtype, nbytes=min(128 << 20, max(8 << 20, 2 * cfg.num_hidden_layers * per_tensor)),
+                            threads=args.reader_threads, tensor_bytes=min(8 << 20, per_tensor))
+    last = res["sizes"][str(sizes[-1])]
+    m = Measurements(device=res["gpu"], bytes_per_token=kv_bytes_tok, disk_gbs=last["disk_read_threads_gbs"],
+                     h2d_gbs=last["host_transfer_gbs"], zstd_gbs=zgbs,
+                     prefill=[[float(int(s) + qn), rr["engine_full_ms"] / 1e3] for s, rr in res["sizes"].items()],
+                     measured_at=time.time())
+    pol = TierPolicy(m)
+    res["policy"] = {"measurements": m.to_json(), "zstd_random_ratio": zratio,
+                     "crossover_tokens": {"host": pol.crossover("host"), "l2_none": pol.crossover("l2"),
+                                          "l2_zstd": pol.crossover("l2", "zstd", last["zstd_ratio"])},
+                     "decisions": {s: {"host": pol.should_load("host", int(s)),
+                                       "l2_none": pol.should_load("l2", int(s), rr["file_none_bytes"]),
+                                       "l2_zstd": pol.should_load("l2", int(s), rr["file_zstd_bytes"], "zstd")}
+                                   for s, rr in res["sizes"].items()}}
+    tiers.close()
 
     # a batch of questions over one shared prefix (the largest size), batched prefill of the questions
     S = sizes[-1]
     key = f"p{S}"
-    qs = [torch.randint(0, 32000, (qn,), generator=g).tolist() for _ in range(args.batch)]
+    qs = [torch.randint(0, vocab, (qn,), generator=g).tolist() for _ in range(args.batch)]
     chunk = 64
 
     def run_batch():
@@ -222,25 +324,39 @@ def main() -> None:
             eng.prefill(reqs, qs[i:i + chunk])
             for rq in reqs:
                 eng.finish(rq)
-    ms, _ = cuda_ms(run_batch, 3, warmup=1)
+    bms, _ = ms(run_batch, 3, warmup=1)
     full_q_s = 1e3 / res["sizes"][str(S)]["full_ms"]
-    res["batch"] = {"questions": args.batch, "prefix_tokens": S, "chunk": chunk, "seconds": ms / 1e3,
-                    "questions_per_s": args.batch / (ms / 1e3), "full_questions_per_s": full_q_s,
-                    "speedup": args.batch / (ms / 1e3) / full_q_s,
+    res["batch"] = {"questions": args.batch, "prefix_tokens": S, "chunk": chunk, "seconds": bms / 1e3,
+                    "questions_per_s": args.batch / (bms / 1e3), "full_questions_per_s": full_q_s,
+                    "speedup": args.batch / (bms / 1e3) / full_q_s,
                     "prefill_tokens_skillkv": args.batch * qn + S, "prefill_tokens_full": args.batch * (S + qn)}
     res["batch"]["prefill_token_ratio"] = res["batch"]["prefill_tokens_full"] / res["batch"]["prefill_tokens_skillkv"]
     res["pool_within_budget"] = eng.pool.nbytes <= budget
+    res["host_cache"] = {"budget_bytes": host_budget, "held_bytes": tiers.host.nbytes, "within_budget":
+                         tiers.host.nbytes <= host_budget}
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if cuda and stats is not None:  # pinned bytes torch really holds (its caching host allocator may round up)
+        try:
+            res["host_cache"]["torch_host_memory_stats"] = {k: v for k, v in stats().items() if "bytes" in k}
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            res["host_cache"]["torch_host_memory_stats"] = repr(e)
     (args.out / "gpu.json").write_text(json.dumps(res, indent=1))
 
-    print(f"\n{res['gpu']} | torch {res['torch']} | flashinfer {res['flashinfer']} | {res['model']} bf16")
-    print(f"{'S':>6} {'full':>8} {'hf_pref':>8} {'L1':>7} {'host':>7} {'h2d GB/s':>8} {'L2':>7} {'L2 GB/s':>7} "
-          f"{'disk':>6} {'L2zstd':>7} {'xfull':>6} {'xhf':>5} argmax")
+    print(f"\n{res['gpu']} | torch {res['torch']} | flashinfer {res['flashinfer']} | {res['model']} {args.dtype} | "
+          f"{args.reader_threads} reader threads")
+    print(f"{'S':>6} {'full':>8} {'eng_full':>8} {'hf_pref':>8} {'L1':>7} {'host':>7} {'h2d GB/s':>8} {'L2':>7} "
+          f"{'L2 GB/s':>7} {'disk':>6} {'%disk':>5} {'L2zstd':>7} {'zGB/s':>6} {'xfull':>6} {'xhf':>5} argmax")
     for S, r in res["sizes"].items():
         c = r["check"]
-        print(f"{S:>6} {r['full_ms']:8.1f} {r['hf_prefix_ms']:8.1f} {r['l1_ms']:7.2f} {r['host_ms']:7.1f} "
-              f"{r['host_transfer_gbs']:8.1f} {r['l2_none_ms']:7.0f} {r['l2_none_gbs']:7.2f} {r['disk_read_gbs']:6.2f} "
-              f"{r['l2_zstd_ms']:7.0f} {r['speedup_full_over_l1']:6.1f} {r['speedup_hf_prefix_over_l1']:5.1f} "
-              f"{c['l1_same_argmax_as_engine_full']} lean/hf={c['lean_vs_hf_full_rel_err']:.2e}")
+        print(f"{S:>6} {r['full_ms']:8.1f} {r['engine_full_ms']:8.1f} {r['hf_prefix_ms']:8.1f} {r['l1_ms']:7.2f} "
+              f"{r['host_ms']:7.1f} {r['host_transfer_gbs']:8.1f} {r['l2_none_ms']:7.0f} {r['l2_none_gbs']:7.2f} "
+              f"{r['disk_read_gbs']:6.2f} {r['l2_none_pct_of_disk']:5.0f} {r['l2_zstd_ms']:7.0f} {r['l2_zstd_gbs']:6.2f} "
+              f"{r['speedup_full_over_l1']:6.1f} {r['speedup_hf_prefix_over_l1']:5.1f} "
+              f"{c['l1_same_argmax_as_engine_full']}/{r['host_same_argmax']}/{r['l2_none_same_argmax']}/"
+              f"{r['l2_zstd_same_argmax']} lean/hf={c['lean_vs_hf_full_rel_err']:.2e}")
+    pc = res["policy"]
+    print(f"policy: disk {m.disk_gbs:.2f} GB/s, h2d {m.h2d_gbs:.1f} GB/s, zstd decode {m.zstd_gbs:.2f} GB/s; "
+          f"crossover tokens (load beats recompute from): {pc['crossover_tokens']}")
     b = res["batch"]
     print(f"batch {b['questions']} q over {b['prefix_tokens']}: {b['questions_per_s']:.0f} q/s vs full "
           f"{b['full_questions_per_s']:.2f} q/s = {b['speedup']:.0f}x; prefill tokens {b['prefill_token_ratio']:.0f}x fewer")
@@ -253,19 +369,31 @@ if __name__ == "__main__":
 def markdown(res: dict) -> str:
     """The GPU table for docs/BENCHMARKS.md from a gpu.json result."""
     lines = [f"{res['gpu']}, driver {res['driver']}, torch {res['torch']} (CUDA {res['cuda']}), transformers "
-             f"{res['transformers']}, FlashInfer {res['flashinfer']}; model {res['model']} (random weights) in bf16, "
+             f"{res['transformers']}, FlashInfer {res['flashinfer']}; model {res['model']} (random weights) in "
+             f"{res.get('dtype', 'bfloat16')}, "
              f"attention backend `{res['attention']}`, page size {res['page_size']}, {res['question_tokens']}-token "
-             f"question; medians of {res['reps']} runs after warm-up (L2: of {max(3, res['reps'] // 3)}). "
+             f"question; medians of {res['reps']} runs after warm-up (L2: of {max(3, res['reps'] // 3)}); "
+             f"{res.get('reader_threads', '?')} L2 reader threads on {res.get('cpu_count', '?')} CPUs. "
              f"Regenerate: `python -m skillkv.bench_gpu --out DIR` on the GPU machine.", "",
-             "| skill tokens | full prefill | transformers prefix reuse | skillkv L1 | host tier (H2D GB/s) "
-             "| L2 cold (GB/s; disk GB/s) | L2 zstd | L1 vs full | L1 vs prefix reuse | same token as engine's full |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| skill tokens | full prefill | engine full (recompute) | transformers prefix reuse | skillkv L1 "
+             "| host tier (H2D GB/s) | L2 cold (load GB/s; % of disk) | disk GB/s (1 thread; reader threads) "
+             "| L2 zstd (load GB/s of file) | L1 vs full | L1 vs prefix reuse | same token as engine's full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s, r in res["sizes"].items():
+        same = all([r["check"]["l1_same_argmax_as_engine_full"], r.get("host_same_argmax", True),
+                    r.get("l2_none_same_argmax", True), r.get("l2_zstd_same_argmax", True)])
         lines.append(
-            f"| {int(s):,} | {r['full_ms']:.1f} ms | {r['hf_prefix_ms']:.1f} ms | {r['l1_ms']:.1f} ms | "
-            f"{r['host_ms']:.1f} ms ({r['host_transfer_gbs']:.1f}) | {r['l2_none_ms']:.0f} ms ({r['l2_none_gbs']:.2f}; "
-            f"{r['disk_read_gbs']:.2f}) | {r['l2_zstd_ms']:.0f} ms | {r['speedup_full_over_l1']:.1f}x | "
-            f"{r['speedup_hf_prefix_over_l1']:.1f}x | {r['check']['l1_same_argmax_as_engine_full']} |")
+            f"| {int(s):,} | {r['full_ms']:.1f} ms | {r.get('engine_full_ms', float('nan')):.1f} ms "
+            f"| {r['hf_prefix_ms']:.1f} ms | {r['l1_ms']:.1f} ms | {r['host_ms']:.1f} ms ({r['host_transfer_gbs']:.1f}) "
+            f"| {r['l2_none_ms']:.0f} ms ({r['l2_none_gbs']:.2f}; {r.get('l2_none_pct_of_disk', float('nan')):.0f}%) "
+            f"| {r['disk_read_gbs']:.2f}; {r.get('disk_read_threads_gbs', float('nan')):.2f} "
+            f"| {r['l2_zstd_ms']:.0f} ms ({r['l2_zstd_gbs']:.2f}) | {r['speedup_full_over_l1']:.1f}x "
+            f"| {r['speedup_hf_prefix_over_l1']:.1f}x | {same} |")
+    if "policy" in res:
+        m, c = res["policy"]["measurements"], res["policy"]["crossover_tokens"]
+        lines += ["", f"Tier policy from this run (disk {m['disk_gbs']:.2f} GB/s, host->GPU {m['h2d_gbs']:.1f} GB/s, "
+                  f"zstd decode {m['zstd_gbs']:.2f} GB/s): loading beats recomputing from "
+                  + ", ".join(f"{k} {v:,} tokens" if v else f"{k} never" for k, v in c.items()) + "."]
     b = res["batch"]
     lines += ["", f"Batch: {b['questions']} questions over one shared {b['prefix_tokens']:,}-token prefix, prefilled "
               f"{b['chunk']} at a time: {b['questions_per_s']:.0f} questions/s vs {b['full_questions_per_s']:.2f} for "

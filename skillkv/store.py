@@ -160,9 +160,15 @@ class Store:
         if e is None:
             raise SnapshotError(f"snapshot {key[:12]} is not in the store")
         snap = read_snapshot(self.snap_dir / e.file, fingerprint=self.fingerprint, key=key, token_ids=token_ids)
-        with contextlib.suppress(OSError):
-            os.utime(self.snap_dir / e.file)  # last use, for LRU without rewriting the index per read
+        self.touch(key)
         return snap
+
+    def touch(self, key: str) -> None:
+        """Record a use of `key` (file mtime), for LRU without rewriting the index per read."""
+        e = self.entries().get(key)
+        if e is not None:
+            with contextlib.suppress(OSError):
+                os.utime(self.snap_dir / e.file)
 
     def header_matches(self, key: str, content_hash: str, tokens: int) -> bool:
         """Cheap currency check (header only, no tensor read): fingerprint, key, content hash, token count.

@@ -45,15 +45,16 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seqs: list[SeqView],
-                logits_at: torch.Tensor) -> torch.Tensor:
+                logits_at: torch.Tensor, layer_ready=None) -> torch.Tensor:
         """Run new tokens `ids` [N] at `positions` [N], storing their KV at pool `slots` [N]; return float32
-        logits [len(logits_at), vocab] of the rows `logits_at`."""
+        logits [len(logits_at), vocab] of the rows `logits_at`. `layer_ready(i)`, if given, is called before
+        layer i's KV is written or read (layer-pipelined paging, engine/tiers.py)."""
         self.backend.plan(seqs)
-        return self.compute(ids, positions, slots, logits_at)
+        return self.compute(ids, positions, slots, logits_at, layer_ready=layer_ready)
 
     @torch.inference_mode()
     def compute(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, logits_at: torch.Tensor,
-                backend: AttentionBackend | None = None) -> torch.Tensor:
+                backend: AttentionBackend | None = None, layer_ready=None) -> torch.Tensor:
         """The forward pass proper, over an already planned `backend` (default: the runner's own). Only device
         work and no host synchronisation, so it can be captured in a CUDA graph (engine/cuda_graph.py)."""
         backend, ops = backend or self.backend, self.ops
@@ -62,6 +63,8 @@ class LlamaRunner:
         nq, nk, d = self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         h = ops.norm(x, self.layers[0]["ln1"])
         for i, w in enumerate(self.layers):
+            if layer_ready is not None:
+                layer_ready(i)
             qkv = F.linear(h, w["qkv"], w["qkv_b"])
             q = qkv[:, :nq].view(-1, self.q_heads, d)
             k = qkv[:, nq:nq + nk].view(-1, self.kv_heads, d)

@@ -27,6 +27,7 @@ class Request:
     shared: list[int]  # shared full pages of the prefix
     private: list[int] = field(default_factory=list)
     length: int = 0  # tokens in KV
+    cow: tuple[int, int, int] | None = None  # (src page, dst page, slots): a copy-on-write still to do per layer
 
     @property
     def pages(self) -> list[int]:
@@ -80,8 +81,10 @@ class PagedEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def start(self, prefix_key: str | None) -> Request:
-        """A request continuing the resident prefix `prefix_key` (None: empty prefix)."""
+    def start(self, prefix_key: str | None, defer_copy: bool = False) -> Request:
+        """A request continuing the resident prefix `prefix_key` (None: empty prefix). With `defer_copy` the
+        copy-on-write of a partly filled last page is left to the caller, layer by layer (`req.cow`; used while
+        the prefix is still being paged in, see engine/tiers.py)."""
         if prefix_key is None:
             return Request(None, 0, [])
         e = self.table.acquire(prefix_key)
@@ -94,7 +97,10 @@ class PagedEngine:
             except BaseException:
                 self.table.release(prefix_key)
                 raise
-            self.pool.copy_page_prefix(e.pages[full], page, rem)
+            if defer_copy:
+                req.cow = (e.pages[full], page, rem)
+            else:
+                self.pool.copy_page_prefix(e.pages[full], page, rem)
             req.private.append(page)
         return req
 
@@ -103,25 +109,28 @@ class PagedEngine:
         if need > 0:
             req.private.extend(self.table.alloc(need))
 
-    def prefill(self, reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
-        """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token."""
+    def prefill(self, reqs: list[Request], ids: list[list[int]], layer_ready=None) -> torch.Tensor:
+        """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token.
+        `layer_ready(i)`, if given, is called before layer i's KV is written or read (layer-pipelined paging)."""
         for r, t in zip(reqs, ids):
             self._grow(r, len(t))
         seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
         last = [n - 1 for n in accumulate(len(t) for t in ids)]
         logits = None
-        if self.graphs is not None:
+        if self.graphs is not None and layer_ready is None:  # a graph cannot wait for a layer's pages mid-way
             flat = [t for seq in ids for t in seq]
             positions = [p for r, t in zip(reqs, ids) for p in range(r.length, r.length + len(t))]
             ps = self.pool.page_size
-            slots = [r.pages[p // ps] * ps + p % ps for r, t in zip(reqs, ids) for p in range(r.length, r.length + len(t))]
+            slots = [r.pages[p // ps] * ps + p % ps for r, t in zip(reqs, ids)
+                     for p in range(r.length, r.length + len(t))]
             logits = self.graphs.run(flat, positions, slots, seqs, last)
         if logits is None:
             dev = self.device
             flat = torch.tensor([t for seq in ids for t in seq], device=dev)
             positions = torch.cat([torch.arange(r.length, r.length + len(t)) for r, t in zip(reqs, ids)]).to(dev)
             slots = torch.cat([self.pool.slots(r.pages, r.length, len(t)) for r, t in zip(reqs, ids)])
-            logits = self.runner.forward(flat, positions, slots, seqs, torch.tensor(last, device=dev))
+            logits = self.runner.forward(flat, positions, slots, seqs, torch.tensor(last, device=dev),
+                                         layer_ready=layer_ready)
         for r, t in zip(reqs, ids):
             r.length += len(t)
         return logits

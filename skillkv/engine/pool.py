@@ -61,18 +61,23 @@ class KVPool:
     def load(self, pages: list[int], kv: KV, non_blocking: bool = True) -> None:
         """Copy a whole prefix (per layer [n, kv_heads, head_dim], any device, pinned host memory for speed)
         into `pages`. Contiguous pages take one copy per layer and tensor; scattered pages go through slots."""
-        n = kv[0][0].shape[0]
-        contiguous = pages == list(range(pages[0], pages[0] + len(pages)))
         for layer, (k, v) in enumerate(kv):
-            if contiguous:
-                dst_k = self.k[layer, pages[0]:pages[0] + len(pages)].view(-1, self.kv_heads, self.head_dim)[:n]
-                dst_v = self.v[layer, pages[0]:pages[0] + len(pages)].view(-1, self.kv_heads, self.head_dim)[:n]
-                dst_k.copy_(k, non_blocking=non_blocking)
-                dst_v.copy_(v, non_blocking=non_blocking)
-            else:
-                slots = self.slots(pages, 0, n)
-                self.write(layer, slots, k.to(self.device, non_blocking=non_blocking),
-                           v.to(self.device, non_blocking=non_blocking))
+            self.load_layer(layer, pages, k, v, 0, non_blocking)
+
+    def load_layer(self, layer: int, pages: list[int], k: torch.Tensor, v: torch.Tensor, offset: int = 0,
+                   non_blocking: bool = True) -> None:
+        """Copy keys/values [n, kv_heads, head_dim] of one layer to token positions [offset, offset + n) of
+        `pages` (on the current stream). Contiguous pages take one copy per tensor."""
+        n = k.shape[0]
+        if pages == list(range(pages[0], pages[0] + len(pages))):
+            span = slice(pages[0], pages[0] + len(pages))
+            for pool, src in ((self.k, k), (self.v, v)):
+                dst = pool[layer, span].view(-1, self.kv_heads, self.head_dim)[offset:offset + n]
+                dst.copy_(src, non_blocking=non_blocking)
+        else:
+            slots = self.slots(pages, offset, n)
+            self.write(layer, slots, k.to(self.device, non_blocking=non_blocking),
+                       v.to(self.device, non_blocking=non_blocking))
 
     def gather(self, layer: int, pages: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [n, kv_heads, head_dim] of the first n tokens of `pages` (for the torch backend)."""
@@ -81,8 +86,9 @@ class KVPool:
         v = self.v[layer].index_select(0, idx).view(-1, self.kv_heads, self.head_dim)[:n]
         return k, v
 
-    def copy_page_prefix(self, src: int, dst: int, n: int) -> None:
-        """Copy the first n token slots of page `src` to page `dst` in every layer (copy-on-write of a shared,
-        partly filled last page)."""
-        self.k[:, dst, :n].copy_(self.k[:, src, :n])
-        self.v[:, dst, :n].copy_(self.v[:, src, :n])
+    def copy_page_prefix(self, src: int, dst: int, n: int, layer: int | None = None) -> None:
+        """Copy the first n token slots of page `src` to page `dst` in every layer, or only in `layer`
+        (copy-on-write of a shared, partly filled last page)."""
+        at = slice(None) if layer is None else layer
+        self.k[at, dst, :n].copy_(self.k[at, src, :n])
+        self.v[at, dst, :n].copy_(self.v[at, src, :n])
