@@ -117,6 +117,7 @@ class SkillKV:
     engine: str = "auto"  # auto | hf | paged
     kv_budget: int | None = None  # bytes of the paged engine's KV pool (default: half the free device memory)
     pin: list[str] = field(default_factory=list)  # skills kept resident in the paged engine's pool
+    host_budget: int | None = None  # bytes of the paged engine's host tier (pinned memory; default 4 GiB)
     handle: ModelHandle = field(init=False)
 
     def __post_init__(self):
@@ -145,7 +146,8 @@ class SkillKV:
             if self.engine == "paged":
                 from skillkv.engine.paged_runner import PagedRunner
 
-                self._runner = PagedRunner(self.handle.load(), self.kv_budget)
+                self._runner = PagedRunner(self.handle.load(), self.kv_budget, store=self.snapshots,
+                                           host_budget=self.host_budget)
             else:
                 self._runner = HFRunner(self.handle.load())
         return self._runner
@@ -287,6 +289,9 @@ class SkillKV:
             raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         t_start = time.perf_counter()
         chosen = self.select(question, skills)
+        if self.engine == "paged" and mode == "exact" and chosen:  # start reading the snapshots now
+            self.runner.prefetch([(k, self.piece_ids(chosen, i)) for i, k in enumerate(self.chain_keys(chosen))
+                                  if self.snapshots.contains(k)])
         layout = self.builder.layout(chosen, question)
         q_ids = layout.segments[-1]
         self.check_fits(len(layout.ids), 1, len(q_ids))
@@ -305,20 +310,25 @@ class SkillKV:
             info = {"cached": 0, "computed": len(layout.ids), "snapshot_load": 0.0}
         else:
             self._warm_pins()
-            if chosen:
-                key = self.chain_keys(chosen)[-1]
-                if runner.resident(key):
-                    info = {"cached": len(layout.ids) - len(q_ids), "computed": 0, "snapshot_load": 0.0,
-                            "tiers": ["l1"] * len(chosen)}
-                    kv = None
-                else:
+            logits = None
+            if chosen and self.engine == "paged":  # L1, or stored pieces paged in while the question computes
+                cache, info = self._paged_prefix(chosen)
+                if cache is not None:
+                    try:
+                        logits = runner.forward(q_ids, cache)
+                    except SnapshotError as e:  # a piece found damaged while it streamed in: never served
+                        runner.release(cache)
+                        self.on_warning(f"{e}; recompiling")
+                        self.snapshots.remove(self.chain_keys(chosen))
+            if logits is None:
+                if chosen:
                     kv, info = self.prefix(chosen, compression)
-                cache = runner.new_cache(kv or None, key=key)
-            else:
-                info = {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
-                q_ids = layout.segments[0] + q_ids
-                cache = runner.new_cache()
-            logits = runner.forward(q_ids, cache)
+                    cache = runner.new_cache(kv or None, key=self.chain_keys(chosen)[-1])
+                else:
+                    info = {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
+                    q_ids = layout.segments[0] + q_ids
+                    cache = runner.new_cache()
+                logits = runner.forward(q_ids, cache)
             info["computed"] += len(layout.segments[-1])
         try:
             gen = decode_loop(lambda t: runner.forward([t], cache), logits, params, self.handle.stop_ids,
@@ -337,6 +347,31 @@ class SkillKV:
             tiers=info.get("tiers") or ["computed"] * len(chosen))
         self._record_stats(ans, chosen)
         return ans
+
+    def _paged_prefix(self, chosen: list[Skill]):
+        """The paged engine's request over the prefix of `chosen` from L1, or paged in from the host tier or L2
+        when every piece is stored and loading beats recomputing; (None, None) otherwise (the caller computes).
+        A damaged piece is warned about and removed (then recomputed), never served."""
+        keys = self.chain_keys(chosen)
+        pieces = [(k, self.piece_ids(chosen, i)) for i, k in enumerate(keys)]
+        tokens = sum(len(ids) for _, ids in pieces)
+        if self.runner.resident(keys[-1]):
+            return self.runner.new_cache(None, key=keys[-1]), {
+                "cached": tokens, "computed": 0, "snapshot_load": 0.0, "tiers": ["l1"] * len(chosen)}
+        if not all(self.snapshots.contains(k) for k in keys):
+            return None, None
+        t0 = time.perf_counter()
+        try:
+            got = self.runner.open_stored(keys[-1], pieces)
+        except SnapshotError as e:
+            self.on_warning(f"{e}; recompiling")
+            self.snapshots.remove(keys)
+            return None, None
+        if got is None:
+            return None, None
+        cache, where = got
+        return cache, {"cached": tokens, "computed": 0, "snapshot_load": time.perf_counter() - t0,
+                       "tiers": [where] * len(chosen)}
 
     def _warm_pins(self) -> None:
         """Make the pinned skills resident (paged engine) once; a pinned entry is evicted only after every

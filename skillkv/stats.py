@@ -1,8 +1,8 @@
 """Usage statistics: one SQLite database per store, `<store>/stats.sqlite`.
 
 Every `SkillKV.ask` records one row in `asks` (model tag, mode, token counts, timings) and one row per skill in
-`ask_skills` (which tier its KV came from: `l1` = resident in the paged engine's pool, `memory` = the in-process
-memo, `l2` = a snapshot loaded from disk,
+`ask_skills` (which tier its KV came from: `l1` = resident in the paged engine's pool, `host` = its pinned host
+cache, `memory` = the in-process memo, `l2` = a snapshot loaded from disk,
 `computed` = prefilled now). `summary()` turns them into what `skillkv stats` prints.
 
 Robustness contract: statistics are never worth a failed ask. A database that is not a database (or whose
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 DB_NAME = "stats.sqlite"
-TIERS = ("l1", "memory", "l2", "computed")
+TIERS = ("l1", "host", "memory", "l2", "computed")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS asks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

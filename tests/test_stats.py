@@ -29,7 +29,7 @@ def test_every_ask_records_tiers(tiny_kv):
     assert rows[0]["cached_tokens"] == a1.tokens["cached"] and rows[0]["ttft_ms"] == a1.timings_ms["ttft"]
     s = summary(rows)
     assert s["questions"] == 4 and s["prefill_tokens_saved"] == a1.tokens["cached"] + a2.tokens["cached"]
-    assert s["tier_hits"] == {"l1": 0, "memory": 1, "l2": 1, "computed": 2}
+    assert s["tier_hits"] == {"l1": 0, "host": 0, "memory": 1, "l2": 1, "computed": 2}
     assert s["skills"]["beta-codes"]["uses"] == 2 and s["skills"]["beta-codes"]["tiers"]["l2"] == 1
     assert s["prefill_rate_tok_s"] > 0 and s["est_time_saved_s"] > 0
 

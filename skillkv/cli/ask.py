@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import (DeviceOpt, EngineOpt, JsonOpt, KvBudgetOpt, ModelOpt, PinOpt, SkillsOpt, StoreOpt, err,
-                                open_kv, print_json)
+from skillkv.cli.common import (DeviceOpt, EngineOpt, HostBudgetOpt, JsonOpt, KvBudgetOpt, ModelOpt, PinOpt,
+                                SkillsOpt, StoreOpt, err, open_kv, print_json)
 from skillkv.errors import SkillkvError
 
 
@@ -73,6 +73,7 @@ def ask_cmd(
     device: Optional[str] = DeviceOpt,
     engine: str = EngineOpt,
     gpu_kv_budget: Optional[str] = KvBudgetOpt,
+    host_kv_budget: Optional[str] = HostBudgetOpt,
     pin: Optional[list[str]] = PinOpt,
     explain: bool = typer.Option(False, "--explain", help="Print the candidate skills, scores and why (stderr)."),
     as_json: bool = JsonOpt,
@@ -84,7 +85,7 @@ def ask_cmd(
     items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
     from skillkv.engine.generate import SamplingParams
 
-    kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin)
+    kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin, host_kv_budget)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     stream = batch is None and not as_json
 

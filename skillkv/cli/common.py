@@ -22,6 +22,8 @@ EngineOpt = typer.Option("auto", "--engine", help="auto (paged on CUDA, hf on CP
                          "(KV pool, FlashInfer, CUDA graphs).")
 KvBudgetOpt = typer.Option(None, "--gpu-kv-budget", help="Paged engine KV pool size, e.g. 8GB or 512MiB "
                            "(default: half the free device memory).", show_default=False)
+HostBudgetOpt = typer.Option(None, "--host-kv-budget", help="Paged engine host tier (pinned memory) size, e.g. "
+                             "16GB (default 4GiB).", show_default=False)
 PinOpt = typer.Option(None, "--pin", help="Keep this skill resident in the paged engine's pool (repeatable).",
                       show_default=False)
 
@@ -57,12 +59,13 @@ def parse_bytes(text: Optional[str]) -> Optional[int]:
 
 
 def open_kv(model: Optional[str], store: Optional[Path], skills: Optional[Path], device: Optional[str] = None,
-            engine: str = "auto", kv_budget: Optional[str] = None, pin: Optional[list[str]] = None):
-    budget = parse_bytes(kv_budget)  # checked before torch is imported
+            engine: str = "auto", kv_budget: Optional[str] = None, pin: Optional[list[str]] = None,
+            host_budget: Optional[str] = None):
+    budget, host = parse_bytes(kv_budget), parse_bytes(host_budget)  # checked before torch is imported
     from skillkv.api import SkillKV
 
     return SkillKV(model=model, store=store, skills=skills, device=device, on_warning=warn, engine=engine,
-                   kv_budget=budget, pin=list(pin or []))
+                   kv_budget=budget, pin=list(pin or []), host_budget=host)
 
 
 def human_bytes(n: float) -> str:

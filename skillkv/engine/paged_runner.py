@@ -3,7 +3,10 @@
 A "cache" here is a `Request` of the engine: `new_cache(prefix, key)` starts one over the resident prefix `key`
 (an L1 hit when it is already in the pool; otherwise `prefix` is loaded into the pool first and stays resident for
 the next question), `forward` appends tokens, `slice_kv` copies rows out of its pages, and `release` frees its
-private pages. Every piece of a chain is computed by this same engine (compile, exact and full mode alike), so
+private pages. `open_stored(key, pieces)` goes through the tiers instead (engine/tiers.py): stored snapshots are
+paged L2 -> host -> pool layer by layer while the question's first layers already compute, when the tier policy
+says loading beats recomputing (on CUDA, measured once per model and store; on the CPU loading always wins: a
+CPU prefills hundreds of tokens per second and reads snapshots at GB/s). Every piece of a chain is computed by this same engine (compile, exact and full mode alike), so
 exact mode equals a from-scratch prefill cut at the same segment boundaries bit for bit, on any device and dtype.
 """
 
@@ -26,10 +29,41 @@ def default_budget(device: torch.device) -> int:
 class PagedRunner:
     name = "paged"
 
-    def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto"):
+    def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto", store=None,
+                 host_budget: int | None = None):
         device = next(model.parameters()).device
         self.engine = PagedEngine(model, budget_bytes or default_budget(device), attention=attention)
         self.device = device
+        self.store, self.host_budget = store, host_budget
+        self._tiers = None
+
+    @property
+    def tiers(self):
+        if self._tiers is None:
+            from skillkv.engine.tier_policy import policy_for
+            from skillkv.engine.tiers import Tiers
+
+            policy = policy_for(self.engine, self.store) if self.device.type == "cuda" else None
+            self._tiers = Tiers(self.engine, self.store, self.host_budget or (4 << 30), policy=policy)
+        return self._tiers
+
+    def prefetch(self, pieces) -> None:
+        """Start reading the stored snapshots of `pieces` [(key, ids)] into the host tier in the background."""
+        if self.store is not None:
+            self.tiers.prefetch(pieces)
+
+    def open_stored(self, key: str, pieces) -> tuple[Request, str] | None:
+        """A request over the prefix `key` made of the stored snapshots `pieces`, paged in through the tiers, and
+        the tier it came from (l1 | host | l2); None when the policy says recomputing is faster. Raises
+        SnapshotError for a damaged, foreign or stale snapshot (nothing is left resident)."""
+        if self.store is None:
+            return None
+        tiers = self.tiers
+        where = tiers.choose(key, pieces)
+        if where == "recompute":
+            return None
+        where = tiers.make_resident(key, pieces)
+        return tiers.start(key), where
 
     def resident(self, key: str) -> bool:
         return self.engine.resident(key)
@@ -45,6 +79,8 @@ class PagedRunner:
         return self.engine.start(key)
 
     def forward(self, ids: list[int], cache: Request) -> torch.Tensor:
+        if self._tiers is not None:  # waits per layer for a prefix still being paged in
+            return self._tiers.prefill([cache], [ids])[0]
         return self.engine.prefill([cache], [ids])[0]
 
     def slice_kv(self, cache: Request, start: int, end: int) -> KV:
@@ -52,4 +88,7 @@ class PagedRunner:
         return [tuple(t[start:end].clone() for t in pool.gather(i, cache.pages, end)) for i in range(pool.layers)]
 
     def release(self, cache: Request) -> None:
-        self.engine.finish(cache)
+        if self._tiers is not None:
+            self._tiers.finish(cache)
+        else:
+            self.engine.finish(cache)
