@@ -94,9 +94,11 @@ class CudaGraphs:
         return _Graph(graph, backend, inputs, staging, copied, logits, b, t)
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqView],
-            logits_at: list[int]) -> torch.Tensor | None:
+            logits_at: list[int], layer_ready=None) -> torch.Tensor | None:
         """Logits [len(seqs), vocab] of the rows `logits_at`, by graph replay; None when the batch fits no bucket
-        (the caller then runs the eager forward)."""
+        (the caller then runs the eager forward). With `layer_ready` (layer-pipelined paging, which a graph
+        cannot wait for), the very same padded inputs and planned kernels run eagerly instead of replaying, so
+        the result is bit for bit what the replay would give."""
         n_tokens = len(ids)
         bt = bucket(len(seqs), n_tokens)
         if bt is None:
@@ -121,6 +123,11 @@ class CudaGraphs:
         g.inputs.copy_(host, non_blocking=True)
         g.copied.record()
         g.backend.plan(self._pad(seqs, n_tokens, b, t))
+        if layer_ready is not None:
+            i = g.inputs
+            out = self.runner.compute(i[:t], i[t:2 * t], i[2 * t:3 * t], i[3 * t:], backend=g.backend,
+                                      layer_ready=layer_ready)
+            return out[:len(seqs)]
         g.graph.replay()
         self.replays += 1
         return g.logits[:len(seqs)].clone()

@@ -117,13 +117,13 @@ class PagedEngine:
         seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
         last = [n - 1 for n in accumulate(len(t) for t in ids)]
         logits = None
-        if self.graphs is not None and layer_ready is None:  # a graph cannot wait for a layer's pages mid-way
+        if self.graphs is not None:
             flat = [t for seq in ids for t in seq]
             positions = [p for r, t in zip(reqs, ids) for p in range(r.length, r.length + len(t))]
             ps = self.pool.page_size
             slots = [r.pages[p // ps] * ps + p % ps for r, t in zip(reqs, ids)
                      for p in range(r.length, r.length + len(t))]
-            logits = self.graphs.run(flat, positions, slots, seqs, last)
+            logits = self.graphs.run(flat, positions, slots, seqs, last, layer_ready=layer_ready)
         if logits is None:
             dev = self.device
             flat = torch.tensor([t for seq in ids for t in seq], device=dev)
