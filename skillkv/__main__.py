@@ -1,3 +1,3 @@
-from skillkv.cli import main
+from skillkv.cli import run
 
-main()
+run()

@@ -8,7 +8,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
+
+# as the CLI does (skillkv/cli/__init__.py): sleeping OpenMP workers, set before torch is imported. On the shared
+# 2-core machine under load, tests/test_real_model.py took 174 s with it and 531 s with spinning workers.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -43,3 +43,25 @@ def main() -> None:
         print(f"skillkv: internal error: {type(e).__name__}: {msg} (SKILLKV_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         sys.exit(1)
+
+
+def run() -> None:
+    """The console entry point (`skillkv`, `python -m skillkv`): main(), then exit without the interpreter's
+    teardown. Finalising torch and the transformers modules a model needs takes ~1 s after the answer is out
+    (docs/BENCHMARKS.md, cold start); every command has already flushed, committed and renamed what it writes
+    (snapshots, index, stats) before main() returns, and nothing here relies on atexit. Tests call main()."""
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, int) or e.code is None:
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`skillkv ls | head`): nothing more to say
+            pass
+    os._exit(code)
