@@ -10,6 +10,13 @@ Modes
          whose snapshot is missing or stale) are prefilled. The KV of an ordered combination of several skills is
          stored as a chain of segment snapshots (skill i's KV given skills 0..i-1), computed once and reused.
   full   no cache at all: the same token ids prefilled from scratch. The reference exact mode must equal.
+  compose  approximate: the skills' single-skill snapshots placed one after another, keys re-rotated to their new
+         positions, boundary tokens repaired (skillkv.compose). No combination is compiled or stored.
+  auto   (the default) exact when there is at most one skill or the ordered combination is already stored;
+         otherwise compose, but only if `skillkv eval` measured this very model (fingerprint) meeting the bar in
+         skillkv.fidelity (top-1 agreement >= 0.98 and >= 98% of full's fact accuracy with <= 15% of skill
+         tokens recomputed), with the cheapest passing repair setting; otherwise exact (computing and storing
+         the combination). `Answer.mode` is the mode actually used, `Answer.mode_reason` says why.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from typing import Callable
 import torch
 
 from skillkv import config as cfg
+from skillkv import fidelity
+from skillkv.compose import Repair, compose
 from skillkv.engine.generate import SamplingParams, decode_loop
 from skillkv.engine.hf_runner import KV, HFRunner
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError, SnapshotError
@@ -33,7 +42,8 @@ from skillkv.skills import LoadResult, Skill, load_skills
 from skillkv.snapshot import COMPRESSIONS, Snapshot
 from skillkv.store import Store, snapshot_key
 
-MODES = ("exact", "full")
+MODES = ("auto", "exact", "full", "compose")
+DEFAULT_REPAIR = Repair(lead=32)  # compose without settings or a measurement (see docs/EVAL.md)
 
 
 @dataclass
@@ -58,6 +68,8 @@ class Answer:
     model: str
     finish_reason: str = "stop"
     tiers: list = field(default_factory=list)  # per skill: memory | l2 | computed (where its KV came from)
+    mode_reason: str = ""  # why this mode was used (auto mode's choice, or "requested")
+    compose: dict | None = None  # compose mode: repair setting, recomputed tokens and fraction
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -180,6 +192,49 @@ class SkillKV:
             self._memo[keys[-1]] = kv
         return kv, info
 
+    def composed(self, skills: list[Skill], repair: Repair, compression: str = "none") -> tuple[KV, dict]:
+        """Compose mode's prefix KV for `skills` in this order from their single-skill snapshots (loaded or
+        compiled through `prefix`), see skillkv.compose. Nothing about the combination is stored.
+        Returns (kv, info) like `prefix`, plus info["recomputed"] (positions) and info["skill_tokens"]."""
+        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
+        snaps = []
+        segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in skills]
+        for s, seg in zip(skills, segs[1:]):
+            kv, i = self.prefix([s], compression)
+            snaps.append(kv)
+            info["snapshot_load"] += i["snapshot_load"]
+            info["tiers"] += i["tiers"]
+            info["computed"] += len(seg) if i["computed"] else 0  # compiled just now
+        if "computed" in info["tiers"]:
+            info["computed"] += len(segs[0])
+        c = compose(self.runner, snaps, segs, repair)
+        total = sum(map(len, segs))
+        info["computed"] = min(total, info["computed"] + len(c.recomputed))  # recomputed rows of fresh skills
+        info["cached"] = total - info["computed"]                             # count once
+        info["recomputed"], info["skill_tokens"] = c.recomputed, c.skill_tokens
+        return c.kv, info
+
+    def chain_stored(self, skills: list[Skill]) -> bool:
+        """Whether the exact KV of this ordered combination is in memory or in the store (no loading)."""
+        keys = self.chain_keys(skills)
+        return bool(keys) and (keys[-1] in self._memo or all(self.snapshots.contains(k) for k in keys))
+
+    def choose_mode(self, skills: list[Skill]) -> tuple[str, Repair | None, str]:
+        """auto mode's choice for `skills` in this order: (mode, repair, reason); see the module docstring."""
+        if len(skills) <= 1:
+            return "exact", None, "one skill" if skills else "no skills"
+        if self.chain_stored(skills):
+            return "exact", None, "combination stored"
+        best = fidelity.best_setting(fidelity.read(self.snapshots.dir, self.handle.fingerprint))
+        if best is None:
+            return "exact", None, "compose fidelity not measured for this model or below the bar"
+        return "compose", best, "measured compose fidelity meets the bar"
+
+    def default_repair(self) -> Repair:
+        """The repair used by an explicit --mode compose without settings: the measured best passing one for this
+        model, else DEFAULT_REPAIR."""
+        return fidelity.best_setting(fidelity.read(self.snapshots.dir, self.handle.fingerprint)) or DEFAULT_REPAIR
+
     # ------------------------------------------------------------------ commands
 
     def compile(self, names: list[str] | None = None, compression: str = "none", force: bool = False,
@@ -238,10 +293,11 @@ class SkillKV:
             raise PromptTooLong(f"prompt of {prompt_tokens} tokens ({parts}) plus {answer_tokens} answer tokens "
                                 f"exceeds the model's context of {limit} tokens")
 
-    def ask(self, question: str, skills: list[str] | None = None, mode: str = "exact",
+    def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
-            compression: str = "none") -> Answer:
-        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question."""
+            compression: str = "none", repair: Repair | None = None) -> Answer:
+        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question.
+        `mode`: auto | exact | full | compose (module docstring); `repair` applies to compose."""
         params = params or SamplingParams()
         if not question or not question.strip():
             raise SkillkvError("the question is empty")
@@ -249,6 +305,12 @@ class SkillKV:
             raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         t_start = time.perf_counter()
         chosen = self.select(question, skills)
+        reason = "requested"
+        if mode == "auto":
+            mode, auto_repair, reason = self.choose_mode(chosen)
+            repair = repair or auto_repair
+        elif mode == "compose" and len(chosen) <= 1:
+            mode, reason = "exact", "compose of one skill is its exact snapshot"
         layout = self.builder.layout(chosen, question)
         q_ids = layout.segments[-1]
         self.check_fits(len(layout.ids), 1, len(q_ids))
@@ -261,7 +323,10 @@ class SkillKV:
             logits = runner.forward(layout.ids, cache)
             info = {"cached": 0, "computed": len(layout.ids), "snapshot_load": 0.0}
         else:
-            if chosen:
+            if mode == "compose":
+                repair = repair or self.default_repair()
+                kv, info = self.composed(chosen, repair, compression)
+            elif chosen:
                 kv, info = self.prefix(chosen, compression)
             else:
                 kv, info = [], {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
@@ -280,7 +345,12 @@ class SkillKV:
                         "ttft": round((gen.first_token_at - t0) * 1e3, 1) if gen.first_token_at else None,
                         "total": round((t_end - t_start) * 1e3 + model_load * 1e3, 1)},
             model=self.handle.name, finish_reason=gen.finish_reason,
-            tiers=info.get("tiers") or ["computed"] * len(chosen))
+            tiers=info.get("tiers") or ["computed"] * len(chosen), mode_reason=reason)
+        if mode == "compose":
+            rec = info.get("recomputed", [])
+            ans.compose = {"repair": (repair or Repair()).to_json(), "recomputed": len(rec),
+                           "recomputed_fraction": round(len(rec) / info["skill_tokens"], 4)
+                           if info.get("skill_tokens") else 0.0}
         self._record_stats(ans, chosen)
         return ans
 
