@@ -242,3 +242,23 @@ def test_cli_compose_json_and_bad_input(monkeypatch, capsys, tiny_skills, tmp_pa
 @pytest.mark.slow
 def test_placement_on_the_real_default_model(real_kv):
     _assert_placement(real_kv, ["release-notes", "git-commit-messages"], atol=2e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compose_runs_on_the_device_of_the_kv(tmp_path, tiny_skills, device):
+    """Placement and repair stay on the model's device (bf16 on CUDA): compose answers there, layer 0 matches the
+    exact chain within the dtype's tolerance, and a full repair reproduces it."""
+    from skillkv.api import SkillKV
+
+    kv = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device=device)
+    snaps, segs, exact = _parts(kv, TWO)
+    tol = 1e-4 if kv.handle.dtype == torch.float32 else 3e-2
+    c = compose(kv.runner, snaps, segs, Repair(lead=3, recompute=0.2))
+    assert c.kv[0][0].device.type == device and c.kv[0][0].dtype == kv.handle.dtype
+    torch.testing.assert_close(c.kv[0][0].float(), exact[0][0].float(), rtol=tol, atol=tol)
+    full = compose(kv.runner, snaps, segs, Repair(lead=10 ** 6))
+    for (k, v), (ek, ev) in zip(full.kv, exact):
+        torch.testing.assert_close(k.float(), ek.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(v.float(), ev.float(), rtol=tol, atol=tol)
+    ans = kv.ask("What does B-17 mean?", TWO, mode="compose", params=GREEDY)
+    assert ans.mode == "compose" and ans.output_token_ids
