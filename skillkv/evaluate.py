@@ -257,7 +257,7 @@ def markdown(result: dict, machine: dict | None = None, command: str = "make eva
         lines = ["| mode | KL first token | KL mean (32 tok) | top-1 agreement | identical greedy | fact accuracy | "
                  "first token ms (median) | skill tokens recomputed |", "|---|---|---|---|---|---|---|---|"]
         for m, x in s[group].items():
-            lines.append(f"| {m} | {x['kl_first']:.4f} | {x['kl_mean']:.4f} | {x['top1']:.3f} | {x['identical']:.0%} | "
+            lines.append(f"| {m} | {max(x['kl_first'], 0.0):.4f} | {max(x['kl_mean'], 0.0):.4f} | {x['top1']:.3f} | {x['identical']:.0%} | "
                          f"{x['facts']:.0%} | {x['ttft_ms']:.0f} | {x['recomputed']:.1%} |")
         return lines
 
@@ -270,7 +270,7 @@ def markdown(result: dict, machine: dict | None = None, command: str = "make eva
            f"`{result['model']}` (fp32, CPU). Reference: full prefill and its greedy answer (at most "
            f"{result['max_tokens']} tokens); other modes are teacher-forced along it. Definitions in the module "
            "docstring. First-token times: "
-           f"{mc.get('cpu', 'CPU')}, {mc.get('torch_threads', '?')} threads, **shared with other developers: "
+           f"{mc.get('cpu', 'CPU')}, torch threads: {mc.get('torch_threads', '?')}, **shared with other developers: "
            "noisy**; rerun `make eval` on an idle machine for timings.", ""]
     if "multi" in s:
         n = s["multi"]["full"]["questions"]
@@ -307,8 +307,9 @@ NOTES = [
     "Not evaluated. `skillkv.compose.check_composable` refuses it, for two reasons in its architecture (transformers' "
     "`Gemma3TextConfig`): (1) five of every six layers are sliding-window layers (`layer_types`), and transformers' "
     "cache for them keeps only the last `sliding_window` keys, so a skill's snapshot would not hold the rows that "
-    "placement moves (skillkv's runner and snapshots assume every layer keeps every token; exact mode is not "
-    "supported on Gemma 3 either); (2) local and global layers use different RoPE tables (`rope_parameters` per "
+    "placement moves (skillkv's runner and snapshots assume every layer keeps every token: on a random "
+    "Gemma-3-shaped model with a 32-token window, `dummy:` config, exact mode's greedy output already differs from "
+    "full's, so sliding-window models are unsupported in exact mode too); (2) local and global layers use different RoPE tables (`rope_parameters` per "
     "layer type: base 10,000 vs 1,000,000), so re-rotation needs one delta table per layer type. Neither forbids "
     "composition in principle: at a sliding layer the question only sees the last window of the prompt, so only the "
     "last skill's tail (and the first window of each later skill, which in a true prefill attends to the previous "
