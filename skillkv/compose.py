@@ -61,6 +61,8 @@ class Repair:
     def label(self) -> str:
         parts = ([f"lead {self.lead}"] if self.lead else []) + ([f"recompute {self.recompute:g}"]
                                                                  if self.recompute else [])
+        if self.recompute and self.probe_layer != 1:
+            parts.append(f"probe layer {self.probe_layer}")
         return "compose (" + (", ".join(parts) or "no repair") + ")"
 
     def to_json(self) -> dict:

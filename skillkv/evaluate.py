@@ -80,10 +80,10 @@ def load_items(folder: Path) -> list[Item]:
 
 
 def parse_settings(text: str) -> list[Repair]:
-    """'0,lead4,r0.1,lead16+r0.15' -> Repair settings ('0' = no repair)."""
+    """'0,lead4,r0.1,lead16+r0.15,r0.15+p3' -> Repair settings ('0' = no repair, pN = probe layer N)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        lead, frac = 0, 0.0
+        lead, frac, probe = 0, 0.0, 1
         for term in part.split("+"):
             try:
                 if term == "0":
@@ -92,11 +92,14 @@ def parse_settings(text: str) -> list[Repair]:
                     lead = int(term[4:])
                 elif term.startswith("r"):
                     frac = float(term[1:])
+                elif term.startswith("p"):
+                    probe = int(term[1:])
                 else:
                     raise ValueError
             except ValueError:
-                raise SkillkvError(f"bad repair setting {part!r} (use e.g. 0, lead16, r0.1, lead16+r0.15)") from None
-        out.append(Repair(lead=lead, recompute=frac))
+                raise SkillkvError(f"bad repair setting {part!r} (use e.g. 0, lead16, r0.1, lead16+r0.15, "
+                                   "r0.15+p3)") from None
+        out.append(Repair(lead=lead, recompute=frac, probe_layer=probe))
     return out
 
 
