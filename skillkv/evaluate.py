@@ -260,11 +260,13 @@ def markdown(result: dict, machine: dict | None = None, command: str = "make eva
         lines = ["| mode | KL first token | KL mean (32 tok) | top-1 agreement | identical greedy | fact accuracy | "
                  "first token ms (median) | skill tokens recomputed |", "|---|---|---|---|---|---|---|---|"]
         for m, x in s[group].items():
-            lines.append(f"| {m} | {max(x['kl_first'], 0.0):.4f} | {max(x['kl_mean'], 0.0):.4f} | {x['top1']:.3f} | {x['identical']:.0%} | "
+            lines.append(f"| {m} | {max(x['kl_first'], 0.0):.4f} | {max(x['kl_mean'], 0.0):.4f} | "
+                         f"{x['top1']:.3f} | {x['identical']:.0%} | "
                          f"{x['facts']:.0%} | {x['ttft_ms']:.0f} | {x['recomputed']:.1%} |")
         return lines
 
-    rec = fidelity_record(result, [Repair(**{k: v for k, v in st.items() if k != "label"}) for st in result["settings"]])
+    reps = [Repair(**{k: v for k, v in st.items() if k != "label"}) for st in result["settings"]]
+    rec = fidelity_record(result, reps)
     best = fidelity.best_setting(rec)
     mc = machine or {}
     out = [BEGIN, "## Composition: fidelity of every mode against a full prefill", "",
@@ -312,8 +314,8 @@ NOTES = [
     "cache for them keeps only the last `sliding_window` keys, so a skill's snapshot would not hold the rows that "
     "placement moves (skillkv's runner and snapshots assume every layer keeps every token: on a random "
     "Gemma-3-shaped model with a 32-token window, `dummy:` config, exact mode's greedy output already differs from "
-    "full's, so sliding-window models are unsupported in exact mode too); (2) local and global layers use different RoPE tables (`rope_parameters` per "
-    "layer type: base 10,000 vs 1,000,000), so re-rotation needs one delta table per layer type. Neither forbids "
+    "full's, so sliding-window models are unsupported in exact mode too); (2) local and global layers use "
+    "different RoPE tables (`rope_parameters` per layer type: base 10,000 vs 1,000,000), so re-rotation needs one delta table per layer type. Neither forbids "
     "composition in principle: at a sliding layer the question only sees the last window of the prompt, so only the "
     "last skill's tail (and the first window of each later skill, which in a true prefill attends to the previous "
     "skill's tail instead of the preamble) matters there. It needs per-layer-type rotation and a snapshot format "

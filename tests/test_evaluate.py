@@ -81,7 +81,8 @@ def test_cli_eval_writes_json_doc_and_record(monkeypatch, capsys, eval_set, tmp_
     out, doc, store = tmp_path / "r.json", tmp_path / "EVAL.md", tmp_path / "store"
     code, stdout, err = run_cli(monkeypatch, capsys, "eval", "--set", str(eval_set), "--model", "dummy:tiny",
                                 "--device", "cpu", "--store", str(store), "--settings", "0,lead4", "--max-tokens",
-                                "4", "--threads", str(torch.get_num_threads()), "--out", str(out), "--doc", str(doc), "--json")
+                                "4", "--threads", str(torch.get_num_threads()), "--out", str(out), "--doc", str(doc),
+                                "--json")
     assert code == 0, err
     res = json.loads(stdout)
     assert res["record"]["settings"][0]["repair"] == Repair().to_json()
