@@ -112,7 +112,8 @@ def ask_cmd(
         sys.stdout.write("\n")
         sys.stdout.flush()
         tk, tm = ans.tokens, ans.timings_ms
-        err.print(f"[dim]skills: {', '.join(ans.skills) or 'none'} | mode {ans.mode}{_compose_note(ans)} | prompt {tk['prompt']} tokens "
+        err.print(f"[dim]skills: {', '.join(ans.skills) or 'none'} | mode {ans.mode}{_compose_note(ans)} | "
+                  f"prompt {tk['prompt']} tokens "
                   f"({tk['cached']} cached, {tk['computed']} computed) | model load {tm['model_load']:.0f} ms | "
                   f"snapshot load {tm['snapshot_load']:.0f} ms | first token {tm['ttft'] or 0:.0f} ms | "
                   f"total {tm['total'] / 1000:.2f} s[/]", soft_wrap=True)

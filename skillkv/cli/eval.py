@@ -20,9 +20,8 @@ def eval_cmd(
     model: Optional[str] = ModelOpt,
     store: Optional[Path] = StoreOpt,
     settings: Optional[str] = typer.Option(None, "--settings", help="Compose repair settings, comma-separated: 0 "
-                                           "(none), leadN, rF, leadN+rF, rF+pN (probe layer N) (default: 0,lead32,r0.15,"
-                                           "lead32+r0.15,"
-                                           "r0.3,r0.5).", show_default=False),
+                                           "(none), leadN, rF, leadN+rF, rF+pN (probe layer N) (default: "
+                                           "0,lead32,r0.15,lead32+r0.15,r0.3,r0.5).", show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Teacher-forced / answer tokens."),
     reverse: bool = typer.Option(True, "--reverse/--no-reverse", help="Also run multi-skill questions with the "
