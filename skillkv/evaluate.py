@@ -232,7 +232,11 @@ def run_eval(kv_factory: Callable[[Path], object], eval_set: Path = DEFAULT_SET,
             names = list(dict.fromkeys(r["mode"] for r in sel))
             if sel:
                 summary[g] = {m: _summary([r for r in sel if r["mode"] == m]) for m in names}
-        return {"model": kv.handle.name, "fingerprint": kv.handle.fingerprint, "eval_set": str(eval_set),
+        try:
+            shown = str(Path(eval_set).resolve().relative_to(Path.cwd()))
+        except ValueError:
+            shown = str(eval_set)
+        return {"model": kv.handle.name, "fingerprint": kv.handle.fingerprint, "eval_set": shown,
                 "questions": len(items), "max_tokens": max_tokens,
                 "settings": [r.to_json() | {"label": r.label} for r in settings], "summary": summary, "rows": rows}
 
