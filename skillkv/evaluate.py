@@ -1,0 +1,349 @@
+"""`skillkv eval`: how close every mode stays to a full prefill, on facts no model can know (issue 4).
+
+The evaluation set (eval/compose): skills/ holds invented skills (tools, codes, numbers that exist nowhere else);
+questions.jsonl one question per line: {"id", "q", "skills": [in prompt order], "needs": [...], "expect": [facts]}.
+A question counts as answered when every expected fact appears in the answer (case-insensitive, not inside a
+longer word or number).
+
+For each question, the reference is full mode: the whole prompt prefilled from scratch, then a greedy answer A of
+at most `max_tokens` tokens, recording the logits at every step. Every other mode then prefills its own prefix and
+the question, and is teacher-forced along A (one forward of A's tokens), which gives its logits at the same
+positions (the first token, after each token of A, and the end-of-turn position if full stopped there):
+  kl_first     KL(full || mode) of the first-token distributions
+  kl_mean      the same, averaged over the teacher-forced positions
+  top1         fraction of positions where the mode's argmax is full's token (pooled over questions)
+  identical    fraction of questions where the mode's greedy answer equals full's. Greedy decoding along A is
+               deterministic, so it equals A exactly when every teacher-forced argmax agrees (up to max_tokens);
+               no decoding is needed for those.
+  facts        fact accuracy of the mode's own greedy answer (decoded only where it differs from full's)
+  ttft_ms      first-token time with the skills resident in memory: exact = question over the stored chain;
+               compose = placement + repair + question; full = the whole prompt; none = preamble + question
+  recomputed   fraction of skill tokens recomputed by compose's repair
+Modes: full, exact (must be identical: a check of the harness), none (no skills: how much the skills matter),
+and compose at each repair setting. Compose only differs from exact with two or more skills, so the compose
+rows (and the fidelity record for `auto` mode, skillkv.fidelity) use the multi-skill questions; `reverse` adds
+every multi-skill question again with its skills in reverse order (order independence).
+
+Snapshots are compiled into a temporary store (the evaluation's skills never mix with yours); the fidelity record
+goes into `store` (the model's folder there), where `skillkv ask --mode auto` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from skillkv import fidelity
+from skillkv.compose import Repair
+from skillkv.engine.generate import SamplingParams, decode_loop
+from skillkv.errors import SkillkvError
+
+DEFAULT_SET = Path(__file__).resolve().parent.parent / "eval" / "compose"
+DEFAULT_SETTINGS = "0,lead32,r0.15,lead32+r0.15,r0.3,r0.5"
+BEGIN, END = "<!-- compose:begin -->", "<!-- compose:end -->"
+
+
+@dataclass
+class Item:
+    id: str
+    q: str
+    skills: list[str]
+    needs: list[str]
+    expect: list[str]
+
+
+def load_items(folder: Path) -> list[Item]:
+    path = Path(folder) / "questions.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SkillkvError(f"cannot read {path} ({e.strerror or e})") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            items.append(Item(d["id"], d["q"], list(d["skills"]), list(d.get("needs", d["skills"])),
+                              list(d["expect"])))
+        except (ValueError, KeyError, TypeError):
+            raise SkillkvError(f"{path}:{n}: needs id, q, skills, expect") from None
+    return items
+
+
+def parse_settings(text: str) -> list[Repair]:
+    """'0,lead4,r0.1,lead16+r0.15,r0.15+p3' -> Repair settings ('0' = no repair, pN = probe layer N)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lead, frac, probe = 0, 0.0, 1
+        for term in part.split("+"):
+            try:
+                if term == "0":
+                    continue
+                if term.startswith("lead"):
+                    lead = int(term[4:])
+                elif term.startswith("r"):
+                    frac = float(term[1:])
+                elif term.startswith("p"):
+                    probe = int(term[1:])
+                else:
+                    raise ValueError
+            except ValueError:
+                raise SkillkvError(f"bad repair setting {part!r} (use e.g. 0, lead16, r0.1, lead16+r0.15, "
+                                   "r0.15+p3)") from None
+        out.append(Repair(lead=lead, recompute=frac, probe_layer=probe))
+    return out
+
+
+def has_fact(text: str, fact: str) -> bool:
+    return re.search(r"(?<![0-9A-Za-z])" + re.escape(fact) + r"(?![0-9A-Za-z])", text, re.I) is not None
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+class Evaluator:
+    """Runs the modes of one question on one SkillKV (its runner and snapshots)."""
+
+    def __init__(self, kv, max_tokens: int = 32):
+        self.kv, self.runner, self.max_tokens = kv, kv.runner, max_tokens
+
+    def _tf_logits(self, cache, answer: list[int]) -> torch.Tensor:
+        """Logits after each token of `answer` fed over `cache` [len(answer), vocab]."""
+        x = torch.tensor([answer], dtype=torch.long, device=self.runner.device)
+        with torch.inference_mode():
+            out = self.runner.model(input_ids=x, use_cache=True, logits_to_keep=len(answer),
+                                    **{self.runner._cache_kw: cache})
+        return out.logits[0].float()
+
+    def _decode(self, cache, first: torch.Tensor, record: list | None = None):
+        def step(t):
+            lg = self.runner.forward([t], cache)
+            if record is not None:
+                record.append(lg)
+            return lg
+        return decode_loop(step, first, SamplingParams(max_tokens=self.max_tokens), self.kv.handle.stop_ids,
+                           self.kv.handle.tokenizer)
+
+    def full(self, ids: list[int]) -> dict:
+        t0 = time.perf_counter()
+        cache = self.runner.new_cache()
+        first = self.runner.forward(ids, cache)
+        ttft = time.perf_counter() - t0
+        steps: list[torch.Tensor] = []
+        gen = self._decode(cache, first, steps)
+        logits = torch.stack([first] + steps)[: len(gen.token_ids) + (gen.finish_reason == "stop")]
+        return {"answer": gen.token_ids, "text": gen.text, "logits": logits, "ttft": ttft}
+
+    def mode(self, ref: dict, build: Callable[[], tuple[list, list[int], dict]]) -> dict:
+        """`build()` -> (prefix kv, ids to prefill, info); timed together with the question's prefill."""
+        t0 = time.perf_counter()
+        kv, q_ids, info = build()
+        cache = self.runner.new_cache(kv or None)
+        first = self.runner.forward(q_ids, cache)
+        ttft = time.perf_counter() - t0
+        a = ref["answer"]
+        n = ref["logits"].shape[0]
+        logits = torch.cat([first[None], self._tf_logits(cache, a)])[:n] if a else first[None]
+        agree = logits.argmax(-1) == ref["logits"].argmax(-1)
+        kl = _kl(ref["logits"], logits)
+        identical = bool(agree.all())
+        if identical:
+            text = ref["text"]
+        else:
+            cache = self.runner.new_cache(kv or None)
+            text = self._decode(cache, self.runner.forward(q_ids, cache)).text
+        return {"kl_first": float(kl[0]), "kl_mean": float(kl.mean()), "agree": int(agree.sum()), "positions": n,
+                "identical": identical, "text": text, "ttft": ttft, **info}
+
+
+def _summary(rows: list[dict]) -> dict:
+    pos = sum(r["positions"] for r in rows)
+    return {"questions": len(rows), "kl_first": statistics.fmean(r["kl_first"] for r in rows),
+            "kl_mean": statistics.fmean(r["kl_mean"] for r in rows),
+            "top1": sum(r["agree"] for r in rows) / pos if pos else 0.0,
+            "identical": statistics.fmean(r["identical"] for r in rows),
+            "facts": statistics.fmean(r["fact"] for r in rows),
+            "ttft_ms": statistics.median(r["ttft"] for r in rows) * 1e3,
+            "recomputed": statistics.fmean(r.get("recomputed", 0.0) for r in rows)}
+
+
+def run_eval(kv_factory: Callable[[Path], object], eval_set: Path = DEFAULT_SET, settings: list[Repair] | None = None,
+             limit: int | None = None, max_tokens: int = 32, reverse: bool = True,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Evaluate every mode; returns {"summary": {group: {mode: metrics}}, "rows": [...], ...}.
+
+    `kv_factory(store_dir)` makes the SkillKV to use over the evaluation's skills and a scratch store."""
+    settings = settings if settings is not None else parse_settings(DEFAULT_SETTINGS)
+    items = load_items(eval_set)[:limit] if limit else load_items(eval_set)
+    if reverse:
+        items += [Item(i.id + "-rev", i.q, i.skills[::-1], i.needs, i.expect) for i in items if len(i.skills) > 1]
+    with tempfile.TemporaryDirectory(prefix="skillkv-eval-") as tmp:
+        kv = kv_factory(Path(tmp))
+        kv.compile()
+        ev = Evaluator(kv, max_tokens)
+        rows = []
+        pre = kv.builder.preamble_ids()
+        for n, it in enumerate(items, 1):
+            chosen = kv.pick(it.skills)
+            layout = kv.builder.layout(chosen, it.q)
+            q_ids = layout.segments[-1]
+            kv.check_fits(len(layout.ids), max_tokens, len(q_ids))
+            kv.prefix(chosen)  # exact chain resident (computed and stored once)
+            ref = ev.full(layout.ids)
+            group = ("multi-reversed" if it.id.endswith("-rev") else "multi") if len(chosen) > 1 else "single"
+            modes: dict[str, Callable] = {
+                "exact": lambda: (kv.prefix(chosen)[0], q_ids, {}),
+                "none": lambda: ([], pre + q_ids, {}),
+            }
+            if len(chosen) > 1:
+                for r in settings:
+                    def build(r=r):
+                        pkv, info = kv.composed(chosen, r)
+                        return pkv, q_ids, {"recomputed": len(info["recomputed"]) / info["skill_tokens"]}
+                    modes[r.label] = build
+            if group == "multi-reversed":
+                modes.pop("exact"), modes.pop("none")
+            out = {"full": {"kl_first": 0.0, "kl_mean": 0.0, "agree": ref["logits"].shape[0],
+                            "positions": ref["logits"].shape[0], "identical": True, "text": ref["text"],
+                            "ttft": ref["ttft"]}}
+            for name, build in modes.items():
+                out[name] = ev.mode(ref, build)
+            for name, r in out.items():
+                r["fact"] = all(has_fact(r["text"], f) for f in it.expect)
+                rows.append({"id": it.id, "group": group, "mode": name, "skills": it.skills, "expect": it.expect,
+                             **{k: v for k, v in r.items()}})
+            if progress:
+                progress(f"[{n}/{len(items)}] {it.id}: full {'ok' if out['full']['fact'] else 'miss'} | " + ", ".join(
+                    f"{m} {r['agree']}/{r['positions']}" for m, r in out.items() if m != "full"))
+        summary: dict[str, dict] = {}
+        for g in ("single", "multi", "multi-reversed", "all"):
+            sel = [r for r in rows if g == "all" and not r["group"].endswith("reversed") or r["group"] == g]
+            names = list(dict.fromkeys(r["mode"] for r in sel))
+            if sel:
+                summary[g] = {m: _summary([r for r in sel if r["mode"] == m]) for m in names}
+        try:
+            shown = str(Path(eval_set).resolve().relative_to(Path.cwd()))
+        except ValueError:
+            shown = str(eval_set)
+        return {"model": kv.handle.name, "fingerprint": kv.handle.fingerprint, "eval_set": shown,
+                "questions": len(items), "max_tokens": max_tokens,
+                "settings": [r.to_json() | {"label": r.label} for r in settings], "summary": summary, "rows": rows}
+
+
+def fidelity_record(result: dict, settings: list[Repair]) -> dict:
+    """The record `auto` mode reads (skillkv.fidelity), from the multi-skill questions of `result`."""
+    multi = result["summary"].get("multi", {})
+    full = multi.get("full", {}).get("facts", 0.0)
+    out = []
+    for r in settings:
+        m = multi.get(r.label)
+        if m:
+            out.append({"repair": r.to_json(), "top1": m["top1"], "fact_accuracy": m["facts"],
+                        "recomputed": m["recomputed"],
+                        "passes": fidelity.passes(m["top1"], m["facts"], full, m["recomputed"])})
+    return {"fingerprint": result["fingerprint"], "model": result["model"], "eval_set": result["eval_set"],
+            "questions": multi.get("full", {}).get("questions", 0), "full_fact_accuracy": full, "settings": out}
+
+
+def markdown(result: dict, machine: dict | None = None, command: str = "make eval") -> str:
+    """The docs/EVAL.md section (between the compose markers)."""
+    s = result["summary"]
+
+    def table(group: str) -> list[str]:
+        lines = ["| mode | KL first token | KL mean (32 tok) | top-1 agreement | identical greedy | fact accuracy | "
+                 "first token ms (median) | skill tokens recomputed |", "|---|---|---|---|---|---|---|---|"]
+        for m, x in s[group].items():
+            lines.append(f"| {m} | {max(x['kl_first'], 0.0):.4f} | {max(x['kl_mean'], 0.0):.4f} | "
+                         f"{x['top1']:.3f} | {x['identical']:.0%} | "
+                         f"{x['facts']:.0%} | {x['ttft_ms']:.0f} | {x['recomputed']:.1%} |")
+        return lines
+
+    reps = [Repair(**{k: v for k, v in st.items() if k != "label"}) for st in result["settings"]]
+    rec = fidelity_record(result, reps)
+    best = fidelity.best_setting(rec)
+    mc = machine or {}
+    out = [BEGIN, "## Composition: fidelity of every mode against a full prefill", "",
+           f"`{command}` (`skillkv eval`, skillkv/evaluate.py) on `eval/compose/`: 6 invented skills (tools, codes, "
+           f"numbers that exist nowhere else, ~310-390 tokens each) and {result['questions']} question runs, model "
+           f"`{result['model']}` (fp32, CPU). Reference: full prefill and its greedy answer (at most "
+           f"{result['max_tokens']} tokens); other modes are teacher-forced along it. Definitions in the module "
+           "docstring. First-token times: "
+           f"{mc.get('cpu', 'CPU')}, torch threads: {mc.get('torch_threads', '?')}, **shared with other developers: "
+           "noisy**; rerun `make eval` on an idle machine for timings.", ""]
+    if "multi" in s:
+        n = s["multi"]["full"]["questions"]
+        out += [f"### Multi-skill questions ({n}, skills in the labelled order)", ""] + table("multi") + [""]
+    if "multi-reversed" in s:
+        n = s["multi-reversed"]["full"]["questions"]
+        out += [f"### The same questions with the skills in reverse order ({n})", ""] + table("multi-reversed") + [""]
+    if "single" in s:
+        n = s["single"]["full"]["questions"]
+        out += [f"### Single-skill questions ({n}; compose is exact there)", ""] + table("single") + [""]
+    if "multi" in s and "multi-reversed" in s:
+        pairs = [(m, s["multi"][m]["top1"], s["multi-reversed"][m]["top1"], s["multi"][m]["facts"],
+                  s["multi-reversed"][m]["facts"]) for m in s["multi"] if m in s["multi-reversed"] and m != "full"]
+        out += ["Order independence (top-1 / fact accuracy, labelled order vs reversed): " + "; ".join(
+            f"{m}: {a:.3f} / {b:.3f}, {c:.0%} / {d:.0%}" for m, a, b, c, d in pairs) + ".", ""]
+    budget = [(m, x) for m, x in s.get("multi", {}).items() if m.startswith("compose")
+              and x["recomputed"] <= fidelity.MAX_RECOMPUTE]
+    if budget:
+        m, x = max(budget, key=lambda t: t[1]["top1"])
+        out += [f"Best within the {fidelity.MAX_RECOMPUTE:.0%} recompute budget: `{m}` (top-1 {x['top1']:.3f}, "
+                f"{x['identical']:.0%} identical answers, fact accuracy {x['facts']:.0%} vs full's "
+                f"{s['multi']['full']['facts']:.0%}).", ""]
+    out += ["### Policy", "",
+            f"Bar: top-1 >= {fidelity.MIN_TOP1}, fact accuracy >= {fidelity.MIN_FACT_RATIO:.0%} of full's, <= "
+            f"{fidelity.MAX_RECOMPUTE:.0%} of skill tokens recomputed (multi-skill questions). "
+            + (f"Met by `{best.label}`: `--mode auto` composes with it for this model." if best else
+               "**No setting meets it on this model**, so `--mode auto` uses exact mode (computing and storing "
+               "the combination) whenever the ordered combination is not stored yet."), "", *NOTES, "", END]
+    return "\n".join(out)
+
+
+NOTES = [
+    "### Second model family (Gemma 3 270M)", "",
+    "Not evaluated. `skillkv.compose.check_composable` refuses it, for two reasons in its architecture (transformers' "
+    "`Gemma3TextConfig`): (1) five of every six layers are sliding-window layers (`layer_types`), and transformers' "
+    "cache for them keeps only the last `sliding_window` keys, so a skill's snapshot would not hold the rows that "
+    "placement moves (skillkv's runner and snapshots assume every layer keeps every token: on a random "
+    "Gemma-3-shaped model with a 32-token window, `dummy:` config, exact mode's greedy output already differs from "
+    "full's, so sliding-window models are unsupported in exact mode too); (2) local and global layers use "
+    "different RoPE tables (`rope_parameters` per layer type: base 10,000 vs 1,000,000), so re-rotation needs one "
+    "delta table per layer type. Neither forbids "
+    "composition in principle: at a sliding layer the question only sees the last window of the prompt, so only the "
+    "last skill's tail (and the first window of each later skill, which in a true prefill attends to the previous "
+    "skill's tail instead of the preamble) matters there. It needs per-layer-type rotation and a snapshot format "
+    "with per-layer lengths; the GGUF wheel was not installed for this reason.", "",
+    "### Method notes", "",
+    "Placement: each skill is compiled after the same preamble; later skills' keys are re-rotated by the position "
+    "delta with the model's own rotary module (exact for RoPE types whose frequencies do not depend on the length: "
+    "default, linear, llama3, yarn; tested against keys computed at the new positions). Repair: `lead N` recomputes "
+    "the first N tokens of every later skill (EPIC); `recompute F` the F fraction of skill tokens whose values at "
+    "layer 1 deviate most from a true prefill (CacheBlend; the probe runs one layer over the whole prompt). Both "
+    "recompute in one forward pass with a custom attention mask over the composed cache. The recompute fraction is "
+    "over all skill tokens (the first skill's are exact and never chosen).",
+]
+
+
+def write_section(doc: Path, section: str) -> None:
+    """Replace the text between the compose markers in `doc` (append the section if they are absent)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    if BEGIN in text and END in text:
+        a, rest = text.split(BEGIN, 1)
+        text = a + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = doc.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(doc)

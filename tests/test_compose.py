@@ -1,0 +1,264 @@
+"""Composition: placement correctness (re-positioned keys equal keys computed at those positions), repair, and
+auto mode's choice (issue 4). Tiny random models, plus the real default model for placement (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from skillkv import fidelity
+from skillkv.compose import Repair, check_composable, choose_positions, compose, recompute, rerotate, rope_delta
+from skillkv.engine.generate import SamplingParams
+from skillkv.errors import SkillkvError
+
+GREEDY = SamplingParams(max_tokens=8)
+TWO = ["beta-codes", "alpha-tool"]
+
+
+def _rotary(**rope):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
+                      max_position_embeddings=131072, rope_parameters=rope)
+    return cfg, LlamaRotaryEmbedding(cfg)
+
+
+ROPES = {
+    "default": dict(rope_type="default", rope_theta=100000.0),  # the default model (SmolLM2-135M)
+    "llama3": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192),  # the Llama-3.1-8B shape
+    "yarn": dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32768),
+}
+
+
+@pytest.mark.parametrize("rope", ROPES, ids=list(ROPES))
+@pytest.mark.parametrize("start,delta", [(0, 37), (5, 1000), (1200, -700), (3, 7000)])
+def test_rerotated_keys_equal_keys_computed_at_the_new_positions(rope, start, delta):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cfg, rot = _rotary(**ROPES[rope])
+    check_composable(cfg)
+    torch.manual_seed(0)
+    raw = torch.randn(1, 2, 16, 128)  # [batch, heads, tokens, dim]
+
+    def at(p0):
+        pos = torch.arange(p0, p0 + 16)[None]
+        cos, sin = rot(raw, pos)
+        return apply_rotary_pos_emb(raw, raw, cos, sin)[1][0].transpose(0, 1)  # NHD
+
+    cos, sin = rope_delta(rot, delta, raw.device)
+    torch.testing.assert_close(rerotate(at(start), cos, sin), at(start + delta), rtol=0, atol=2e-3)
+
+
+def test_rerotate_keeps_dtype_and_device():
+    _, rot = _rotary(**ROPES["default"])
+    k = torch.randn(4, 2, 128, dtype=torch.bfloat16)
+    cos, sin = rope_delta(rot, 3, k.device)
+    assert rerotate(k, cos, sin).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("rope", [dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+                                  dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0] * 64,
+                                       long_factor=[2.0] * 64, original_max_position_embeddings=4096)])
+def test_length_dependent_rope_is_refused(rope):
+    cfg, _ = _rotary(**rope)
+    with pytest.raises(SkillkvError, match="position-independent"):
+        check_composable(cfg)
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model("mistral", sliding_window=4096)
+    with pytest.raises(SkillkvError, match="sliding"):
+        check_composable(cfg)
+    cfg = AutoConfig.for_model("qwen2", sliding_window=4096, use_sliding_window=False)
+    check_composable(cfg)  # Qwen2 declares a window it does not use
+    with pytest.raises(SkillkvError, match="sliding"):  # Gemma 3: 5 of 6 layers local, one RoPE table per type
+        check_composable(AutoConfig.for_model("gemma3_text"))
+    with pytest.raises(SkillkvError, match="one RoPE table"):
+        check_composable(AutoConfig.for_model("gemma3_text", layer_types=["full_attention"] * 26,
+                                            sliding_window=None))
+
+
+def _parts(kv, names):
+    skills = kv.pick(names)
+    snaps = [kv.prefix([s])[0] for s in skills]
+    segs = [kv.builder.preamble_ids()] + [kv.builder.skill_ids(s) for s in skills]
+    exact = kv.prefix(skills)[0]
+    return snaps, segs, exact
+
+
+def _assert_placement(kv, names, atol):
+    snaps, segs, exact = _parts(kv, names)
+    c = compose(kv.runner, snaps, segs, Repair())
+    n0 = len(segs[0]) + len(segs[1])
+    assert c.starts == [0, len(segs[0])] + [sum(map(len, segs[:i])) for i in range(2, len(segs))]
+    assert c.recomputed == [] and c.skill_tokens == sum(map(len, segs[1:]))
+    for (k, v), (ek, ev) in zip(c.kv, exact):
+        assert k.shape == ek.shape and v.shape == ev.shape
+        torch.testing.assert_close(k[:n0], ek[:n0], rtol=0, atol=1e-5)  # preamble + first skill: as stored
+        torch.testing.assert_close(v[:n0], ev[:n0], rtol=0, atol=1e-5)
+    # layer 0's keys and values depend only on the token and its position: every placed row must equal the
+    # row a full prefill computes at that position
+    (k0, v0), (ek0, ev0) = c.kv[0], exact[0]
+    torch.testing.assert_close(k0, ek0, rtol=0, atol=atol)
+    torch.testing.assert_close(v0, ev0, rtol=0, atol=1e-5)
+    # deeper layers differ (a later skill never saw the earlier one): that is what repair is for
+    assert (c.kv[-1][1][n0:] - exact[-1][1][n0:]).abs().max() > 1e-4
+
+
+def test_placed_keys_equal_keys_computed_at_those_positions(tiny_kv):
+    _assert_placement(tiny_kv, ["gamma-notes", "beta-codes", "alpha-tool"], atol=1e-4)
+
+
+def test_recompute_over_an_exact_cache_changes_nothing(tiny_kv):
+    skills = tiny_kv.pick(TWO)
+    exact = tiny_kv.prefix(skills)[0]
+    ids = [t for s in [tiny_kv.builder.preamble_ids()] + [tiny_kv.builder.skill_ids(s) for s in skills] for t in s]
+    out = recompute(tiny_kv.runner, ids, exact, [0, 3, len(ids) // 2, len(ids) - 1])
+    for (k, v), (ek, ev) in zip(out, exact):
+        torch.testing.assert_close(k, ek, rtol=0, atol=1e-5)
+        torch.testing.assert_close(v, ev, rtol=0, atol=1e-5)
+
+
+def test_repairing_every_later_token_gives_the_exact_kv(tiny_kv):
+    snaps, segs, exact = _parts(tiny_kv, ["gamma-notes", "beta-codes", "alpha-tool"])
+    c = compose(tiny_kv.runner, snaps, segs, Repair(lead=10 ** 6))
+    assert len(c.recomputed) == sum(map(len, segs[2:]))
+    for (k, v), (ek, ev) in zip(c.kv, exact):
+        torch.testing.assert_close(k, ek, rtol=0, atol=1e-4)
+        torch.testing.assert_close(v, ev, rtol=0, atol=1e-4)
+
+
+def test_partial_repair_moves_toward_exact(tiny_kv):
+    snaps, segs, exact = _parts(tiny_kv, TWO)
+
+    def err(rep):
+        c = compose(tiny_kv.runner, snaps, segs, rep)
+        return sum(float((v - ev).norm()) for (_, v), (_, ev) in zip(c.kv, exact)), c
+
+    e0, _ = err(Repair())
+    e1, c = err(Repair(recompute=0.3))
+    assert e1 < e0
+    assert abs(c.recomputed_fraction - 0.3) < 0.01
+    assert min(c.recomputed) >= c.starts[2]  # only tokens of later skills
+
+
+def test_choose_positions_lead_then_most_deviating():
+    starts, end = [0, 4, 14, 24], 30
+    assert choose_positions(Repair(lead=3), starts, end, None) == [14, 15, 16, 24, 25, 26]
+    dev = torch.zeros(end)
+    dev[[20, 28, 2, 5]] = torch.tensor([5.0, 4.0, 9.0, 9.0])  # 2 and 5 are not in later skills
+    got = choose_positions(Repair(lead=3, recompute=8 / 26), starts, end, dev)
+    assert got == [14, 15, 16, 20, 24, 25, 26, 28]
+
+
+def test_repair_rejects_bad_values():
+    with pytest.raises(SkillkvError):
+        Repair(recompute=1.5)
+    with pytest.raises(SkillkvError):
+        Repair(lead=-1)
+
+
+# ------------------------------------------------------------------------------------------------ modes
+
+
+def _record(kv, top1, facts=0.5, full=0.5, recomputed=0.1, fingerprint=None, repair=None):
+    fidelity.write(kv.snapshots.dir, {"fingerprint": fingerprint or kv.handle.fingerprint, "full_fact_accuracy": full,
+                                      "settings": [{"repair": (repair or Repair(lead=4)).to_json(), "top1": top1,
+                                                    "fact_accuracy": facts, "recomputed": recomputed}]})
+
+
+def test_auto_is_exact_for_one_skill_and_without_a_measurement(tiny_kv):
+    one = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)
+    assert one.mode == "exact" and one.mode_reason == "one skill"
+    two = tiny_kv.ask("What does B-17 mean?", TWO, params=GREEDY)
+    assert two.mode == "exact" and "not measured" in two.mode_reason
+    full = tiny_kv.ask("What does B-17 mean?", TWO, mode="full", params=GREEDY)
+    assert two.output_token_ids == full.output_token_ids
+
+
+def test_auto_composes_only_when_the_measurement_meets_the_bar(tiny_kv):
+    tiny_kv.compile()
+    _record(tiny_kv, top1=0.97)  # below the bar
+    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    _record(tiny_kv, top1=0.99, recomputed=0.2)  # recomputes too much
+    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    _record(tiny_kv, top1=0.99, facts=0.45, full=0.5)  # 90% of full's facts
+    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    _record(tiny_kv, top1=0.99, fingerprint="another-model")
+    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    _record(tiny_kv, top1=0.99, facts=0.5, repair=Repair(lead=4))
+    mode, repair, reason = tiny_kv.choose_mode(tiny_kv.pick(TWO))
+    assert (mode, repair) == ("compose", Repair(lead=4)) and "meets the bar" in reason
+    ans = tiny_kv.ask("What does B-17 mean?", TWO, params=GREEDY)
+    assert ans.mode == "compose" and ans.compose["repair"]["lead"] == 4
+    assert ans.compose["recomputed"] == 4  # the first 4 tokens of the one later skill
+    assert not tiny_kv.chain_stored(tiny_kv.pick(TWO))  # compose stores no combination
+    exact = tiny_kv.ask("What does B-17 mean?", TWO, mode="exact", params=GREEDY)
+    assert tiny_kv.chain_stored(tiny_kv.pick(TWO))
+    again = tiny_kv.ask("What does B-42 mean?", TWO, params=GREEDY)
+    assert again.mode == "exact" and again.mode_reason == "combination stored" and exact.mode == "exact"
+
+
+def test_explicit_compose_mode_and_token_accounting(tiny_kv):
+    tiny_kv.compile()
+    q = "What does B-17 mean?"
+    ans = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
+    assert ans.mode == "compose" and ans.mode_reason == "requested"
+    q_len = len(tiny_kv.builder.question_ids(q))
+    assert ans.tokens["computed"] == q_len + 2
+    assert ans.tokens["cached"] + ans.tokens["computed"] == ans.tokens["prompt"]
+    single = tiny_kv.ask(q, ["beta-codes"], mode="compose", params=GREEDY)
+    assert single.mode == "exact" and single.compose is None
+    full_repair = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=10 ** 6), params=GREEDY)
+    full = tiny_kv.ask(q, TWO, mode="full", params=GREEDY)
+    assert full_repair.output_token_ids == full.output_token_ids
+
+
+def test_cli_compose_json_and_bad_input(monkeypatch, capsys, tiny_skills, tmp_path):
+    args = ["--skills", str(tiny_skills), "--store", str(tmp_path / "s"), "--model", "dummy:tiny", "--device", "cpu"]
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "What does B-17 mean?", "-s", "beta-codes", "-s",
+                             "alpha-tool", "--mode", "compose", "--repair-lead", "3", "--max-tokens", "4", "--json",
+                             *args)
+    assert code == 0, err
+    ans = json.loads(out)
+    assert ans["mode"] == "compose" and ans["compose"]["recomputed"] == 3
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "What does B-17 mean?", "-s", "beta-codes", "-s",
+                             "alpha-tool", "--max-tokens", "4", "--json", *args)
+    assert code == 0 and json.loads(out)["mode"] == "exact"
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "q?", "--mode", "nope", *args)
+    assert code != 0 and err.strip().startswith("skillkv: error: unknown mode")
+
+
+# ------------------------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_placement_on_the_real_default_model(real_kv):
+    _assert_placement(real_kv, ["release-notes", "git-commit-messages"], atol=2e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compose_runs_on_the_device_of_the_kv(tmp_path, tiny_skills, device):
+    """Placement and repair stay on the model's device (bf16 on CUDA): compose answers there, layer 0 matches the
+    exact chain within the dtype's tolerance, and a full repair reproduces it."""
+    from skillkv.api import SkillKV
+
+    kv = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device=device)
+    snaps, segs, exact = _parts(kv, TWO)
+    tol = 1e-4 if kv.handle.dtype == torch.float32 else 3e-2
+    c = compose(kv.runner, snaps, segs, Repair(lead=3, recompute=0.2))
+    assert c.kv[0][0].device.type == device and c.kv[0][0].dtype == kv.handle.dtype
+    torch.testing.assert_close(c.kv[0][0].float(), exact[0][0].float(), rtol=tol, atol=tol)
+    full = compose(kv.runner, snaps, segs, Repair(lead=10 ** 6))
+    for (k, v), (ek, ev) in zip(full.kv, exact):
+        torch.testing.assert_close(k.float(), ek.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(v.float(), ev.float(), rtol=tol, atol=tol)
+    ans = kv.ask("What does B-17 mean?", TWO, mode="compose", params=GREEDY)
+    assert ans.mode == "compose" and ans.output_token_ids
