@@ -34,15 +34,17 @@ class Request:
 
 
 class PagedEngine:
-    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer."""
+    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer.
+    `row_block > 0` makes every request's logits independent of what it is batched with (see engine/llama.py)."""
 
-    def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16):
+    def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16,
+                 row_block: int = 0):
         cfg = hf_model.config
         p = next(hf_model.parameters())
         self.pool = KVPool.for_model(cfg, p.dtype, p.device, budget_bytes, page_size)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.backend = make_backend(attention, self.pool, cfg.num_attention_heads, head_dim ** -0.5)
-        self.runner = LlamaRunner(hf_model, self.pool, self.backend)
+        self.runner = LlamaRunner(hf_model, self.pool, self.backend, row_block)
         self.device = p.device
 
     @property
