@@ -68,6 +68,8 @@ def ask_cmd(
     batch: Optional[Path] = typer.Option(None, "--batch", help="JSONL file of {\"q\", \"skills\"}; JSON lines out."),
     device: Optional[str] = DeviceOpt,
     explain: bool = typer.Option(False, "--explain", help="Print the candidate skills, scores and why (stderr)."),
+    server: Optional[str] = typer.Option(None, "--server", envvar="SKILLKV_SERVER", show_default=False,
+                                         help="Ask a running `skillkv serve` at this URL (env SKILLKV_SERVER)."),
     as_json: bool = JsonOpt,
 ):
     """Answer a question with the skills it needs, reusing their compiled KV."""
@@ -76,7 +78,12 @@ def ask_cmd(
     if batch is None and (question is None or not question.strip()):
         raise SkillkvError("the question is empty")
     items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
-    kv = open_kv(model, store, skills, device)
+    if server:
+        from skillkv.serve.client import RemoteKV
+
+        kv = RemoteKV(server, model)
+    else:
+        kv = open_kv(model, store, skills, device)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     stream = batch is None and not as_json
 
