@@ -137,7 +137,7 @@ def _stream_lines(url: str, body: dict, keep: int | None = None) -> list[str]:
     assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
     lines = []
     while keep is None or len(lines) < keep:
-        line = resp.fp.readline().decode()
+        line = resp.readline().decode()
         if not line:
             break
         if line.startswith("data: "):

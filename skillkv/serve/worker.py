@@ -118,17 +118,13 @@ class Worker:
     def start(self) -> None:
         """Compile stale skills, build the engine, warm pinned skills, start the watcher and the thread."""
         kv = self.kv
+        self._compile_all()
         if self.watch:
             from skillkv.watch import Watcher
 
             self.watcher = Watcher(kv, kv.skills_dir, on_line=lambda ln: self.log(f"watch: {ln}"))
-            if not self.watcher.root.is_dir():
-                raise SkillError(f"skills folder {self.watcher.root} does not exist")
-            self.watcher.initial()
-        else:
-            for r in kv.compile():
-                if r.status in ("compiled", "recompiled", "skipped"):
-                    self.log(f"compile: {r.skill} {r.status} {r.reason}".rstrip())
+            for s in kv.load_skills().skills:  # which folder holds which skill (as Watcher.initial learns it)
+                self.watcher.names["." if s.path.resolve() == self.watcher.root else s.path.name] = s.name
         self.engine = self.engine_factory()
         self.sched = Scheduler(self.max_batch, self.max_step_tokens, self.engine.pool.page_size)
         self.stop_ids = set(kv.handle.stop_ids)
@@ -137,6 +133,21 @@ class Worker:
             self.watcher.start()
         self._thread = threading.Thread(target=self._run, name="skillkv-engine", daemon=True)
         self._thread.start()
+
+    def _compile_all(self) -> None:
+        """Compile stale skills one by one: a skill that cannot compile (too long for the model, ...) is logged
+        and left out of serving, the others still serve."""
+        kv = self.kv
+        for p in kv.load_skills().problems:
+            self.log(f"skipped: {p}")
+        for skill in kv.load_skills().skills:
+            try:
+                [r] = kv.compile([skill.name])
+            except SkillkvError as e:
+                self.log(f"compile: {skill.name}: {e}")
+                continue
+            if r.status != "up to date":
+                self.log(f"compile: {r.skill} {r.tokens} tokens {r.seconds:.2f} s {r.status}")
 
     def close(self) -> None:
         self._stopping = True
