@@ -199,7 +199,8 @@ def markdown(r: dict, m: dict) -> str:
         f"({r['output_tokens']} tokens in {r['wall_s']} s) |",
         f"| one request alone, skills hot: first token (HTTP round trip included) | {r['solo_hot_ttft_ms_p50']} ms "
         f"(p50) |",
-        f"| one request alone: decode | {r['solo_tokens_per_s']} tokens/s |"])
+        f"| one request alone, whole request (first token included) | {r['solo_tokens_per_s']} output tokens/s; "
+        f"under load: **{round(r['output_tokens_per_s'] / r['solo_tokens_per_s'], 1)}x** that |"])
 
 
 def run(url: str | None = None, clients: int = 64, requests: int = 128, distinct: int = 32, max_tokens: int = 16,

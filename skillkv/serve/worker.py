@@ -179,13 +179,20 @@ class Worker:
         return fut
 
     def snapshot(self) -> dict:
-        """Counters for /health (read without locking: approximate while a step runs)."""
+        """Counters for /health, read without locking (approximate while a step runs)."""
         t = self.engine.table
+        for _ in range(5):
+            try:
+                resident_pages = sum(len(e.pages) for e in list(t.entries.values()))
+                break
+            except RuntimeError:  # the engine thread changed the entries meanwhile: read again
+                continue
+        else:
+            resident_pages = None
         return {"running": len(self.sched.running), "waiting": len(self.sched.waiting), "steps": self.steps,
                 "served": self.served,
                 "pool": {"pages": t.num_pages, "page_size": t.page_size, "free": len(t.free),
-                         "private": len(t.private), "resident": len(t.entries),
-                         "resident_pages": sum(len(e.pages) for e in list(t.entries.values())),
+                         "private": len(t.private), "resident": len(t.entries), "resident_pages": resident_pages,
                          "evictions": t.evictions, "bytes": self.engine.pool.nbytes}}
 
     # ------------------------------------------------------------------ the loop (engine thread)
