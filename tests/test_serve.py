@@ -317,3 +317,17 @@ def test_concurrent_clients_get_their_solo_answers_on_the_real_model(real_server
         together = list(ex.map(go, reqs))
     assert together == solo
     assert get(url, "/health")["steps"] > 0 and wait_idle(url)["pool"]["private"] == 0
+
+
+def test_loadtest_against_a_running_server(tiny_server, tmp_path):
+    from skillkv.serve.loadtest import run
+
+    doc = tmp_path / "BENCH.md"
+    doc.write_text("# B\n\n<!-- serve:begin -->\nold\n<!-- serve:end -->\ntail\n")
+    r = run(url=tiny_server.url, clients=4, requests=10, distinct=3, max_tokens=3, timeout=120,
+            out=tmp_path / "serve.json", doc=doc, log=lambda s: None)
+    assert r["completed"] == 10 and r["errors"] == 0 and r["identical_to_solo"] == 10
+    assert r["ttft_ms"]["p50"] > 0 and r["output_tokens"] > 0
+    text = doc.read_text()
+    assert "old" not in text and "**10/10**" in text and text.endswith("<!-- serve:end -->\ntail\n")
+    assert json.loads((tmp_path / "serve.json").read_text())["requests"] == 10
