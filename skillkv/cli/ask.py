@@ -88,6 +88,8 @@ def ask_cmd(
     host_kv_budget: Optional[str] = HostBudgetOpt,
     pin: Optional[list[str]] = PinOpt,
     explain: bool = typer.Option(False, "--explain", help="Print the candidate skills, scores and why (stderr)."),
+    server: Optional[str] = typer.Option(None, "--server", envvar="SKILLKV_SERVER", show_default=False,
+                                         help="Ask a running `skillkv serve` at this URL (env SKILLKV_SERVER)."),
     as_json: bool = JsonOpt,
 ):
     """Answer a question with the skills it needs, reusing their compiled KV."""
@@ -97,7 +99,12 @@ def ask_cmd(
     items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
     from skillkv.engine.generate import SamplingParams
 
-    kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin, host_kv_budget)
+    if server:
+        from skillkv.serve.client import RemoteKV
+
+        kv = RemoteKV(server, model)
+    else:
+        kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin, host_kv_budget)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     repair = None
     if recompute is not None or repair_lead is not None:

@@ -5,6 +5,16 @@ through `ops` (engine/ops.py: the model's own RMSNorm and rotary modules, or Fla
 same rotary module, so RoPE scaling variants match transformers), writes each step's new keys and values into pool
 slots, and computes attention through an `AttentionBackend`. Only the logits of the positions
 asked for are computed. Checked against transformers in tests (fp32 greedy identical, bf16 relative error).
+
+Batch-invariant mode (`row_block > 0`, used by `skillkv serve`): a request's logits are bitwise the same whether it
+runs alone or batched with any others. Two things break that in plain mode, both measured on the CPU (MKL sgemm,
+torch 2.13): (1) a GEMM's rows depend on the row count M (M = 1, a lone decode token, takes another kernel than
+M >= 8: the last bits differ, which can flip a greedy token), and (2) vectorized sin/cos give a scalar-tail element
+other bits than a vector-lane one, so RoPE of a position depends on where it sits in the batch. So in this mode
+every step's rows are padded with zeros to a multiple of `row_block` (one call per op, as before: on this CPU every
+M that is a multiple of 8 gives the same bits per row; tests check it), and cos/sin come from a table built in
+fixed chunks of positions, whose values never depend on the batch. Attention is already computed per sequence
+(torch backend). Cost: a lone decode token pays for `row_block` rows.
 """
 
 from __future__ import annotations
@@ -20,8 +30,9 @@ SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 class LlamaRunner:
-    def __init__(self, hf_model, pool: KVPool, backend: AttentionBackend, ops: str = "auto"):
+    def __init__(self, hf_model, pool: KVPool, backend: AttentionBackend, ops: str = "auto", row_block: int = 0):
         cfg = hf_model.config
+        self.row_block = row_block
         if cfg.model_type not in SUPPORTED:
             raise SkillkvError(f"the paged engine supports {', '.join(sorted(SUPPORTED))}, not {cfg.model_type}")
         inner = hf_model.model
@@ -30,7 +41,7 @@ class LlamaRunner:
         self.lm_head = hf_model.lm_head.weight
         self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
-        self.ops = make_ops(ops, inner.rotary_emb, self.head_dim, cfg, pool.device)
+        self.ops = make_ops(ops, inner.rotary_emb, self.head_dim, cfg, pool.device, fixed_rope=row_block > 0)
         self.layers = []
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -58,6 +69,10 @@ class LlamaRunner:
         """The forward pass proper, over an already planned `backend` (default: the runner's own). Only device
         work and no host synchronisation, so it can be captured in a CUDA graph (engine/cuda_graph.py)."""
         backend, ops = backend or self.backend, self.ops
+        n = ids.shape[0]
+        pad = (-n) % self.row_block if self.row_block else 0
+        if pad:
+            ids, positions = F.pad(ids, (0, pad)), F.pad(positions, (0, pad))
         x = self.embed(ids)
         ops.begin(x, positions)
         nq, nk, d = self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
@@ -72,26 +87,34 @@ class LlamaRunner:
             if w["q_norm"] is not None:
                 q, k = ops.norm(q.contiguous(), w["q_norm"]), ops.norm(k.contiguous(), w["k_norm"])
             q, k = ops.rope(q, k)
-            self.pool.write(i, slots, k, v)
-            o = backend.run(i, q.contiguous())
+            self.pool.write(i, slots, k[:n], v[:n])
+            o = backend.run(i, q[:n].contiguous())
+            if pad:
+                o = F.pad(o, (0, 0, 0, 0, 0, pad))
             h, x = ops.add_norm(F.linear(o.reshape(-1, nq), w["o"]), x, w["ln2"])
             m = F.linear(ops.silu_mul(F.linear(h, w["gate_up"])), w["down"])
             if i + 1 < len(self.layers):
                 h, x = ops.add_norm(m, x, self.layers[i + 1]["ln1"])
             else:
                 x = x + m
-        return F.linear(ops.norm(x[logits_at], self.norm), self.lm_head).float()
+        rows = len(logits_at)
+        pad = (-rows) % self.row_block if self.row_block else 0
+        h = x[logits_at]
+        if pad:
+            h = F.pad(h, (0, 0, 0, pad))
+        return F.linear(ops.norm(h, self.norm), self.lm_head)[:rows].float()
 
 
-def make_ops(name: str, rotary, head_dim: int, cfg, device: torch.device):
-    """`auto`: FlashInfer's fused kernels on CUDA when installed, else the transformers modules (engine/ops.py)."""
+def make_ops(name: str, rotary, head_dim: int, cfg, device: torch.device, fixed_rope: bool = False):
+    """`auto`: FlashInfer's fused kernels on CUDA when installed, else the transformers modules (engine/ops.py).
+    `fixed_rope`: the torch version reads cos/sin from a table built in fixed chunks (batch-invariant mode)."""
     from skillkv.engine.attention import _has_flashinfer
     from skillkv.engine.ops import FlashInferOps, TorchOps
 
     if name == "auto":
         name = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
     if name == "torch":
-        return TorchOps(rotary, head_dim)
+        return TorchOps(rotary, head_dim, fixed_rope)
     if name == "flashinfer":
         if device.type != "cuda":
             raise SkillkvError("the flashinfer kernels run on CUDA only")

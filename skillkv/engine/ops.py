@@ -23,13 +23,35 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+ROPE_CHUNK = 1024  # positions per cos/sin table chunk (fixed_rope)
+
+
 class TorchOps:
+    """`fixed_rope`: cos/sin come from a table built in fixed chunks of positions, so a position's values never
+    depend on where it sits in a batch (vectorized sin/cos give a scalar-tail element other bits than a vector
+    lane); used by the batch-invariant mode of engine/llama.py."""
+
     name = "torch"
 
-    def __init__(self, rotary, head_dim: int):
-        self.rotary, self.head_dim = rotary, head_dim
+    def __init__(self, rotary, head_dim: int, fixed_rope: bool = False):
+        self.rotary, self.head_dim, self.fixed_rope = rotary, head_dim, fixed_rope
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _rope_table(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        have = 0 if self._table is None else self._table[0].shape[0]
+        while have < need:
+            c, s = self.rotary(x[:1][None], torch.arange(have, have + ROPE_CHUNK, device=x.device)[None])
+            self._table = (c[0], s[0]) if self._table is None else (torch.cat([self._table[0], c[0]]),
+                                                                     torch.cat([self._table[1], s[0]]))
+            have += ROPE_CHUNK
+        return self._table[0][positions], self._table[1][positions]
 
     def begin(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.fixed_rope:
+            cos, sin = self._rope_table(x, positions)
+            self.cos, self.sin = cos[:, None, :], sin[:, None, :]
+            return
         cos, sin = self.rotary(x[None], positions[None])
         self.cos, self.sin = cos[0, :, None, :], sin[0, :, None, :]
 

@@ -36,16 +36,17 @@ class Request:
 
 class PagedEngine:
     """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer[:KERNEL];
-    `ops` (auto | torch | flashinfer) picks the element-wise kernels; `cuda_graphs` replays short batches."""
+    `ops` (auto | torch | flashinfer) picks the element-wise kernels; `cuda_graphs` replays short batches;
+    `row_block > 0` makes every request's logits independent of what it is batched with (see engine/llama.py)."""
 
     def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16,
-                 cuda_graphs: bool = True, ops: str = "auto"):
+                 cuda_graphs: bool = True, ops: str = "auto", row_block: int = 0):
         cfg = hf_model.config
         p = next(hf_model.parameters())
         self.pool = KVPool.for_model(cfg, p.dtype, p.device, budget_bytes, page_size)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.backend = make_backend(attention, self.pool, cfg.num_attention_heads, head_dim ** -0.5)
-        self.runner = LlamaRunner(hf_model, self.pool, self.backend, ops)
+        self.runner = LlamaRunner(hf_model, self.pool, self.backend, ops, row_block)
         self.device = p.device
         self.graphs = None  # CUDA graphs of short batches (questions, decode steps): FlashInfer on CUDA only
         if cuda_graphs and self.backend.name == "flashinfer":

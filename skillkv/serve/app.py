@@ -1,0 +1,169 @@
+"""The HTTP layer of `skillkv serve` (FastAPI): routes, SSE streaming, OpenAI-shaped errors, disconnects.
+
+Routes
+  POST /v1/chat/completions  streaming (SSE, `data: {chunk}` ... `data: [DONE]`) and not; see serve/protocol.py
+  GET  /v1/models            the one served model
+  GET  /skills               name, description, snapshot state (current | stale | missing), tokens, resident
+  GET  /stats                what `skillkv stats --json` prints
+  GET  /health               status, model, running / waiting requests, pool pages
+
+Every error is {"error": {"message", "type", "param", "code"}} with a 4xx (the request's fault) or 5xx status.
+A client that disconnects (mid-stream, or while waiting for a non-streamed answer) cancels its request: the
+engine thread frees its pages before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from skillkv import __version__
+from skillkv.serve.protocol import ApiError, ChatRequest, chunk, completion, completion_id, error_body
+from skillkv.serve.worker import Worker
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request", None
+    e = errs[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return "request body is not valid JSON", None
+    param = ".".join(loc) or None
+    return (f"{param}: {e.get('msg')}" if param else str(e.get("msg"))), param
+
+
+def create_app(worker: Worker) -> FastAPI:
+    app = FastAPI(title="skillkv", version=__version__, docs_url=None, redoc_url=None)
+    started = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        return JSONResponse(error_body(msg, param=param, code="invalid_request"), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", "server_error"), status_code=500)
+
+    async def on_engine(fn):
+        return await asyncio.wrap_future(worker.call(fn))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": worker.model_name, **worker.snapshot()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": worker.model_name, "object": "model", "created": started,
+                                            "owned_by": "skillkv"}]}
+
+    @app.get("/skills")
+    async def skills():
+        def rows():
+            kv, table = worker.kv, worker.engine.table
+            out = []
+            for st in kv.status():
+                key = kv.chain_keys([st.skill])[0]
+                e = table.entries.get(key)
+                out.append({"name": st.skill.name, "description": st.skill.description, "state": st.state,
+                            "tokens": st.tokens, "bytes": st.bytes, "resident": e is not None,
+                            "pinned": bool(e and e.pinned)})
+            return {"object": "list", "data": out, "problems": kv.load_skills().problems}
+        return await on_engine(rows)
+
+    @app.get("/stats")
+    async def stats():
+        from skillkv.cli.stats import collect
+
+        return await on_engine(lambda: collect(worker.kv, None)[0])
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
+
+        job = worker.submit(body, emit)
+        try:
+            kind, val = await events.get()
+        except asyncio.CancelledError:
+            worker.cancel(job)
+            raise
+        if kind == "error":
+            raise val
+        cid, model = completion_id(), worker.model_name
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(worker, job, events, cid, model, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        getter = None
+        try:
+            while True:
+                getter = getter or asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter}, timeout=0.25)
+                if not done:
+                    if await request.is_disconnected():
+                        worker.cancel(job)
+                        return JSONResponse(error_body("client disconnected"), status_code=499)
+                    continue
+                kind, val = getter.result()
+                getter = None
+                if kind == "error":
+                    raise val
+                if kind == "done":
+                    return completion(cid, model, val["text"], val["finish"], val["usage"], val["ext"])
+        finally:
+            if getter is not None:
+                getter.cancel()
+            worker.cancel(job)  # no-op when done; frees the pages when the handler was cancelled
+
+    return app
+
+
+async def _stream(worker: Worker, job, events: asyncio.Queue, cid: str, model: str, include_usage: bool):
+    created = int(time.time())
+    try:
+        yield _sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        while True:
+            kind, val = await events.get()
+            if kind == "text":
+                yield _sse(chunk(cid, model, created, {"content": val}))
+            elif kind == "done":
+                yield _sse(chunk(cid, model, created, {}, val["finish"], ext=val["ext"]))
+                if include_usage:
+                    yield _sse(chunk(cid, model, created, None, use=val["usage"], ext=val["ext"]))
+                yield "data: [DONE]\n\n"
+                return
+            elif kind == "error":
+                yield _sse(val.body())
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        worker.cancel(job)  # a client gone mid-stream: its pages are freed before the next step

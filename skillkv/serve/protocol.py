@@ -1,0 +1,136 @@
+"""Request and response shapes of the OpenAI-compatible API (chat completions), and its error shape.
+
+Requests are validated by pydantic; anything the server cannot honour is refused with a 400, never silently
+ignored when it would change the answer (n > 1, logprobs, tools). Unknown fields are accepted and ignored, as
+OpenAI-compatible servers do (clients send `user`, `presence_penalty`, ... routinely).
+
+skillkv extensions
+  request   `skills: [name, ...]`  use these skills in this order ([] = none); omitted: chosen from the messages
+  response  `usage.prompt_tokens_details.cached_tokens` (as OpenAI) and `usage.skillkv` = {cached_tokens,
+            computed_tokens}; a top-level `skillkv` object: skills, tiers (l1 | memory | l2 | computed, where each
+            skill's KV came from), output_token_ids, timings_ms (queue, ttft, total; measured in the server)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {message, type, param, code}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Optional[str] = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+    @property
+    def text(self) -> str:
+        """The message's text; content parts must all be text (images etc. are refused)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        for p in self.content:
+            if p.type != "text" or p.text is None:
+                raise ApiError(400, f"content part of type {p.type!r} is not supported (text only)",
+                               param="messages", code="unsupported_content")
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    n: int = 1
+    stop: Union[str, list[str], None] = None
+    logprobs: Optional[bool] = None
+    tools: Optional[list] = None
+    skills: Optional[list[str]] = None  # skillkv extension
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        if v is not None and (len(v) > 4 or any(not s for s in v)):
+            raise ValueError("stop: at most 4 non-empty strings")
+        return v
+
+    def check(self) -> None:
+        """Refuse what the server cannot honour (ApiError 400)."""
+        if self.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
+        if self.tools:
+            raise ApiError(400, "tools are not supported", param="tools", code="unsupported_parameter")
+
+    @property
+    def answer_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "skillkv": {"cached_tokens": cached, "computed_tokens": prompt - cached}}
+
+
+def completion(cid: str, model: str, text: str, finish: str, use: dict, ext: dict) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": use, "skillkv": ext}
+
+
+def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None = None,
+          use: dict | None = None, ext: dict | None = None) -> dict:
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                 "logprobs": None}]}
+    if use is not None:
+        out["usage"] = use
+    if ext is not None:
+        out["skillkv"] = ext
+    return out

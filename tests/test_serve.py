@@ -1,0 +1,333 @@
+"""skillkv serve end to end over HTTP on an ephemeral port: tiny random model for the many cases (errors, disconnects,
+concurrency, watch, ask --server), the real default model with the official `openai` client (marked slow)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import pytest
+
+from conftest import REPO, run_cli, write_skill
+
+
+def post(url: str, body, path: str = "/v1/chat/completions", raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str, path: str) -> dict:
+    with urllib.request.urlopen(url + path, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def chat(question: str, skills=None, max_tokens: int = 8, **extra) -> dict:
+    body = {"model": "default", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, **extra}
+    if skills is not None:
+        body["skills"] = skills
+    return body
+
+
+def wait_idle(url: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = get(url, "/health")
+        if (h["running"] == 0 and h["waiting"] == 0 and h["pool"]["private"] == 0) or time.monotonic() > deadline:
+            return h
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    from skillkv.serve.server import ServeConfig, Server
+
+    root = tmp_path_factory.mktemp("serve-tiny")
+    skills = root / "skills"
+    write_skill(skills, "alpha-tool", "Use when the user asks about the alpha tool and its flags.",
+                "The alpha tool takes --frobnicate and --level N. Level 7 is the default.\n" * 3)
+    write_skill(skills, "beta-codes", "Use for beta error codes and what they mean.",
+                "Code B-17 means the disk is full. Code B-42 means a checksum mismatch.\n" * 4)
+    cfg = ServeConfig(port=0, model="dummy:tiny", skills=skills, store=root / "store", device="cpu",
+                      kv_budget=8 << 20, pins=["beta-codes"], max_batch=16)
+    srv = Server(cfg, log=lambda s: None).start_background()
+    srv.skills_dir = skills
+    yield srv
+    srv.close()
+
+
+def test_health_models_skills_stats(tiny_server):
+    url = tiny_server.url
+    h = get(url, "/health")
+    assert h["status"] == "ok" and h["model"] == "dummy-tiny" and h["pool"]["resident"] >= 1
+    assert [m["id"] for m in get(url, "/v1/models")["data"]] == ["dummy-tiny"]
+    skills = {s["name"]: s for s in get(url, "/skills")["data"]}
+    assert set(skills) == {"alpha-tool", "beta-codes"}
+    assert skills["beta-codes"]["state"] == "current" and skills["beta-codes"]["pinned"]
+    assert skills["alpha-tool"]["description"].startswith("Use when")
+    code, ans = post(url, chat("What does code B-17 mean?", ["beta-codes"]))
+    assert code == 200
+    st = get(url, "/stats")
+    assert st["questions"] >= 1 and "beta-codes" in st["skills"] and st["model"] == "dummy-tiny"
+
+
+def test_usage_reports_cached_and_computed_tokens(tiny_server):
+    code, r = post(tiny_server.url, chat("What does code B-17 mean?", ["beta-codes"], max_tokens=5))
+    assert code == 200 and r["object"] == "chat.completion"
+    u = r["usage"]
+    assert u["prompt_tokens_details"]["cached_tokens"] == u["skillkv"]["cached_tokens"] > 100
+    assert u["skillkv"]["computed_tokens"] == u["prompt_tokens"] - u["skillkv"]["cached_tokens"] > 0
+    assert r["skillkv"]["tiers"] == ["l1"]  # pinned: resident since start
+    assert u["completion_tokens"] == len(r["skillkv"]["output_token_ids"]) <= 5
+    code, r = post(tiny_server.url, chat("What does code B-17 mean?", [], max_tokens=3))
+    assert code == 200 and r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 and r["skillkv"]["skills"] == []
+
+
+@pytest.mark.parametrize("body,raw,status,param,code", [
+    (None, b"{not json", 400, None, "invalid_request"),
+    ({"model": "default"}, None, 400, "messages", "invalid_request"),
+    ({"model": "default", "messages": []}, None, 400, "messages", "invalid_request"),
+    ({"model": "default", "messages": [{"role": "wizard", "content": "x"}]}, None, 400, None, "invalid_request"),
+    (chat("hi", max_tokens=0), None, 400, "max_tokens", "invalid_request"),
+    (chat("hi", temperature=5), None, 400, "temperature", "invalid_request"),
+    (chat("hi", n=2), None, 400, "n", "unsupported_parameter"),
+    (chat("hi", ["no-such-skill"]), None, 400, "skills", "skill_not_found"),
+    ({**chat("hi"), "model": "gpt-4o"}, None, 404, "model", "model_not_found"),
+    (chat("x " * 3000, max_tokens=2000), None, 400, "messages", "context_length_exceeded"),
+    ({"model": "default", "messages": [{"role": "system", "content": "only system"}]}, None, 400, "messages",
+     "no_user_message"),
+])
+def test_errors_have_the_openai_shape(tiny_server, body, raw, status, param, code):
+    got, r = post(tiny_server.url, body, raw=raw)
+    assert got == status, r
+    assert set(r) == {"error"} and set(r["error"]) == {"message", "type", "param", "code"}
+    assert r["error"]["message"] and r["error"]["type"] in ("invalid_request_error", "not_found_error")
+    assert r["error"]["code"] == code
+    if param:
+        assert (r["error"]["param"] or "").startswith(param)
+
+
+def test_unknown_route_and_method(tiny_server):
+    code, r = post(tiny_server.url, {}, path="/v1/nothing")
+    assert code == 404 and r["error"]["type"] == "not_found_error"
+    try:
+        urllib.request.urlopen(tiny_server.url + "/v1/chat/completions", timeout=10)
+    except urllib.error.HTTPError as e:
+        assert e.code == 405 and "error" in json.loads(e.read())
+
+
+def _stream_lines(url: str, body: dict, keep: int | None = None) -> list[str]:
+    """POST a streaming request; read `keep` data lines then drop the connection (None: read to the end)."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
+    lines = []
+    while keep is None or len(lines) < keep:
+        line = resp.readline().decode()
+        if not line:
+            break
+        if line.startswith("data: "):
+            lines.append(line[6:].strip())
+            if lines[-1] == "[DONE]":
+                break
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    return lines
+
+
+def test_streaming_matches_non_streaming(tiny_server):
+    body = chat("Which flags does the alpha tool take?", ["alpha-tool"], max_tokens=12)
+    _, whole = post(tiny_server.url, body)
+    lines = _stream_lines(tiny_server.url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_disconnect_mid_stream_frees_pages(tiny_server):
+    url = tiny_server.url
+    before = wait_idle(url)
+    lines = _stream_lines(url, {**chat("Tell me about the alpha tool", ["alpha-tool"], max_tokens=3000),
+                                "stream": True}, keep=3)
+    assert len(lines) == 3 and "[DONE]" not in lines
+    after = wait_idle(url)
+    assert after["running"] == 0 and after["pool"]["private"] == 0
+    assert after["served"] == before["served"]  # cancelled, not completed
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_frees_pages(tiny_server):
+    url = tiny_server.url
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat("alpha tool flags?", ["alpha-tool"], 3000)),
+                 {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 20
+    while get(url, "/health")["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    h = wait_idle(url)
+    assert h["running"] == 0 and h["pool"]["private"] == 0
+
+
+def _requests(n: int) -> list[dict]:
+    qs = ["alpha flags?", "What is code B-42?", "Level 7?", "frobnicate how", "disk full code", "checksum"]
+    skills = [["alpha-tool"], ["beta-codes"], None, ["beta-codes", "alpha-tool"], [], ["alpha-tool", "beta-codes"]]
+    return [chat(f"{qs[i % 6]} #{i}", skills[i % 6], max_tokens=4 + i % 9) for i in range(n)]
+
+
+def test_concurrent_answers_equal_solo_answers(tiny_server):
+    url = tiny_server.url
+    reqs = _requests(24)
+    solo = [post(url, r)[1] for r in reqs]
+    with ThreadPoolExecutor(24) as ex:
+        together = list(ex.map(lambda r: post(url, r)[1], reqs))
+    for s, t in zip(solo, together):
+        assert t["skillkv"]["output_token_ids"] == s["skillkv"]["output_token_ids"]
+        assert t["choices"][0]["message"]["content"] == s["choices"][0]["message"]["content"]
+    assert wait_idle(url)["pool"]["private"] == 0
+
+
+def test_ask_server_cli(tiny_server, monkeypatch, capsys):
+    q = "What does code B-42 mean?"
+    code, out, err = run_cli(monkeypatch, capsys, "ask", q, "--server", tiny_server.url, "--skill", "beta-codes",
+                             "--max-tokens", "6", "--json")
+    assert code == 0, err
+    ans = json.loads(out)
+    _, ref = post(tiny_server.url, chat(q, ["beta-codes"], max_tokens=6))
+    assert ans["output_token_ids"] == ref["skillkv"]["output_token_ids"]
+    assert ans["answer"] == ref["choices"][0]["message"]["content"]
+    assert ans["skills"] == ["beta-codes"] and ans["tokens"]["cached"] > 0 and ans["mode"] == "exact"
+    monkeypatch.setenv("SKILLKV_SERVER", tiny_server.url)
+    code, out, err = run_cli(monkeypatch, capsys, "ask", q, "--skill", "beta-codes", "--max-tokens", "6")
+    assert code == 0 and out.strip() == ref["choices"][0]["message"]["content"].strip()
+    code, out, err = run_cli(monkeypatch, capsys, "ask", q, "--skill", "nope")
+    assert code != 0 and err.startswith("skillkv: error: server") and "unknown skill" in err
+    monkeypatch.delenv("SKILLKV_SERVER")
+    code, out, err = run_cli(monkeypatch, capsys, "ask", q, "--server", "http://127.0.0.1:9")
+    assert code != 0 and "cannot reach" in err and "Traceback" not in err
+
+
+def test_edited_skill_is_picked_up_without_restart(tiny_server):
+    url = tiny_server.url
+    body = chat("What does code B-17 mean?", ["beta-codes"], max_tokens=4)
+    _, before = post(url, body)
+    md = tiny_server.skills_dir / "beta-codes" / "SKILL.md"
+    md.write_text(md.read_text() + "\nCode B-99 means the network is down.\n")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, after = post(url, body)
+        if after["usage"]["prompt_tokens"] != before["usage"]["prompt_tokens"]:
+            break
+        time.sleep(0.2)
+    assert after["usage"]["prompt_tokens"] > before["usage"]["prompt_tokens"]
+    assert after["skillkv"]["tiers"] == ["l1"]  # pinned: warmed again after the recompile
+    skills = {s["name"]: s for s in get(url, "/skills")["data"]}
+    assert skills["beta-codes"]["state"] == "current" and skills["beta-codes"]["resident"]
+    h = wait_idle(url)
+    resident = h["pool"]["resident"]
+    assert resident <= 6  # the old beta-codes prefixes were retired, not kept alongside
+
+
+# ----------------------------------------------------------------------------------------- the real default model
+
+
+@pytest.fixture(scope="module")
+def real_server(real_store, tmp_path_factory):
+    from skillkv.serve.server import ServeConfig, Server
+
+    skills = tmp_path_factory.mktemp("serve-real") / "skills"
+    for name in ("git-commit-messages", "release-notes", "python-debugging"):
+        shutil.copytree(REPO / "skills" / name, skills / name)
+    srv = Server(ServeConfig(port=0, skills=skills, store=real_store, device="cpu", watch=False),
+                 log=lambda s: None).start_background(timeout=600)
+    yield srv
+    srv.close()
+
+
+REAL = [("How long should the subject line of a commit message be?", ["git-commit-messages"]),
+        ("Which sections does a Keep a Changelog release note have?", ["release-notes"]),
+        ("What does breakpoint() do in Python?", None),
+        ("Write a commit subject for a release that fixes a crash.", ["release-notes", "git-commit-messages"]),
+        ("How do I find which commit introduced a bug?", ["git-commit-messages", "python-debugging"]),
+        ("Say hello.", [])]
+
+
+@pytest.mark.slow
+def test_openai_client_end_to_end_on_the_real_model(real_server, real_kv):
+    from openai import OpenAI
+
+    from skillkv.engine.generate import SamplingParams
+
+    client = OpenAI(base_url=real_server.url + "/v1", api_key="unused", max_retries=0)
+    q, skills = REAL[0]
+    [model] = [m.id for m in client.models.list()]
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=16,
+                                       extra_body={"skills": skills})
+    ref = real_kv.ask(q, skills, params=SamplingParams(max_tokens=16))  # the CLI's path (transformers)
+    assert r.choices[0].message.content == ref.answer
+    assert r.usage.prompt_tokens == ref.tokens["prompt"]
+    assert r.usage.prompt_tokens_details.cached_tokens == ref.tokens["cached"] > 500
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=16,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"skills": skills})
+    parts, usage = [], None
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            parts.append(ch.choices[0].delta.content)
+        usage = ch.usage or usage
+    assert "".join(parts) == ref.answer and usage.completion_tokens == r.usage.completion_tokens
+    multi = client.chat.completions.create(model=model, max_tokens=8, messages=[
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": q}])
+    assert multi.choices[0].message.content and multi.model_extra["skillkv"]["skills"]
+
+
+@pytest.mark.slow
+def test_concurrent_clients_get_their_solo_answers_on_the_real_model(real_server):
+    url = real_server.url
+    reqs = [chat(q, s, max_tokens=10 + i % 5) for i, (q, s) in enumerate(REAL * 2)]
+    solo = [post(url, r)[1]["skillkv"]["output_token_ids"] for r in reqs]
+    barrier = threading.Barrier(len(reqs))
+
+    def go(r):
+        barrier.wait()
+        return post(url, r)[1]["skillkv"]["output_token_ids"]
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        together = list(ex.map(go, reqs))
+    assert together == solo
+    assert get(url, "/health")["steps"] > 0 and wait_idle(url)["pool"]["private"] == 0
+
+
+def test_loadtest_against_a_running_server(tiny_server, tmp_path):
+    from skillkv.serve.loadtest import run
+
+    doc = tmp_path / "BENCH.md"
+    doc.write_text("# B\n\n<!-- serve:begin -->\nold\n<!-- serve:end -->\ntail\n")
+    r = run(url=tiny_server.url, clients=4, requests=10, distinct=3, max_tokens=3, timeout=120,
+            out=tmp_path / "serve.json", doc=doc, log=lambda s: None)
+    assert r["completed"] == 10 and r["errors"] == 0 and r["identical_to_solo"] == 10
+    assert r["ttft_ms"]["p50"] > 0 and r["output_tokens"] > 0
+    text = doc.read_text()
+    assert "old" not in text and "**10/10**" in text and text.endswith("<!-- serve:end -->\ntail\n")
+    assert json.loads((tmp_path / "serve.json").read_text())["requests"] == 10

@@ -1,0 +1,170 @@
+"""skillkv serve, piece by piece: the scheduler (torch-free), batch invariance of the engine, the prompt mapping,
+stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skillkv.engine.pages import PageTable
+from skillkv.serve.scheduler import Scheduler, Seq
+
+
+class FakeReq:
+    def __init__(self):
+        self.private = [0]
+
+
+def _admit_all(seq, reserved):
+    seq.req = FakeReq()
+    return True
+
+
+def test_scheduler_batches_decodes_with_new_prefills_and_respects_limits():
+    s = Scheduler(max_batch=3, max_step_tokens=10, page_size=4)
+    a, b, c, d = (Seq(x, [1] * n, max_new=5) for x, n in (("a", 4), ("b", 4), ("c", 4), ("d", 1)))
+    for q in (a, b, c, d):
+        s.add(q)
+    step = s.plan(_admit_all, lambda q, e: None)
+    assert step.prefills == [a, b] and step.decodes == []  # c would exceed 10 prompt tokens in this step
+    a.output.append(7)
+    b.output.append(8)
+    step = s.plan(_admit_all, lambda q, e: None)
+    assert step.decodes == [a, b] and step.prefills == [c]
+    assert step.inputs() == [[7], [8], [1, 1, 1, 1]]
+    c.output.append(9)
+    step = s.plan(_admit_all, lambda q, e: None)
+    assert step.prefills == [] and len(s.running) == 3 and list(s.waiting) == [d]  # max_batch reached
+    s.finish(a)
+    step = s.plan(_admit_all, lambda q, e: None)
+    assert step.prefills == [d]
+
+
+def test_scheduler_long_prompt_into_idle_engine_and_failures_and_cancel():
+    s = Scheduler(max_batch=4, max_step_tokens=8, page_size=4)
+    big, bad, later = Seq("big", [1] * 50, 2), Seq("bad", [1], 2), Seq("later", [1], 2)
+    for q in (big, bad, later):
+        s.add(q)
+    failed = []
+
+    def admit(seq, reserved):
+        if seq is bad:
+            raise ValueError("no")
+        return _admit_all(seq, reserved)
+    step = s.plan(admit, lambda q, e: failed.append((q.rid, str(e))))
+    assert step.prefills == [big]  # alone it may exceed max_step_tokens: nothing starves
+    big.output.append(1)
+    step = s.plan(admit, lambda q, e: failed.append((q.rid, str(e))))
+    assert failed == [("bad", "no")] and step.prefills == [later] and bad.state == "done"
+    later.cancelled = True
+    assert s.drop_cancelled() == [later] and s.running == [big]
+
+
+def test_scheduler_reserves_worst_case_pages():
+    table = PageTable(num_pages=10, page_size=4)
+    s = Scheduler(max_batch=8, max_step_tokens=100, page_size=4)
+    seqs = [Seq(str(i), [1] * 4, max_new=8) for i in range(5)]  # 12 tokens worst case: 3 pages each
+    for q in seqs:
+        s.add(q)
+
+    def admit(seq, reserved):
+        if not table.can_alloc(reserved + seq.worst_pages(4)):
+            return False
+        seq.req = FakeReq()
+        seq.req.private = table.alloc(1)
+        return True
+    step = s.plan(admit, lambda q, e: None)
+    assert len(step.prefills) == 3  # 3 x 3 pages fit in 10, a 4th would not
+    assert s.reserved_pages() == 3 * 2
+
+
+def test_worst_pages_accounts_for_the_shared_prefix():
+    q = Seq("x", [1] * 3, max_new=5, prefix_tokens=10)  # 18 tokens -> 5 pages of 4; 2 full prefix pages shared
+    assert q.worst_pages(4) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from skillkv.model import resolve_model
+
+    return resolve_model("dummy:tiny", device="cpu").load()
+
+
+def test_batched_logits_are_bitwise_those_of_the_request_alone(tiny_model):
+    """The batch-invariant engine: a request's logits do not depend on what it is batched with."""
+    from skillkv.engine.paged import PagedEngine
+
+    eng = PagedEngine(tiny_model, budget_bytes=4 << 20, attention="torch", page_size=4, row_block=8)
+    prefix = list(range(5, 40))
+    r = eng.start(None)
+    eng.prefill([r], [prefix])
+    kv = [tuple(x.clone() for x in eng.pool.gather(i, r.pages, len(prefix))) for i in range(eng.pool.layers)]
+    eng.finish(r)
+    eng.make_resident("p", len(prefix), lambda: kv)
+    g = torch.Generator().manual_seed(0)
+    questions = [torch.randint(3, 500, (int(n),), generator=g).tolist() for n in (1, 3, 9, 17, 5, 30)]
+
+    def run(batch: list[int], steps: int = 6) -> dict[int, list[torch.Tensor]]:
+        reqs = {i: eng.start("p" if i % 2 == 0 else None) for i in batch}
+        out = {i: [] for i in batch}
+        logits = eng.prefill(list(reqs.values()), [questions[i] for i in batch])
+        for _ in range(steps):
+            for i, row in zip(batch, logits):
+                out[i].append(row.clone())
+            logits = eng.prefill(list(reqs.values()), [[int(out[i][-1].argmax())] for i in batch])
+        for q in reqs.values():
+            eng.finish(q)
+        return out
+
+    solo = {i: run([i])[i] for i in range(len(questions))}
+    for batch in ([0, 1, 2, 3, 4, 5], [5, 3, 1], [2, 4]):
+        got = run(batch)
+        for i in batch:
+            assert all(torch.equal(a, b) for a, b in zip(got[i], solo[i])), (batch, i)
+    eng.table.check()
+
+
+def test_plain_engine_still_matches_within_tolerance(tiny_model):
+    """row_block=0 keeps the previous behaviour (one GEMM over the ragged batch)."""
+    from skillkv.engine.paged import PagedEngine
+
+    eng = PagedEngine(tiny_model, budget_bytes=4 << 20, attention="torch", page_size=4)
+    inv = PagedEngine(tiny_model, budget_bytes=4 << 20, attention="torch", page_size=4, row_block=8)
+    ids = list(range(3, 30))
+    a, b = eng.start(None), inv.start(None)
+    torch.testing.assert_close(eng.prefill([a], [ids]), inv.prefill([b], [ids]), rtol=1e-4, atol=1e-4)
+
+
+def test_single_user_message_maps_to_the_ask_prompt(tiny_kv):
+    from skillkv.serve.messages import question_ids, question_text
+    from skillkv.serve.protocol import ApiError, Message
+
+    b = tiny_kv.builder
+    q = "What does code B-17 mean?"
+    ids, sel = question_ids(b, [Message(role="user", content=q)])
+    assert ids == b.question_ids(q) and sel == q
+    text, sel = question_text(b, [Message(role="system", content="Answer in French."),
+                                  Message(role="user", content="first"),
+                                  Message(role="assistant", content="premier"),
+                                  Message(role="user", content=[{"type": "text", "text": "second"}])])
+    assert sel == "second"
+    assert text.startswith("Answer in French.") and text.index("first") < text.index("premier") < text.index("second")
+    assert text.endswith(b.tail)
+    with pytest.raises(ApiError):
+        question_text(b, [Message(role="system", content="only a system message")])
+
+
+def test_stop_strings_hold_back_and_cut():
+    from skillkv.serve.worker import StopText
+
+    sent = []
+    st = StopText(["END", "\n\n"], sent.append)
+    for piece in ["Hello wor", "ld E", "N", "D and more"]:
+        st.push(piece)
+    st.flush()
+    assert st.hit and "".join(sent) == st.text == "Hello world "
+    sent2 = []
+    st2 = StopText([], sent2.append)
+    for piece in ["a", "b"]:
+        st2.push(piece)
+    assert sent2 == ["a", "b"] and not st2.hit
