@@ -28,10 +28,11 @@ class RemoteKV:
         raise SkillkvError("--explain needs a local model (it is not available with --server)")
 
     def ask(self, question: str, skills: list[str] | None = None, mode: str = "exact",
-            params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
+            params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
+            repair=None) -> Answer:
         if not question or not question.strip():
             raise SkillkvError("the question is empty")
-        if mode != "exact":
+        if mode not in ("exact", "auto") or repair is not None:
             raise SkillkvError("--server answers in exact mode only (the server keeps skills hot)")
         p = params or SamplingParams()
         body = {"model": self.model, "messages": [{"role": "user", "content": question}], "stream": True,
