@@ -66,8 +66,11 @@ def resolve_engine(name: str, handle: ModelHandle) -> str:
     model_type = getattr(handle.hf_config, "model_type", None)
     if name == "paged" and model_type not in SUPPORTED:
         raise SkillkvError(f"the paged engine supports {', '.join(sorted(SUPPORTED))}, not {model_type}")
-    if name == "auto":
-        return "paged" if handle.device.startswith("cuda") and model_type in SUPPORTED else "hf"
+    if name == "auto":  # FlashInfer's prefill kernels are built for head dims 64, 128 and 256
+        cfg = handle.hf_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cuda = handle.device.startswith("cuda")
+        return "paged" if cuda and model_type in SUPPORTED and head_dim in (64, 128, 256) else "hf"
     return name
 
 
@@ -108,10 +111,12 @@ class SkillState:
     bytes: int = 0
 
 
-def _cat(pieces: list[KV]) -> KV:
+def _cat(pieces: list[KV], device: torch.device) -> KV:
+    """One KV from consecutive pieces, on `device` (loaded snapshots are host views, computed pieces are on the
+    model's device)."""
     if len(pieces) == 1:
         return pieces[0]
-    return [(torch.cat([p[i][0] for p in pieces], 0), torch.cat([p[i][1] for p in pieces], 0))
+    return [(torch.cat([p[i][0].to(device) for p in pieces], 0), torch.cat([p[i][1].to(device) for p in pieces], 0))
             for i in range(len(pieces[0]))]
 
 
@@ -217,7 +222,7 @@ class SkillKV:
                 info["cached"] += len(ids)
                 info["tiers"].append("l2")
             else:
-                cache = self.runner.new_cache(_cat(pieces) if pieces else None, key=keys[i - 1] if i else None)
+                cache = self.runner.new_cache(_cat(pieces, self.runner.device) if pieces else None, key=keys[i - 1] if i else None)
                 self.runner.forward(ids, cache)
                 kv = self.runner.slice_kv(cache, start, start + len(ids))
                 self.runner.release(cache)
@@ -229,7 +234,7 @@ class SkillKV:
                 info["computed"] += len(ids)
                 info["tiers"].append("computed")
             start += len(ids)
-        kv = _cat(pieces) if pieces else []
+        kv = _cat(pieces, self.runner.device) if pieces else []
         if keys and self.engine == "hf":  # the paged engine keeps prefixes resident in its pool instead
             self._memo[keys[-1]] = kv
         return kv, info
