@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from skillkv.engine.ops import rotate_half
 from skillkv.errors import SkillkvError
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -111,16 +112,11 @@ def rope_delta(rotary, delta: int, device, dtype=torch.float32) -> tuple[torch.T
     return (cos[0, 0] / scale).to(dtype), (sin[0, 0] / scale).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
 def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Keys [tokens, kv_heads, head_dim] (after RoPE) rotated further by the angle whose cos/sin are given
     (from `rope_delta`); computed in float32, returned in the keys' dtype on their device."""
     k = keys.float()
-    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ placement

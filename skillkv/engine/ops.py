@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's half rotation (NeoX layout, as transformers): [a, b] -> [-b, a] on the last dim."""
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
 
@@ -63,7 +64,7 @@ class TorchOps:
         return ln(x), x
 
     def rope(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return q * self.cos + _rotate_half(q) * self.sin, k * self.cos + _rotate_half(k) * self.sin
+        return q * self.cos + rotate_half(q) * self.sin, k * self.cos + rotate_half(k) * self.sin
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         g, u = gu.chunk(2, dim=-1)
