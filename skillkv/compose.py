@@ -19,9 +19,15 @@ come from the model's own rotary module, computed in float32 on the keys' device
 What re-rotation cannot fix: a later skill's tokens never attended to the skills placed before them. `Repair`
 recomputes chosen tokens given the real preceding context, in one forward pass over the composed cache:
   lead N       the first N tokens of every later skill (EPIC: the attention sink a segment start forms);
-  recompute F  the F fraction of all skill tokens whose values deviate most from a true prefill at a probe layer
-               (CacheBlend). The probe runs the first `probe_layer` layers over the whole prompt (about
-               probe_layer / num_layers of a full prefill) and compares that layer's values with the composed ones.
+  recompute F  F of all skill tokens (F x skill tokens in total, lead included), chosen by `select`:
+    front      the leading tokens of the later skills, spread evenly over them (rank within the skill, then skill
+               order). The default: on the evaluation it beats every per-token score tried at the same budget,
+               including CacheBlend's and an oracle that knows the true KV (docs/EVAL.md). A skill's error is
+               largest where it has the least context of its own, and recomputed tokens stay contiguous, so on
+               the paged engine only a skill's first pages become private copies.
+    deviation  the tokens whose values deviate most from a true prefill at a probe layer (CacheBlend). The probe
+               runs the first `probe_layer` layers over the whole prompt (about probe_layer / num_layers of a full
+               prefill) and compares that layer's values with the composed ones.
 Recomputed tokens attend to every earlier token, using the recomputed KV of earlier chosen tokens and the composed
 KV of the others (CacheBlend's selective recompute); their new KV replaces the composed rows. Only tokens of
 later skills are chosen: the preamble and the first skill are already exact.
@@ -41,13 +47,17 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 POSITION_INDEPENDENT_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
+SELECTIONS = ("front", "deviation")
+
+
 @dataclass(frozen=True)
 class Repair:
-    """Boundary repair: `lead` first tokens of every later skill, plus the `recompute` fraction of all skill
-    tokens chosen by value deviation at `probe_layer`."""
+    """Boundary repair: `lead` first tokens of every later skill, then up to the `recompute` fraction of all
+    skill tokens chosen by `select` (front | deviation at `probe_layer`); see the module docstring."""
 
     lead: int = 0
     recompute: float = 0.0
+    select: str = "front"
     probe_layer: int = 1
 
     def __post_init__(self):
@@ -55,19 +65,27 @@ class Repair:
             raise SkillkvError(f"--repair-lead must be >= 0 (got {self.lead})")
         if not 0.0 <= self.recompute <= 1.0:
             raise SkillkvError(f"--recompute must be a fraction in [0, 1] (got {self.recompute})")
+        if self.select not in SELECTIONS:
+            raise SkillkvError(f"unknown repair selection {self.select!r} (choose from {', '.join(SELECTIONS)})")
         if self.probe_layer < 1:
             raise SkillkvError(f"the probe layer must be >= 1 (got {self.probe_layer})")
 
     @property
     def label(self) -> str:
-        parts = ([f"lead {self.lead}"] if self.lead else []) + ([f"recompute {self.recompute:g}"]
-                                                                 if self.recompute else [])
-        if self.recompute and self.probe_layer != 1:
+        rec = f"recompute {self.recompute:g}" + (" by deviation" if self.select == "deviation" else "")
+        parts = ([f"lead {self.lead}"] if self.lead else []) + ([rec] if self.recompute else [])
+        if self.recompute and self.select == "deviation" and self.probe_layer != 1:
             parts.append(f"probe layer {self.probe_layer}")
         return "compose (" + (", ".join(parts) or "no repair") + ")"
 
     def to_json(self) -> dict:
-        return {"lead": self.lead, "recompute": self.recompute, "probe_layer": self.probe_layer}
+        return {"lead": self.lead, "recompute": self.recompute, "select": self.select,
+                "probe_layer": self.probe_layer}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Repair":
+        """Inverse of `to_json`; records written before `select` existed meant deviation."""
+        return cls(**{"select": "deviation", **d})
 
 
 @dataclass
@@ -205,14 +223,23 @@ def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
 
 
 def choose_positions(repair: Repair, starts: list[int], end: int, deviation: torch.Tensor | None) -> list[int]:
-    """Positions to recompute: the first `lead` of every later skill, then the most deviating tokens of later
-    skills until `recompute` of all skill tokens (positions starts[1]..end) are chosen."""
+    """Positions to recompute: the first `lead` of every later skill, then tokens of later skills by
+    `repair.select` until `recompute` of all skill tokens (positions starts[1]..end) are chosen: the front ones
+    (rank within the skill first, then skill order), or the most deviating (`deviation` [end] is required)."""
     later = list(range(starts[2], end)) if len(starts) > 2 else []
+    spans = list(zip(starts[2:], starts[3:] + [end]))
     chosen = set()
-    for a, b in zip(starts[2:], starts[3:] + [end]):
+    for a, b in spans:
         chosen.update(range(a, min(b, a + repair.lead)))
-    want = round(repair.recompute * (end - starts[1]))
-    if want > len(chosen) and deviation is not None and later:
+    want = min(round(repair.recompute * (end - starts[1])), len(later))
+    if want > len(chosen) and repair.select == "front":
+        for rank in range(max((b - a for a, b in spans), default=0)):
+            for a, b in spans:
+                if len(chosen) >= want:
+                    return sorted(chosen)
+                if a + rank < b:
+                    chosen.add(a + rank)
+    elif want > len(chosen) and deviation is not None and later:
         rest = torch.tensor([i for i in later if i not in chosen], dtype=torch.long)
         if len(rest):
             top = torch.topk(deviation.cpu()[rest], min(want - len(chosen), len(rest))).indices
@@ -230,7 +257,7 @@ def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repa
     if kv[0][0].shape[0] != len(ids):
         raise SkillkvError(f"composed KV has {kv[0][0].shape[0]} rows for {len(ids)} tokens")
     deviation = None
-    if repair.recompute > 0 and len(snapshots) > 1:
+    if repair.recompute > 0 and repair.select == "deviation" and len(snapshots) > 1:
         deviation = value_deviation(runner.model, ids, kv, repair.probe_layer)
     positions = choose_positions(repair, starts, len(ids), deviation)
     kv = recompute(runner, ids, kv, positions)

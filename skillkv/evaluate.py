@@ -80,26 +80,27 @@ def load_items(folder: Path) -> list[Item]:
 
 
 def parse_settings(text: str) -> list[Repair]:
-    """'0,lead4,r0.1,lead16+r0.15,r0.15+p3' -> Repair settings ('0' = no repair, pN = probe layer N)."""
+    """'0,lead4,r0.1,lead16+r0.15,d0.15+p3' -> Repair settings: '0' no repair, leadN, rF (recompute F, front
+    tokens), dF (recompute F by value deviation), pN (deviation's probe layer N)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        lead, frac, probe = 0, 0.0, 1
+        lead, frac, select, probe = 0, 0.0, "front", 1
         for term in part.split("+"):
             try:
                 if term == "0":
                     continue
                 if term.startswith("lead"):
                     lead = int(term[4:])
-                elif term.startswith("r"):
-                    frac = float(term[1:])
+                elif term[:1] in ("r", "d"):
+                    frac, select = float(term[1:]), ("front" if term[0] == "r" else "deviation")
                 elif term.startswith("p"):
                     probe = int(term[1:])
                 else:
                     raise ValueError
             except ValueError:
                 raise SkillkvError(f"bad repair setting {part!r} (use e.g. 0, lead16, r0.1, lead16+r0.15, "
-                                   "r0.15+p3)") from None
-        out.append(Repair(lead=lead, recompute=frac, probe_layer=probe))
+                                   "d0.15+p3)") from None
+        out.append(Repair(lead=lead, recompute=frac, select=select, probe_layer=probe))
     return out
 
 
@@ -269,7 +270,7 @@ def markdown(result: dict, machine: dict | None = None, command: str = "make eva
                          f"{x['facts']:.0%} | {x['ttft_ms']:.0f} | {x['recomputed']:.1%} |")
         return lines
 
-    reps = [Repair(**{k: v for k, v in st.items() if k != "label"}) for st in result["settings"]]
+    reps = [Repair.from_json({k: v for k, v in st.items() if k != "label"}) for st in result["settings"]]
     rec = fidelity_record(result, reps)
     best = fidelity.best_setting(rec)
     mc = machine or {}

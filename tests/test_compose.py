@@ -143,10 +143,12 @@ def test_partial_repair_moves_toward_exact(tiny_kv):
         return sum(float((v - ev).norm()) for (_, v), (_, ev) in zip(c.kv, exact)), c
 
     e0, _ = err(Repair())
-    e1, c = err(Repair(recompute=0.3))
-    assert e1 < e0
-    assert abs(c.recomputed_fraction - 0.3) < 0.01
-    assert min(c.recomputed) >= c.starts[2]  # only tokens of later skills
+    for select in ("front", "deviation"):
+        e1, c = err(Repair(recompute=0.3, select=select))
+        assert e1 < e0, select
+        assert abs(c.recomputed_fraction - 0.3) < 0.01
+        assert min(c.recomputed) >= c.starts[2]  # only tokens of later skills
+    assert c.recomputed != err(Repair(recompute=0.3))[1].recomputed  # the two selections differ
 
 
 def test_choose_positions_lead_then_most_deviating():
@@ -154,8 +156,20 @@ def test_choose_positions_lead_then_most_deviating():
     assert choose_positions(Repair(lead=3), starts, end, None) == [14, 15, 16, 24, 25, 26]
     dev = torch.zeros(end)
     dev[[20, 28, 2, 5]] = torch.tensor([5.0, 4.0, 9.0, 9.0])  # 2 and 5 are not in later skills
-    got = choose_positions(Repair(lead=3, recompute=8 / 26), starts, end, dev)
+    got = choose_positions(Repair(lead=3, recompute=8 / 26, select="deviation"), starts, end, dev)
     assert got == [14, 15, 16, 20, 24, 25, 26, 28]
+
+
+def test_choose_positions_front_spreads_the_budget_over_later_skills():
+    starts, end = [0, 4, 14, 24], 30  # skills at 4, 14 and 24: 26 skill tokens, 16 in later skills
+    assert choose_positions(Repair(recompute=8 / 26), starts, end, None) == [14, 15, 16, 17, 24, 25, 26, 27]
+    # lead counts towards the budget; the rest goes to the next ranks, evenly
+    assert choose_positions(Repair(lead=3, recompute=10 / 26), starts, end, None) == [
+        14, 15, 16, 17, 18, 24, 25, 26, 27, 28]
+    # the short last skill (6 tokens) runs out first; the rest goes to the longer one
+    assert choose_positions(Repair(recompute=14 / 26), starts, end, None) == list(range(14, 22)) + list(range(24, 30))
+    assert choose_positions(Repair(recompute=1.0), starts, end, None) == list(range(14, 30))
+    assert choose_positions(Repair(recompute=0.5), [0, 4], 30, None) == []  # one skill: nothing to repair
 
 
 def test_repair_rejects_bad_values():
@@ -163,6 +177,10 @@ def test_repair_rejects_bad_values():
         Repair(recompute=1.5)
     with pytest.raises(SkillkvError):
         Repair(lead=-1)
+    with pytest.raises(SkillkvError):
+        Repair(recompute=0.1, select="random")
+    assert Repair.from_json({"lead": 0, "recompute": 0.1, "probe_layer": 1}).select == "deviation"  # old records
+    assert Repair.from_json(Repair(recompute=0.1).to_json()) == Repair(recompute=0.1)
 
 
 # ------------------------------------------------------------------------------------------------ modes
