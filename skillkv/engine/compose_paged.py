@@ -156,30 +156,35 @@ class PagedComposer:
         segs = [(table.entries[k], p0) for k, p0 in layout]
         for e, p0 in segs:
             assert e.start == p0 % ps, "an entry's rows must sit in the slots their positions map to"
-        shared: list[int] = []
-        owned: list[int] = []
-        private: list[int] = []
+        n_pages = table.pages_for(total)
+        pages: list[int | None] = [None] * n_pages
+        partial: dict[int, list] = {}  # page index -> the entries that fill part of it
+        for e, p0 in segs:  # O(entries) list slices: no per-page Python loop over long skills
+            end, base = p0 + e.tokens, p0 // ps
+            first, last = -(-p0 // ps), end // ps  # pages [first, last) lie wholly inside this entry
+            if last > first:
+                pages[first:last] = e.pages[first - base:last - base]
+            for j in {base, (end - 1) // ps}:
+                if not first <= j < last:
+                    partial.setdefault(j, []).append((e, p0))
+        mine: list[int] = []
         try:
-            for j in range(table.pages_for(total)):
-                lo, hi = j * ps, min(j * ps + ps, total)
-                cover = [(e, p0) for e, p0 in segs if p0 < hi and p0 + e.tokens > lo]
-                if len(cover) == 1 and hi - lo == ps:
-                    e, p0 = cover[0]
-                    shared.append(e.pages[j - p0 // ps])
-                    continue
+            for j, cover in sorted(partial.items()):
                 (page,) = table.alloc(1)
-                if hi - lo == ps:
-                    owned.append(page)
-                    shared.append(page)
-                else:
-                    private.append(page)
+                mine.append(page)
+                pages[j] = page
+                lo = j * ps
                 for e, p0 in cover:
-                    a, b = max(lo, p0), min(hi, p0 + e.tokens)
+                    a, b = max(lo, p0), min(lo + ps, p0 + e.tokens)
                     pool.copy_slots(e.pages[j - p0 // ps], page, a - lo, b - lo)
                     self.boundary_copies += 1
         except BaseException:
-            table.free_private(owned + private)
+            table.free_private(mine)
             raise
+        assert None not in pages, "the entries must cover [0, total) without gaps"
+        full = total // ps  # a partly filled last page is where the question goes: private, after `shared`
+        shared, private = pages[:full], pages[full:]
+        owned = [p for p in mine if p not in private]
         return Request(layout[0][0], total, shared, private, length=total, keys=[k for k, _ in layout[1:]],
                        owned=owned)
 
