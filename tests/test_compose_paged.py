@@ -319,3 +319,49 @@ def test_compose_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert c["placed_kv_bitwise_equal"] and c["placements"] == 3 and c["placements_during_resident_runs"] == 0
     assert c["first_open_sources"] == ["l1", "placed", "placed", "placed"]
     assert c["compose_vs_contiguous_rel_err"] < 1e-6 and res["pool_within_budget"]
+
+
+@pytest.mark.gpu
+def test_compose_on_the_gpu_engine():
+    """FlashInfer + CUDA graphs, bf16: the composed request holds compose.place's KV bit for bit, answers like the
+    same KV as one contiguous entry, repairs like transformers compose, and reuses its placed entries."""
+    from skillkv.model import resolve_model
+
+    model = resolve_model("dummy:smollm2-135m", device="cuda", dtype=torch.bfloat16).load()
+    eng = PagedEngine(model, budget_bytes=256 << 20, attention="auto", page_size=16)
+    comp, hf = PagedComposer(eng, model.model.rotary_emb), HFRunner(model)
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(0, 49152, (n,), generator=g).tolist()  # noqa: E731
+    pre, skills, q = rand(23), [rand(300), rand(211), rand(157)], rand(40)
+    snaps = []
+    for i, ids in enumerate(skills):
+        r = eng.start(None)
+        eng.prefill([r], [pre + ids])
+        snaps.append([tuple(x.clone() for x in eng.pool.gather(j, r.pages, r.length)) for j in range(eng.pool.layers)])
+        eng.finish(r)
+        eng.make_resident(f"s{i}", len(pre + ids), lambda kv=snaps[-1]: kv)
+    parts = [Part(f"s{i}", len(pre + ids), lambda: None) for i, ids in enumerate(skills)]
+    req, where = comp.open(parts, len(pre))
+    assert where == ["l1", "placed", "placed"]
+    ref, starts = place(snaps, len(pre), model.model.rotary_emb)
+    for (k, v), (rk, rv) in zip(comp.gather(req), ref):
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+    got = eng.prefill([req], [q])[0]
+    eng.finish(req)
+    eng.make_resident("whole", ref[0][0].shape[0], lambda: ref)
+    r = eng.start("whole")
+    whole = eng.prefill([r], [q])[0]
+    eng.finish(r)
+    assert (got - whole).norm() / whole.norm() < 1e-3
+    ids = pre + [t for s in skills for t in s]
+    c = compose(hf, snaps, [pre] + skills, Repair(lead=8))
+    req, where = comp.open(parts, len(pre))
+    assert where == ["l1"] * 3 and comp.placements == 2
+    assert comp.repair(req, hf, ids, starts, Repair(lead=8)) == c.recomputed
+    for (k, v), (rk, rv) in zip(comp.gather(req), c.kv):
+        torch.testing.assert_close(k, rk, rtol=0, atol=1e-2)
+        torch.testing.assert_close(v, rv, rtol=0, atol=1e-2)
+    eng.prefill([req], [q])
+    eng.finish(req)
+    eng.table.check()
+    assert all(e.refs == 0 for e in eng.table.entries.values())
