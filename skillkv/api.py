@@ -11,7 +11,10 @@ Modes
          stored as a chain of segment snapshots (skill i's KV given skills 0..i-1), computed once and reused.
   full   no cache at all: the same token ids prefilled from scratch. The reference exact mode must equal.
   compose  approximate: the skills' single-skill snapshots placed one after another, keys re-rotated to their new
-         positions, boundary tokens repaired (skillkv.compose). No combination is compiled or stored.
+         positions, boundary tokens repaired (skillkv.compose). No combination is compiled or stored. On the paged
+         engine the placed skills stay resident in the pool, one entry per (skill, start position), shared by every
+         combination that places the skill there; a request copies only the pages where two skills meet and the
+         pages holding repaired rows (engine/compose_paged.py).
   auto   (the default) exact when there is at most one skill or the ordered combination is already stored;
          otherwise compose, but only if `skillkv eval` measured this very model (fingerprint) meeting the bar in
          skillkv.fidelity (top-1 agreement >= 0.98 and >= 98% of full's fact accuracy with <= 15% of skill
@@ -153,6 +156,7 @@ class SkillKV:
         self._skills: LoadResult | None = None
         self._runner = None  # HFRunner | PagedRunner
         self._memo: dict[str, KV] = {}  # chain key -> concatenated prefix KV (one process, e.g. --batch)
+        self._hf_repair = None  # HFRunner over the paged engine's model: compose repair runs on transformers
         self._model_load_pending = True
         self._stats = None  # skillkv.stats.StatsDB, opened on the first recorded ask
 
@@ -382,6 +386,14 @@ class SkillKV:
         else:
             self._warm_pins()
             logits = None
+            if chosen and self.engine == "paged" and mode == "compose":  # placed entries in the pool
+                repair = repair or self.default_repair()
+                cache, info = self._paged_composed(chosen, repair, compression)
+                try:
+                    logits = runner.forward(q_ids, cache)
+                except BaseException:
+                    runner.release(cache)
+                    raise
             if chosen and self.engine == "paged" and mode == "exact":  # L1, or stored pieces paged in
                 cache, info = self._paged_prefix(chosen)
                 if cache is not None:
@@ -395,8 +407,7 @@ class SkillKV:
                 key = self.chain_keys(chosen)[-1] if chosen else None
                 if mode == "compose":
                     repair = repair or self.default_repair()
-                    kv, info = self.composed(chosen, repair, compression)
-                    key = f"compose-{key}-{repair.to_json()}"  # resident (paged engine) per combination + repair
+                    kv, info = self.composed(chosen, repair, compression)  # hf engine
                 elif chosen:
                     kv, info = self.prefix(chosen, compression)
                 else:
@@ -427,6 +438,54 @@ class SkillKV:
                            if info.get("skill_tokens") else 0.0}
         self._record_stats(ans, chosen)
         return ans
+
+    def _paged_composed(self, chosen: list[Skill], repair: Repair, compression: str = "none"):
+        """Compose mode on the paged engine: a request over the first skill's single-skill entry and the later
+        skills' placed entries (made resident on demand, from L1 or from their snapshots, loaded or compiled
+        through `prefix`), with `repair` applied to the request's own copies of the pages it touches. Returns
+        (request, info) with info like `composed`'s; tiers per skill are "l1" when its KV was already in the pool.
+        The same positions and rows as `composed` (skillkv.compose), without a contiguous copy of the prefix."""
+        from itertools import accumulate
+
+        from skillkv.compose import check_composable
+        from skillkv.engine.compose_paged import Part
+
+        model = self.handle.load()
+        check_composable(model.config)
+        segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in chosen]
+        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
+        loaded: dict[str, dict] = {}
+
+        def loader(skill: Skill):
+            def load() -> KV:
+                kv, i = self.prefix([skill], compression)
+                loaded[skill.name] = i
+                info["snapshot_load"] += i["snapshot_load"]
+                return kv
+            return load
+        parts = [Part(self.chain_keys([s])[0], len(segs[0]) + len(seg), loader(s)) for s, seg in zip(chosen, segs[1:])]
+        composer = self.runner.composer
+        cache, where = composer.open(parts, len(segs[0]))
+        try:
+            if self._hf_repair is None:
+                self._hf_repair = HFRunner(model)
+            ids = [t for seg in segs for t in seg]
+            starts = [0] + list(accumulate(len(seg) for seg in segs[:-1]))
+            positions = composer.repair(cache, self._hf_repair, ids, starts, repair)
+        except BaseException:
+            self.runner.release(cache)
+            raise
+        for s, seg, w in zip(chosen, segs[1:], where):
+            i = loaded.get(s.name)
+            info["tiers"].append("l1" if i is None else i["tiers"][0])
+            info["computed"] += len(seg) if i is not None and i["computed"] else 0  # compiled just now
+        if "computed" in info["tiers"]:
+            info["computed"] += len(segs[0])
+        total = len(ids)
+        info["computed"] = min(total, info["computed"] + len(positions))
+        info["cached"] = total - info["computed"]
+        info["recomputed"], info["skill_tokens"] = positions, total - starts[1]
+        return cache, info
 
     def _paged_prefix(self, chosen: list[Skill]):
         """The paged engine's request over the prefix of `chosen` from L1, or paged in from the host tier or L2

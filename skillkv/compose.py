@@ -193,13 +193,11 @@ def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
-    """`kv` with the rows at `positions` recomputed given everything before them (one forward pass).
-
-    Each chosen token attends to the earlier unchosen tokens' rows of `kv` and to the recomputed rows of earlier
-    chosen tokens (and itself), at its true position. Returns new tensors; `kv` is not modified."""
-    if not positions:
-        return kv
+def recompute_rows(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
+    """The recomputed rows only: per layer (keys, values) [len(positions), kv_heads, head_dim] for the sorted,
+    distinct `positions`, each computed given everything before it (one forward pass): a chosen token attends to
+    the earlier unchosen tokens' rows of `kv` and to the recomputed rows of earlier chosen tokens (and itself), at
+    its true position. `kv` is not modified; the rows have its dtype and device."""
     model, dev = runner.model, runner.device
     n, sel = len(ids), sorted(set(positions))
     p = torch.tensor(sel, dtype=torch.long, device=dev)
@@ -213,11 +211,23 @@ def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
     x = torch.tensor([[ids[i] for i in sel]], dtype=torch.long, device=dev)
     model(input_ids=x, position_ids=p[None], attention_mask=mask, use_cache=True, logits_to_keep=1,
           **{runner._cache_kw: cache})
+    return [(layer.keys[0, :, n:].transpose(0, 1).to(k.dtype).to(k.device),
+             layer.values[0, :, n:].transpose(0, 1).to(v.dtype).to(v.device))
+            for (k, v), layer in zip(kv, cache.layers)]
+
+
+@torch.inference_mode()
+def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
+    """`kv` with the rows at `positions` recomputed given everything before them (`recompute_rows`).
+    Returns new tensors; `kv` is not modified."""
+    if not positions:
+        return kv
+    rows = recompute_rows(runner, ids, kv, positions)
+    p = torch.tensor(sorted(set(positions)), dtype=torch.long, device=kv[0][0].device)
     out = []
-    for (k, v), layer in zip(kv, cache.layers):
+    for (k, v), (rk, rv) in zip(kv, rows):
         k2, v2 = k.clone(), v.clone()
-        k2[p] = layer.keys[0, :, n:].transpose(0, 1).to(k.dtype).to(k.device)
-        v2[p] = layer.values[0, :, n:].transpose(0, 1).to(v.dtype).to(v.device)
+        k2[p], v2[p] = rk, rv
         out.append((k2, v2))
     return out
 
@@ -256,9 +266,16 @@ def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repa
     ids = [t for seg in segments for t in seg]
     if kv[0][0].shape[0] != len(ids):
         raise SkillkvError(f"composed KV has {kv[0][0].shape[0]} rows for {len(ids)} tokens")
-    deviation = None
-    if repair.recompute > 0 and repair.select == "deviation" and len(snapshots) > 1:
-        deviation = value_deviation(runner.model, ids, kv, repair.probe_layer)
-    positions = choose_positions(repair, starts, len(ids), deviation)
+    positions = select_positions(runner, ids, kv, starts, repair)
     kv = recompute(runner, ids, kv, positions)
     return Composed(kv, starts, positions, len(ids) - starts[1])
+
+
+def select_positions(runner, ids: list[int], kv: KV, starts: list[int], repair: Repair) -> list[int]:
+    """The positions `repair` recomputes in the placed (unrepaired) KV `kv` of `ids` whose segments begin at
+    `starts` (preamble first): sorted, all in later skills. Shared by every engine (the paged engine gathers its
+    composed pages into `kv` for it)."""
+    deviation = None
+    if repair.recompute > 0 and repair.select == "deviation" and len(starts) > 2:
+        deviation = value_deviation(runner.model, ids, kv, repair.probe_layer)
+    return choose_positions(repair, starts, len(ids), deviation)
