@@ -120,8 +120,9 @@ def test_composed_request_reads_exactly_the_placed_kv_and_answers_like_transform
     assert not eng.table.private and all(e.refs == 0 for e in eng.table.entries.values())
 
 
-@pytest.mark.parametrize("repair", [Repair(lead=2), Repair(lead=1, recompute=0.3), Repair(lead=10 ** 6)],
-                         ids=["lead2", "lead1+rec0.3", "all"])
+@pytest.mark.parametrize("repair", [Repair(lead=2), Repair(lead=1, recompute=0.3), Repair(lead=10 ** 6),
+                                    Repair(lead=1, recompute=0.3, select="deviation")],
+                         ids=["lead2", "lead1+front0.3", "all", "lead1+deviation0.3"])
 def test_repair_on_the_engine_equals_transformers_compose(model, snaps, repair):
     names = ["A", "B", "C", "D"]
     eng, comp = _engine(model)

@@ -19,9 +19,15 @@ is a private page whose slots are copied from each neighbour (one slot-range cop
 once); so is the prefix's partly filled last page (the question is appended there). So [A,B,C] and [A,B,D] list the
 same pages for A and for B's interior.
 
-Repair. The positions come from skillkv.compose (`select_positions`, a black box to this module) over the request's
-pages gathered into contiguous KV, the rows from `recompute_rows` (transformers, as on the hf engine). Every page
-holding a recomputed row becomes a private copy first (copy-on-write of the whole page); the others stay shared.
+Repair. Every page holding a recomputed row becomes a private copy first (copy-on-write of the whole page); the
+others stay shared. The positions come from skillkv.compose. Front selection (and lead alone) picks a run of
+leading tokens per later skill, which needs no probe: each run is prefilled by the engine itself, all runs in one
+batch, as a sequence over the request's pages that ends where the run ends (so it attends to everything before it,
+causally to itself). A layer writes every run's KV before any run attends, so a later skill's run sees the
+recomputed rows of earlier runs: the same semantics as compose.recompute's masked pass, on the engine's kernels
+(FlashInfer on the GPU, CUDA graphs for short batches). Deviation selection probes the request's pages gathered
+into contiguous KV (`select_positions`) and takes the rows from `recompute_rows` (transformers, as on the hf
+engine).
 
 Contract: the KV a composed request reads equals skillkv.compose.place's (bit for bit: the same rotation on the same
 rows), plus the same recomputed rows as skillkv.compose.compose for the same positions; on finish the engine frees
@@ -35,7 +41,7 @@ from typing import Callable
 
 import torch
 
-from skillkv.compose import Repair, recompute_rows, rerotate, rope_delta, select_positions
+from skillkv.compose import Repair, choose_positions, recompute_rows, rerotate, rope_delta, select_positions
 from skillkv.engine.paged import PagedEngine, Request
 from skillkv.engine.pool import KV
 from skillkv.errors import SkillkvError
@@ -202,6 +208,16 @@ class PagedComposer:
         if positions != sorted(set(positions)) or (positions and not 0 <= positions[0] <= positions[-1]
                                                    < req.prefix_tokens):
             raise SkillkvError("repaired positions must be sorted, distinct and inside the prefix")
+        self._own_pages(req, positions)
+        pages = req.pages
+        slots = torch.tensor([pages[p // ps] * ps + p % ps for p in positions], dtype=torch.long,
+                             device=pool.device)
+        for layer, (k, v) in enumerate(rows):
+            pool.write(layer, slots, k.to(pool.device, pool.dtype), v.to(pool.device, pool.dtype))
+
+    def _own_pages(self, req: Request, positions: list[int]) -> None:
+        """Replace every shared page of `req` holding one of `positions` by a private copy (copy-on-write)."""
+        pool, table, ps = self.engine.pool, self.engine.table, self.engine.pool.page_size
         mine = set(req.owned)
         for j in sorted({p // ps for p in positions}):
             if j < len(req.shared) and req.shared[j] not in mine:
@@ -210,20 +226,39 @@ class PagedComposer:
                 req.shared[j] = page
                 req.owned.append(page)
                 self.cow_pages += 1
+
+    def prefill_runs(self, req: Request, ids: list[int], positions: list[int]) -> None:
+        """Recompute the rows at `positions` (sorted, distinct, inside the prefix) of the request whose prefix
+        tokens are `ids`, with the engine: one batch of sequences, one per contiguous run of positions, each over
+        the request's pages up to the run's end (see the module docstring). Touched pages are made private first."""
+        ps = self.engine.pool.page_size
+        if positions != sorted(set(positions)) or (positions and not 0 <= positions[0] <= positions[-1]
+                                                   < req.prefix_tokens):
+            raise SkillkvError("repaired positions must be sorted, distinct and inside the prefix")
+        runs: list[list[int]] = []
+        for p in positions:
+            if runs and runs[-1][1] == p:
+                runs[-1][1] = p + 1
+            else:
+                runs.append([p, p + 1])
+        self._own_pages(req, positions)
         pages = req.pages
-        slots = torch.tensor([pages[p // ps] * ps + p % ps for p in positions], dtype=torch.long,
-                             device=pool.device)
-        for layer, (k, v) in enumerate(rows):
-            pool.write(layer, slots, k.to(pool.device, pool.dtype), v.to(pool.device, pool.dtype))
+        views = [Request(None, 0, pages[:-(-b // ps)], length=a) for a, b in runs]
+        self.engine.prefill(views, [ids[a:b] for a, b in runs])
 
     def repair(self, req: Request, runner, ids: list[int], starts: list[int], repair: Repair) -> list[int]:
         """Apply `repair` to the composed request `req` of prefix tokens `ids` (segments begin at `starts`,
-        preamble first): positions chosen by skillkv.compose over the gathered prefix, rows recomputed by
-        `runner` (an HFRunner over the same model), written with `write_rows`. Returns the positions."""
+        preamble first). Front selection and lead: the runs of leading tokens prefilled by the engine
+        (`prefill_runs`). Deviation: positions chosen by skillkv.compose over the gathered prefix, rows recomputed
+        by `runner` (an HFRunner over the same model), written with `write_rows`. Returns the positions."""
         if len(ids) != req.prefix_tokens:
             raise SkillkvError(f"{len(ids)} token ids for a composed prefix of {req.prefix_tokens} tokens")
         if not (repair.lead or repair.recompute) or len(starts) <= 2:
             return []
+        if repair.select == "front" or not repair.recompute:
+            positions = choose_positions(repair, starts, len(ids), None)
+            self.prefill_runs(req, ids, positions)
+            return positions
         kv = self.gather(req)
         positions = select_positions(runner, ids, kv, starts, repair)
         if positions:
