@@ -358,10 +358,19 @@ def test_compose_on_the_gpu_engine():
     c = compose(hf, snaps, [pre] + skills, Repair(lead=8))
     req, where = comp.open(parts, len(pre))
     assert where == ["l1"] * 3 and comp.placements == 2
-    assert comp.repair(req, hf, ids, starts, Repair(lead=8)) == c.recomputed
-    for (k, v), (rk, rv) in zip(comp.gather(req), c.kv):
-        torch.testing.assert_close(k, rk, rtol=0, atol=1e-2)
-        torch.testing.assert_close(v, rv, rtol=0, atol=1e-2)
+    pos = comp.repair(req, hf, ids, starts, Repair(lead=8))
+    assert pos == c.recomputed
+    # the engine's kernels (FlashInfer, bf16) vs transformers': rows other than the repaired ones are the same bits;
+    # the repaired ones agree to bf16 precision, far closer than the unrepaired placement is
+    keep = torch.ones(len(ids), dtype=torch.bool)
+    keep[pos] = False
+    rel = lambda a, b: float((a[pos].float() - b[pos].float()).norm() / b[pos].float().norm())  # noqa: E731
+    for layer, ((k, v), (rk, rv), (pk, pv)) in enumerate(zip(comp.gather(req), c.kv, ref)):
+        for got_, want, before in ((k, rk, pk), (v, rv, pv)):
+            assert torch.equal(got_[keep], want[keep])
+            assert rel(got_, want) < 2e-2
+            if layer:  # layer 0's KV depends on token and position only: placement already has it right
+                assert rel(got_, want) < 0.2 * rel(before, want)
     eng.prefill([req], [q])
     eng.finish(req)
     eng.table.check()
