@@ -42,7 +42,7 @@ import torch
 
 from skillkv import config as cfg
 from skillkv import fidelity
-from skillkv.compose import Repair, compose
+from skillkv.compose import NEIGHBOUR, Repair, compose
 from skillkv.engine.generate import SamplingParams, decode_loop
 from skillkv.engine.hf_runner import KV, HFRunner
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError, SnapshotError
@@ -244,24 +244,34 @@ class SkillKV:
             self._memo[keys[-1]] = kv
         return kv, info
 
+    def compose_sources(self, skills: list[Skill], repair: Repair) -> list[tuple[list[Skill], int]]:
+        """Where compose places each of `skills` from: (chain, context rows) per skill. The first skill comes from
+        its single-skill snapshot; later ones from their neighbour snapshots (chain [NEIGHBOUR, skill], its last
+        piece) when `repair.neighbour`, else from their single-skill snapshots (skillkv.compose)."""
+        pre = len(self.builder.preamble_ids())
+        nb = pre + len(self.builder.skill_ids(NEIGHBOUR))
+        return [([s], pre) if i == 0 or not repair.neighbour else ([NEIGHBOUR, s], nb) for i, s in enumerate(skills)]
+
     def composed(self, skills: list[Skill], repair: Repair, compression: str = "none") -> tuple[KV, dict]:
-        """Compose mode's prefix KV for `skills` in this order from their single-skill snapshots (loaded or
-        compiled through `prefix`), see skillkv.compose. Nothing about the combination is stored.
-        Returns (kv, info) like `prefix`, plus info["recomputed"] (positions) and info["skill_tokens"]."""
+        """Compose mode's prefix KV for `skills` in this order from their single-skill or neighbour snapshots
+        (`compose_sources`; loaded, or compiled and stored through `prefix`), see skillkv.compose. Nothing about
+        the combination is stored. Returns (kv, info) like `prefix`, plus info["recomputed"] (positions) and
+        info["skill_tokens"]."""
         info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
         snaps = []
         segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in skills]
-        for s, seg in zip(skills, segs[1:]):
-            kv, i = self.prefix([s], compression)
+        sources = self.compose_sources(skills, repair)
+        for (chain, _), seg in zip(sources, segs[1:]):
+            kv, i = self.prefix(chain, compression)
             snaps.append(kv)
             info["snapshot_load"] += i["snapshot_load"]
-            info["tiers"] += i["tiers"]
-            info["computed"] += len(seg) if i["computed"] else 0  # compiled just now
-        if "computed" in info["tiers"]:
+            info["tiers"].append(i["tiers"][-1])
+            info["computed"] += len(seg) if i["tiers"][-1] == "computed" else 0  # compiled just now
+        if info["tiers"][0] == "computed":  # the preamble came with the first skill's snapshot
             info["computed"] += len(segs[0])
         # placement and repair run on transformers (a masked forward over the composed cache), on any engine
         hf = self.runner if self.engine == "hf" else HFRunner(self.handle.load())
-        c = compose(hf, snaps, segs, repair)
+        c = compose(hf, snaps, segs, repair, [ctx for _, ctx in sources])
         total = sum(map(len, segs))
         info["computed"] = min(total, info["computed"] + len(c.recomputed))  # recomputed rows of fresh skills
         info["cached"] = total - info["computed"]                             # count once
@@ -457,14 +467,15 @@ class SkillKV:
         info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
         loaded: dict[str, dict] = {}
 
-        def loader(skill: Skill):
+        def loader(skill: Skill, chain: list[Skill]):
             def load() -> KV:
-                kv, i = self.prefix([skill], compression)
+                kv, i = self.prefix(chain, compression)
                 loaded[skill.name] = i
                 info["snapshot_load"] += i["snapshot_load"]
                 return kv
             return load
-        parts = [Part(self.chain_keys([s])[0], len(segs[0]) + len(seg), loader(s)) for s, seg in zip(chosen, segs[1:])]
+        parts = [Part(self.chain_keys(chain)[-1], ctx + len(seg), loader(s, chain), ctx)
+                 for s, seg, (chain, ctx) in zip(chosen, segs[1:], self.compose_sources(chosen, repair))]
         composer = self.runner.composer
         cache, where = composer.open(parts, len(segs[0]))
         try:
@@ -478,9 +489,9 @@ class SkillKV:
             raise
         for s, seg, w in zip(chosen, segs[1:], where):
             i = loaded.get(s.name)
-            info["tiers"].append("l1" if i is None else i["tiers"][0])
-            info["computed"] += len(seg) if i is not None and i["computed"] else 0  # compiled just now
-        if "computed" in info["tiers"]:
+            info["tiers"].append("l1" if i is None else i["tiers"][-1])
+            info["computed"] += len(seg) if i is not None and i["tiers"][-1] == "computed" else 0  # compiled now
+        if info["tiers"][0] == "computed":  # the preamble came with the first skill's snapshot
             info["computed"] += len(segs[0])
         total = len(ids)
         info["computed"] = min(total, info["computed"] + len(positions))
@@ -564,7 +575,7 @@ class SkillKV:
 
     def live_keys(self) -> set[str]:
         """Keys whose whole chain still matches current skills (combination pieces included)."""
-        by_hash = {s.content_hash for s in self.load_skills().skills}
+        by_hash = {s.content_hash for s in self.load_skills().skills} | {NEIGHBOUR.content_hash}
         entries = self.snapshots.entries()
         live: set[str] = set()
         for key, e in entries.items():

@@ -16,6 +16,15 @@ change f with the length and are refused, as are models with more than one rotar
 (Gemma 3: local layers with their own RoPE base and a cache that keeps only the window). The cos/sin of the delta
 come from the model's own rotary module, computed in float32 on the keys' device (CPU or CUDA alike).
 
+Neighbour snapshots (the default). A later skill's single-skill snapshot was computed with the preamble as its only
+context: its first tokens form their own attention sink and nothing in it has ever had a skill before it. Compose
+therefore places later skills from a second snapshot, compiled once per skill after the preamble and a fixed
+stand-in skill (`NEIGHBOUR`, generic instructions of ~300 tokens): [preamble][neighbour][skill], its skill rows
+re-rotated from their compiled start (preamble + neighbour) like any other. It is the chain piece of [neighbour,
+skill] in the store (compiled on first use, verified and collected like every snapshot). The first skill still
+comes from its exact single-skill snapshot. On the evaluation this halves the gap to full prefill at the same
+recompute budget (docs/EVAL.md: top-1 0.951 -> 0.967 unrepaired, 0.974 -> 0.986 with 15% front tokens).
+
 What re-rotation cannot fix: a later skill's tokens never attended to the skills placed before them. `Repair`
 recomputes chosen tokens given the real preceding context, in one forward pass over the composed cache:
   lead N       the first N tokens of every later skill (EPIC: the attention sink a segment start forms);
@@ -37,10 +46,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 
 from skillkv.engine.ops import rotate_half
 from skillkv.errors import SkillkvError
+from skillkv.skills import Skill
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,6 +60,37 @@ POSITION_INDEPENDENT_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
 SELECTIONS = ("front", "deviation")
+
+# The stand-in predecessor later skills are compiled after (see "Neighbour snapshots"): generic, skill-shaped
+# instructions that no question needs. Changing its text changes its hash, so every neighbour snapshot recompiles.
+NEIGHBOUR = Skill(
+    name="general-guidelines",
+    description="General guidelines for answering questions: read the question, use the reference material that "
+                "applies, and answer accurately and concisely. Use for any question.",
+    body="""## Steps
+
+1. Read the whole question before answering. Note what is asked: a command, a value, a name, an explanation or a
+   list of steps. If the question has several parts, answer each part in order.
+2. Find the reference material that applies. Prefer exact values from it (names, numbers, paths, flags, codes)
+   over general knowledge, and copy them exactly as written.
+3. Answer directly. Start with the answer itself, then add only the detail the user needs: one or two sentences,
+   a short list, or a code block for commands and configuration.
+4. If the material does not cover the question, say so briefly and give the most useful general advice.
+
+## Style
+
+- Use plain words and short sentences. Avoid filler such as "great question" or "as an AI".
+- Put commands, file paths, options and identifiers in backticks.
+- Use numbered steps for procedures and bullet points for options; keep lists short.
+- Keep units with numbers (ms, MB, %), and do not round values that are given exactly.
+
+## Checks before answering
+
+- The answer matches what was asked, not a related question.
+- Every value in the answer appears in the reference material or is clearly marked as general advice.
+- Nothing in the answer contradicts the instructions above it.
+""",
+    path=Path(__file__))
 
 
 @dataclass(frozen=True)
@@ -59,6 +102,7 @@ class Repair:
     recompute: float = 0.0
     select: str = "front"
     probe_layer: int = 1
+    neighbour: bool = True  # later skills from their neighbour snapshots (module docstring); False: plain ones
 
     def __post_init__(self):
         if self.lead < 0:
@@ -76,16 +120,19 @@ class Repair:
         parts = ([f"lead {self.lead}"] if self.lead else []) + ([rec] if self.recompute else [])
         if self.recompute and self.select == "deviation" and self.probe_layer != 1:
             parts.append(f"probe layer {self.probe_layer}")
+        if not self.neighbour:
+            parts.insert(0, "plain")
         return "compose (" + (", ".join(parts) or "no repair") + ")"
 
     def to_json(self) -> dict:
         return {"lead": self.lead, "recompute": self.recompute, "select": self.select,
-                "probe_layer": self.probe_layer}
+                "probe_layer": self.probe_layer, "neighbour": self.neighbour}
 
     @classmethod
     def from_json(cls, d: dict) -> "Repair":
-        """Inverse of `to_json`; records written before `select` existed meant deviation."""
-        return cls(**{"select": "deviation", **d})
+        """Inverse of `to_json`; records written before `select` and `neighbour` existed meant deviation
+        selection over plain snapshots."""
+        return cls(**{"select": "deviation", "neighbour": False, **d})
 
 
 @dataclass
@@ -140,24 +187,25 @@ def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 # ------------------------------------------------------------------------------------------------ placement
 
 
-def place(snapshots: list[KV], preamble: int, rotary) -> tuple[KV, list[int]]:
-    """Concatenate single-skill snapshots (each [preamble][skill] at positions 0..n) into one prefix.
-
-    The first snapshot is used whole; every later one contributes its rows after `preamble`, keys re-rotated by
-    (its new start - `preamble`). Returns (kv, starts): `starts` are the positions where the preamble and each
-    skill begin. Always returns new tensors (the snapshots, possibly read-only file mappings, are not touched).
-    Runs on the snapshots' device; one rotation table per skill (not per layer).
+def place(snapshots: list[KV], preamble: int, rotary, context: list[int] | None = None) -> tuple[KV, list[int]]:
+    """Concatenate snapshots into one prefix: the first is [preamble][skill 1] at positions 0..n, used whole;
+    every later snapshot i holds its skill's rows after `context[i]` rows of context (default `preamble`: a
+    single-skill snapshot; preamble + neighbour for a neighbour snapshot), keys re-rotated by (its new start -
+    context[i]). Returns (kv, starts): `starts` are the positions where the preamble and each skill begin. Always
+    returns new tensors (the snapshots, possibly read-only file mappings, are not touched). Runs on the
+    snapshots' device; one rotation table per skill (not per layer).
     """
     if not snapshots:
         raise SkillkvError("nothing to compose")
     layers = len(snapshots[0])
+    context = context or [preamble] * len(snapshots)
     starts, pieces = [0], [snapshots[0]]
     pos = snapshots[0][0][0].shape[0]
-    for snap in snapshots[1:]:
-        n = snap[0][0].shape[0] - preamble
+    for snap, ctx in zip(snapshots[1:], context[1:]):
+        n = snap[0][0].shape[0] - ctx
         starts.append(pos)
-        cos, sin = rope_delta(rotary, pos - preamble, snap[0][0].device)
-        pieces.append([(rerotate(k[preamble:], cos, sin), v[preamble:]) for k, v in snap])
+        cos, sin = rope_delta(rotary, pos - ctx, snap[0][0].device)
+        pieces.append([(rerotate(k[ctx:], cos, sin), v[ctx:]) for k, v in snap])
         pos += n
     starts.insert(1, preamble)  # preamble at 0, first skill at `preamble`
     kv = [(torch.cat([p[i][0] for p in pieces], 0), torch.cat([p[i][1] for p in pieces], 0)) for i in range(layers)]
@@ -257,12 +305,14 @@ def choose_positions(repair: Repair, starts: list[int], end: int, deviation: tor
     return sorted(chosen)
 
 
-def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repair = Repair()) -> Composed:
-    """The composed KV of `segments` = [preamble, skill 1, ..., skill k] from their single-skill `snapshots`
-    (snapshot i holds [preamble][skill i]), with `repair` applied."""
+def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repair = Repair(),
+            context: list[int] | None = None) -> Composed:
+    """The composed KV of `segments` = [preamble, skill 1, ..., skill k] from `snapshots`: snapshot i holds
+    `context[i]` rows of context then skill i (default: the preamble, single-skill snapshots; see `place`), with
+    `repair` applied (its positions and rows; which snapshots to pass is the caller's choice)."""
     check_composable(runner.model.config)
     rotary = _model_parts(runner.model)[2]
-    kv, starts = place(snapshots, len(segments[0]), rotary)
+    kv, starts = place(snapshots, len(segments[0]), rotary, context)
     ids = [t for seg in segments for t in seg]
     if kv[0][0].shape[0] != len(ids):
         raise SkillkvError(f"composed KV has {kv[0][0].shape[0]} rows for {len(ids)} tokens")

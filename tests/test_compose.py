@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 
 from skillkv import fidelity
-from skillkv.compose import Repair, check_composable, choose_positions, compose, recompute, rerotate, rope_delta
+from skillkv.compose import NEIGHBOUR, Repair, check_composable, choose_positions, compose, recompute, rerotate, rope_delta
 from skillkv.engine.generate import SamplingParams
 from skillkv.errors import SkillkvError
 
@@ -227,9 +227,15 @@ def test_auto_composes_only_when_the_measurement_meets_the_bar(tiny_kv):
 def test_explicit_compose_mode_and_token_accounting(tiny_kv):
     tiny_kv.compile()
     q = "What does B-17 mean?"
+    q_len = len(tiny_kv.builder.question_ids(q))
+    later = len(tiny_kv.builder.skill_ids(tiny_kv.pick(TWO)[1]))
+    first = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
+    # the later skill's neighbour snapshot is compiled (and stored) on first use, then loaded
+    assert first.tokens["computed"] == q_len + later + 2 and first.tiers[1] == "computed"
+    nb_key = tiny_kv.chain_keys([NEIGHBOUR, tiny_kv.pick(TWO)[1]])[-1]
+    assert tiny_kv.snapshots.contains(nb_key) and nb_key in tiny_kv.live_keys()  # gc keeps it
     ans = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
     assert ans.mode == "compose" and ans.mode_reason == "requested"
-    q_len = len(tiny_kv.builder.question_ids(q))
     assert ans.tokens["computed"] == q_len + 2
     assert ans.tokens["cached"] + ans.tokens["computed"] == ans.tokens["prompt"]
     single = tiny_kv.ask(q, ["beta-codes"], mode="compose", params=GREEDY)
@@ -280,3 +286,25 @@ def test_compose_runs_on_the_device_of_the_kv(tmp_path, tiny_skills, device):
         torch.testing.assert_close(v.float(), ev.float(), rtol=tol, atol=tol)
     ans = kv.ask("What does B-17 mean?", TWO, mode="compose", params=GREEDY)
     assert ans.mode == "compose" and ans.output_token_ids
+
+
+def test_later_skills_are_placed_from_their_neighbour_snapshots(tiny_kv):
+    """Compose places the first skill from its single-skill snapshot and later ones from [preamble][NEIGHBOUR]
+    [skill], re-rotated from where they were compiled; `neighbour=False` places the single-skill rows instead."""
+    tiny_kv.compile()
+    a, b = tiny_kv.pick(TWO)
+    b_ids = tiny_kv.builder.skill_ids(b)
+    ctx = len(tiny_kv.builder.preamble_ids()) + len(tiny_kv.builder.skill_ids(NEIGHBOUR))
+    start = len(tiny_kv.builder.preamble_ids()) + len(tiny_kv.builder.skill_ids(a))
+    variant, _ = tiny_kv.prefix([NEIGHBOUR, b])
+    assert variant[0][0].shape[0] == ctx + len(b_ids)
+    cos, sin = rope_delta(tiny_kv.runner.model.model.rotary_emb, start - ctx, "cpu")
+    kv, _ = tiny_kv.composed([a, b], Repair())
+    plain, _ = tiny_kv.composed([a, b], Repair(neighbour=False))
+    exact_a, _ = tiny_kv.prefix([a])
+    for layer, ((k, v), (pk, pv), (vk, vv), (ak, av)) in enumerate(zip(kv, plain, variant, exact_a)):
+        assert torch.equal(k[:start], ak) and torch.equal(v[:start], av)
+        assert torch.equal(v[start:], vv[ctx:])
+        torch.testing.assert_close(k[start:], rerotate(vk[ctx:], cos, sin), rtol=0, atol=0)
+        if layer:  # layer 0 depends on token and position only; deeper layers saw a different context
+            assert not torch.allclose(pv[start:], v[start:])

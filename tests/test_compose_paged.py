@@ -248,6 +248,7 @@ def test_ask_composes_on_the_pool_like_the_transformers_compose(paged_kv, repair
     kv.compile()
     chosen = kv.pick(THREE)
     q_ids = kv.builder.layout(chosen, "What does B-17 mean?").segments[-1]
+    kv.composed(chosen, repair)  # compiles the later skills' neighbour snapshots: both paths below load them
     ref_kv, ref_info = kv.composed(chosen, repair)  # transformers placement and repair from the same snapshots
     ref = _hf_logits(kv.handle.load(), ref_kv, q_ids)
     cache, info = kv._paged_composed(chosen, repair)

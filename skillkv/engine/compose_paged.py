@@ -54,13 +54,15 @@ def placed_key(chain_key: str, offset: int) -> str:
 
 @dataclass
 class Part:
-    """One skill of a composed prefix: its single-skill entry key (chain key), the tokens of [preamble][skill],
+    """One skill of a composed prefix: the chain key of the snapshot it is placed from, that snapshot's tokens
+    ([preamble][skill], or [preamble][neighbour][skill] with `context` = preamble + neighbour, skillkv.compose),
     and `load()`, which supplies that snapshot's KV (per layer [tokens, kv_heads, head_dim], any device) when the
-    pool holds neither the needed entry nor the single-skill one."""
+    pool holds neither the needed placed entry nor the snapshot's own entry."""
 
     key: str
     tokens: int
     load: Callable[[], KV]
+    context: int | None = None  # rows before the skill's own (None: the preamble; a neighbour snapshot has more)
 
 
 class PagedComposer:
@@ -142,12 +144,12 @@ class PagedComposer:
             held.append(first.key)
             layout, offset = [(first.key, 0)], first.tokens
             for part in parts[1:]:
-                where.append(self.place(part, preamble, offset))
+                where.append(self.place(part, part.context or preamble, offset))
                 key = placed_key(part.key, offset)
                 table.acquire(key)
                 held.append(key)
                 layout.append((key, offset))
-                offset += part.tokens - preamble
+                offset += part.tokens - (part.context or preamble)
             req = self._request(layout, offset)
         except BaseException:
             for key in held:
