@@ -36,7 +36,7 @@ bench: install
 # Fidelity of every mode vs a full prefill on eval/compose -> docs/EVAL.md, docs/results/, and the record that
 # `skillkv ask --mode auto` follows for this model (about 20 minutes on 2 CPU cores).
 eval: install
-	$(BIN)/skillkv eval
+	$(BIN)/skillkv eval --ship
 
 # HOST, PORT, ARGS (e.g. ARGS="--pin git-commit-messages") pass through
 HOST ?= 127.0.0.1

@@ -289,7 +289,7 @@ class SkillKV:
             return "exact", None, "one skill" if skills else "no skills"
         if self.chain_stored(skills):
             return "exact", None, "combination stored"
-        best = fidelity.best_setting(fidelity.read(self.snapshots.dir, self.fingerprint))
+        best = fidelity.best_setting(self.fidelity_record())
         if best is None:
             return "exact", None, "compose fidelity not measured for this model or below the bar"
         return "compose", best, "measured compose fidelity meets the bar"
@@ -297,7 +297,12 @@ class SkillKV:
     def default_repair(self) -> Repair:
         """The repair used by an explicit --mode compose without settings: the measured best passing one for this
         model, else DEFAULT_REPAIR."""
-        return fidelity.best_setting(fidelity.read(self.snapshots.dir, self.fingerprint)) or DEFAULT_REPAIR
+        return fidelity.best_setting(self.fidelity_record()) or DEFAULT_REPAIR
+
+    def fidelity_record(self) -> dict | None:
+        """The compose measurement `auto` follows: this store's for the exact fingerprint, else the one shipped
+        with skillkv for the model's weights (skillkv.fidelity)."""
+        return fidelity.for_model(self.snapshots.dir, self.fingerprint, self.handle.weights_id)
 
     # ------------------------------------------------------------------ commands
 

@@ -9,7 +9,15 @@ result in the store, next to that model's snapshots:
 
 The folder is per model fingerprint, and the fingerprint is checked again on read, so a measurement never
 licenses composition for another model (or other weights of the same name). The numbers are taken over the
-evaluation's multi-skill questions (composition is the identity for one skill).
+evaluation's multi-skill questions (composition is the identity for one skill), the worse of both skill orders.
+
+Shipped measurements. `make eval` (`skillkv eval --ship`) also writes the record into the package,
+skillkv/fidelity_records/<weights id>.json, keyed by the model's weights (sha256 of its weight files), so `auto`
+follows the project's own measurement of the default model without every user rerunning the evaluation. A store's
+own record, for the exact fingerprint (engine and preamble included), takes precedence (`for_model`). The shipped
+one applies to every engine and dtype of those weights: the engines compute the same function (exact mode is
+tested identical to full prefill on each); their rounding differs at the level of bf16 noise, far below the
+fidelity margins measured.
 
 The bar (issue 4): top-1 agreement with full >= 0.98 over the teacher-forced tokens, fact accuracy >= 98% of full
 mode's, and at most 15% of skill tokens recomputed. `best_setting` returns the passing setting that recomputes
@@ -27,6 +35,7 @@ from skillkv.compose import Repair
 from skillkv.errors import SkillkvError
 
 FILE = "compose-fidelity.json"
+SHIPPED = Path(__file__).resolve().parent / "fidelity_records"
 MIN_TOP1 = 0.98
 MIN_FACT_RATIO = 0.98
 MAX_RECOMPUTE = 0.15
@@ -60,6 +69,39 @@ def read(model_dir: Path, fingerprint: str) -> dict | None:
     if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint or not isinstance(rec.get("settings"), list):
         return None
     return rec
+
+
+def shipped_path(weights_id: str) -> Path:
+    return SHIPPED / f"{weights_id}.json"
+
+
+def write_shipped(record: dict) -> Path:
+    """Write `record` (it must carry "weights_id") as the measurement shipped with skillkv for those weights."""
+    weights = record.get("weights_id") or ""
+    if not weights or not all(c in "0123456789abcdef" for c in weights):
+        raise SkillkvError("only a model with real weights (a sha256 weights id) can ship a fidelity record")
+    p = shipped_path(weights)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps({k: v for k, v in record.items() if k != "fingerprint"}, indent=1) + "\n")
+    return p
+
+
+def read_shipped(weights_id: str) -> dict | None:
+    """The record shipped for these weights, or None."""
+    if not weights_id or "/" in weights_id:
+        return None
+    try:
+        rec = json.loads(shipped_path(weights_id).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("weights_id") != weights_id or not isinstance(rec.get("settings"), list):
+        return None
+    return rec
+
+
+def for_model(model_dir: Path, fingerprint: str, weights_id: str) -> dict | None:
+    """The store's own record for this exact fingerprint, else the one shipped for these weights, else None."""
+    return read(model_dir, fingerprint) or read_shipped(weights_id)
 
 
 def best_setting(record: dict | None) -> Repair | None:

@@ -96,3 +96,32 @@ def test_cli_eval_writes_json_doc_and_record(monkeypatch, capsys, eval_set, tmp_
     assert len(recs) == 1 and json.loads(recs[0].read_text())["fingerprint"] == res["record"]["fingerprint"]
     code, _, err = run_cli(monkeypatch, capsys, "eval", "--set", str(tmp_path / "nope"), "--model", "dummy:tiny")
     assert code != 0 and err.strip().startswith("skillkv: error:")
+
+
+def test_shipped_record_is_keyed_by_weights_and_the_store_record_wins(tmp_path, monkeypatch):
+    monkeypatch.setattr(fidelity, "SHIPPED", tmp_path / "shipped")
+    weights = "ab" * 32
+    ok = {"repair": Repair(recompute=0.15).to_json(), "top1": 0.985, "fact_accuracy": 0.5, "recomputed": 0.15}
+    rec = {"fingerprint": "f1", "weights_id": weights, "full_fact_accuracy": 0.5, "settings": [ok]}
+    with pytest.raises(SkillkvError):
+        fidelity.write_shipped({**rec, "weights_id": "random-seed-0"})  # dummy weights never ship
+    fidelity.write_shipped(rec)
+    assert "fingerprint" not in fidelity.read_shipped(weights)
+    assert fidelity.read_shipped("cd" * 32) is None and fidelity.read_shipped("../x") is None
+    store = tmp_path / "store"
+    assert fidelity.best_setting(fidelity.for_model(store, "f2", weights)) == Repair(recompute=0.15)
+    fidelity.write(store, {**rec, "fingerprint": "f2", "settings": [{**ok, "top1": 0.9}]})
+    assert fidelity.best_setting(fidelity.for_model(store, "f2", weights)) is None  # the store's own measurement
+    assert fidelity.best_setting(fidelity.for_model(store, "f3", weights)) == Repair(recompute=0.15)
+
+
+def test_record_takes_the_worse_skill_order():
+    from skillkv.evaluate import fidelity_record
+
+    r = Repair(recompute=0.15)
+    row = lambda top1, facts: {"top1": top1, "facts": facts, "recomputed": 0.15}  # noqa: E731
+    result = {"fingerprint": "f", "model": "m", "eval_set": "e", "summary": {
+        "multi": {"full": {"facts": 0.5, "questions": 20}, r.label: row(0.99, 0.5)},
+        "multi-reversed": {r.label: row(0.97, 0.5)}}}
+    [s] = fidelity_record(result, [r])["settings"]
+    assert s["top1"] == 0.97 and not s["passes"]

@@ -34,6 +34,9 @@ def eval_cmd(
                                        "is replaced ('' to skip)."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store the fidelity record that --mode auto "
                                 "follows for this model."),
+    ship: bool = typer.Option(False, "--ship", help="Also write the record into the package (skillkv/"
+                              "fidelity_records/), where --mode auto finds it for these weights in any store "
+                              "(make eval does, for the default model)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (1 is steadier on a shared CPU)."),
     render: Optional[Path] = typer.Option(None, "--render", help="Only rewrite the --doc section from this saved "
                                           "JSON result (no model run)."),
@@ -83,6 +86,8 @@ def eval_cmd(
     rec = fidelity_record(result, reps)
     if record:
         fidelity.write(main_kv.snapshots.dir, rec)
+    if ship:
+        fidelity.write_shipped(rec)
     if doc:
         write_section(Path(doc), markdown(result, result["machine"]))
     if as_json:
