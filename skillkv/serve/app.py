@@ -96,6 +96,7 @@ def create_app(worker: Worker) -> FastAPI:
     async def stats():
         from skillkv.cli.stats import collect
 
+        await asyncio.wrap_future(worker.stats_written())  # answers finished before this request are counted
         return await on_engine(lambda: collect(worker.kv, None)[0])
 
     @app.post("/v1/chat/completions")

@@ -149,6 +149,11 @@ class Worker:
             if r.status != "up to date":
                 self.log(f"compile: {r.skill} {r.tokens} tokens {r.seconds:.2f} s {r.status}")
 
+    def stats_written(self) -> concurrent.futures.Future:
+        """A future done once every answer finished so far is in the stats database (records are written in
+        order, off the engine thread)."""
+        return self._stats.submit(lambda: None)
+
     def close(self) -> None:
         self._stopping = True
         self.inbox.put(("wake",))
