@@ -75,6 +75,9 @@ def test_best_setting_is_the_cheapest_passing_one():
         {"repair": {"lead": -3}, "top1": 1.0, "fact_accuracy": 1.0, "recomputed": 0.0}]}
     assert fidelity.best_setting(rec) == Repair(lead=8)
     assert fidelity.best_setting(None) is None
+    # full mode answering nothing measures nothing about facts: no setting passes, however close the tokens
+    assert fidelity.best_setting({**rec, "full_fact_accuracy": 0.0,
+                                  "settings": [{**x, "fact_accuracy": 0.0} for x in rec["settings"]]}) is None
 
 
 def test_cli_eval_writes_json_doc_and_record(monkeypatch, capsys, eval_set, tmp_path):
