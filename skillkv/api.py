@@ -11,7 +11,10 @@ Modes
          stored as a chain of segment snapshots (skill i's KV given skills 0..i-1), computed once and reused.
   full   no cache at all: the same token ids prefilled from scratch. The reference exact mode must equal.
   compose  approximate: the skills' single-skill snapshots placed one after another, keys re-rotated to their new
-         positions, boundary tokens repaired (skillkv.compose). No combination is compiled or stored.
+         positions, boundary tokens repaired (skillkv.compose). No combination is compiled or stored. On the paged
+         engine the placed skills stay resident in the pool, one entry per (skill, start position), shared by every
+         combination that places the skill there; a request copies only the pages where two skills meet and the
+         pages holding repaired rows (engine/compose_paged.py).
   auto   (the default) exact when there is at most one skill or the ordered combination is already stored;
          otherwise compose, but only if `skillkv eval` measured this very model (fingerprint) meeting the bar in
          skillkv.fidelity (top-1 agreement >= 0.98 and >= 98% of full's fact accuracy with <= 15% of skill
@@ -39,7 +42,7 @@ import torch
 
 from skillkv import config as cfg
 from skillkv import fidelity
-from skillkv.compose import Repair, compose
+from skillkv.compose import NEIGHBOUR, Repair, compose
 from skillkv.engine.generate import SamplingParams, decode_loop
 from skillkv.engine.hf_runner import KV, HFRunner
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError, SnapshotError
@@ -52,8 +55,9 @@ from skillkv.store import Store, snapshot_key
 
 MODES = ("auto", "exact", "full", "compose")
 # --mode compose without --repair-lead/--recompute and without a passing measurement: the most faithful setting
-# within the 15% recompute budget in docs/EVAL.md (default model: top-1 0.957-0.973 vs 0.943-0.960 unrepaired)
-DEFAULT_REPAIR = Repair(lead=32, recompute=0.15)
+# within the 15% recompute budget in docs/EVAL.md (default model: 15% front tokens, top-1 0.974 over both skill
+# orders, vs 0.959 for CacheBlend's deviation selection and 0.951 unrepaired)
+DEFAULT_REPAIR = Repair(recompute=0.15)
 ENGINES = ("auto", "hf", "paged")
 
 
@@ -158,6 +162,7 @@ class SkillKV:
         self._skills: LoadResult | None = None
         self._runner = None  # HFRunner | PagedRunner
         self._memo: dict[str, KV] = {}  # chain key -> concatenated prefix KV (one process, e.g. --batch)
+        self._hf_repair = None  # HFRunner over the paged engine's model: compose repair runs on transformers
         self._model_load_pending = True
         self._stats = None  # skillkv.stats.StatsDB, opened on the first recorded ask
 
@@ -244,24 +249,34 @@ class SkillKV:
             self._memo[keys[-1]] = kv
         return kv, info
 
+    def compose_sources(self, skills: list[Skill], repair: Repair) -> list[tuple[list[Skill], int]]:
+        """Where compose places each of `skills` from: (chain, context rows) per skill. The first skill comes from
+        its single-skill snapshot; later ones from their neighbour snapshots (chain [NEIGHBOUR, skill], its last
+        piece) when `repair.neighbour`, else from their single-skill snapshots (skillkv.compose)."""
+        pre = len(self.builder.preamble_ids())
+        nb = pre + len(self.builder.skill_ids(NEIGHBOUR))
+        return [([s], pre) if i == 0 or not repair.neighbour else ([NEIGHBOUR, s], nb) for i, s in enumerate(skills)]
+
     def composed(self, skills: list[Skill], repair: Repair, compression: str = "none") -> tuple[KV, dict]:
-        """Compose mode's prefix KV for `skills` in this order from their single-skill snapshots (loaded or
-        compiled through `prefix`), see skillkv.compose. Nothing about the combination is stored.
-        Returns (kv, info) like `prefix`, plus info["recomputed"] (positions) and info["skill_tokens"]."""
+        """Compose mode's prefix KV for `skills` in this order from their single-skill or neighbour snapshots
+        (`compose_sources`; loaded, or compiled and stored through `prefix`), see skillkv.compose. Nothing about
+        the combination is stored. Returns (kv, info) like `prefix`, plus info["recomputed"] (positions) and
+        info["skill_tokens"]."""
         info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
         snaps = []
         segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in skills]
-        for s, seg in zip(skills, segs[1:]):
-            kv, i = self.prefix([s], compression)
+        sources = self.compose_sources(skills, repair)
+        for (chain, _), seg in zip(sources, segs[1:]):
+            kv, i = self.prefix(chain, compression)
             snaps.append(kv)
             info["snapshot_load"] += i["snapshot_load"]
-            info["tiers"] += i["tiers"]
-            info["computed"] += len(seg) if i["computed"] else 0  # compiled just now
-        if "computed" in info["tiers"]:
+            info["tiers"].append(i["tiers"][-1])
+            info["computed"] += len(seg) if i["tiers"][-1] == "computed" else 0  # compiled just now
+        if info["tiers"][0] == "computed":  # the preamble came with the first skill's snapshot
             info["computed"] += len(segs[0])
         # placement and repair run on transformers (a masked forward over the composed cache), on any engine
         hf = self.runner if self.engine == "hf" else HFRunner(self.handle.load())
-        c = compose(hf, snaps, segs, repair)
+        c = compose(hf, snaps, segs, repair, [ctx for _, ctx in sources])
         total = sum(map(len, segs))
         info["computed"] = min(total, info["computed"] + len(c.recomputed))  # recomputed rows of fresh skills
         info["cached"] = total - info["computed"]                             # count once
@@ -387,6 +402,14 @@ class SkillKV:
         else:
             self._warm_pins()
             logits = None
+            if chosen and self.engine == "paged" and mode == "compose":  # placed entries in the pool
+                repair = repair or self.default_repair()
+                cache, info = self._paged_composed(chosen, repair, compression)
+                try:
+                    logits = runner.forward(q_ids, cache)
+                except BaseException:
+                    runner.release(cache)
+                    raise
             if chosen and self.engine == "paged" and mode == "exact":  # L1, or stored pieces paged in
                 cache, info = self._paged_prefix(chosen)
                 if cache is not None:
@@ -400,8 +423,7 @@ class SkillKV:
                 key = self.chain_keys(chosen)[-1] if chosen else None
                 if mode == "compose":
                     repair = repair or self.default_repair()
-                    kv, info = self.composed(chosen, repair, compression)
-                    key = f"compose-{key}-{repair.to_json()}"  # resident (paged engine) per combination + repair
+                    kv, info = self.composed(chosen, repair, compression)  # hf engine
                 elif chosen:
                     kv, info = self.prefix(chosen, compression)
                 else:
@@ -432,6 +454,55 @@ class SkillKV:
                            if info.get("skill_tokens") else 0.0}
         self._record_stats(ans, chosen)
         return ans
+
+    def _paged_composed(self, chosen: list[Skill], repair: Repair, compression: str = "none"):
+        """Compose mode on the paged engine: a request over the first skill's single-skill entry and the later
+        skills' placed entries (made resident on demand, from L1 or from their snapshots, loaded or compiled
+        through `prefix`), with `repair` applied to the request's own copies of the pages it touches. Returns
+        (request, info) with info like `composed`'s; tiers per skill are "l1" when its KV was already in the pool.
+        The same positions and rows as `composed` (skillkv.compose), without a contiguous copy of the prefix."""
+        from itertools import accumulate
+
+        from skillkv.compose import check_composable
+        from skillkv.engine.compose_paged import Part
+
+        model = self.handle.load()
+        check_composable(model.config)
+        segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in chosen]
+        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
+        loaded: dict[str, dict] = {}
+
+        def loader(skill: Skill, chain: list[Skill]):
+            def load() -> KV:
+                kv, i = self.prefix(chain, compression)
+                loaded[skill.name] = i
+                info["snapshot_load"] += i["snapshot_load"]
+                return kv
+            return load
+        parts = [Part(self.chain_keys(chain)[-1], ctx + len(seg), loader(s, chain), ctx)
+                 for s, seg, (chain, ctx) in zip(chosen, segs[1:], self.compose_sources(chosen, repair))]
+        composer = self.runner.composer
+        cache, where = composer.open(parts, len(segs[0]))
+        try:
+            if self._hf_repair is None:
+                self._hf_repair = HFRunner(model)
+            ids = [t for seg in segs for t in seg]
+            starts = [0] + list(accumulate(len(seg) for seg in segs[:-1]))
+            positions = composer.repair(cache, self._hf_repair, ids, starts, repair)
+        except BaseException:
+            self.runner.release(cache)
+            raise
+        for s, seg, w in zip(chosen, segs[1:], where):
+            i = loaded.get(s.name)
+            info["tiers"].append("l1" if i is None else i["tiers"][-1])
+            info["computed"] += len(seg) if i is not None and i["tiers"][-1] == "computed" else 0  # compiled now
+        if info["tiers"][0] == "computed":  # the preamble came with the first skill's snapshot
+            info["computed"] += len(segs[0])
+        total = len(ids)
+        info["computed"] = min(total, info["computed"] + len(positions))
+        info["cached"] = total - info["computed"]
+        info["recomputed"], info["skill_tokens"] = positions, total - starts[1]
+        return cache, info
 
     def _paged_prefix(self, chosen: list[Skill]):
         """The paged engine's request over the prefix of `chosen` from L1, or paged in from the host tier or L2
@@ -509,7 +580,7 @@ class SkillKV:
 
     def live_keys(self) -> set[str]:
         """Keys whose whole chain still matches current skills (combination pieces included)."""
-        by_hash = {s.content_hash for s in self.load_skills().skills}
+        by_hash = {s.content_hash for s in self.load_skills().skills} | {NEIGHBOUR.content_hash}
         entries = self.snapshots.entries()
         live: set[str] = set()
         for key, e in entries.items():

@@ -22,12 +22,27 @@ hf_runner), so a snapshot holds every row, and the model's window mask, built fr
 sees. The repair passes below run layers or the model with explicit masks, so they apply each layer's window
 themselves (`_layer_masks`).
 
+Neighbour snapshots (the default). A later skill's single-skill snapshot was computed with the preamble as its only
+context: its first tokens form their own attention sink and nothing in it has ever had a skill before it. Compose
+therefore places later skills from a second snapshot, compiled once per skill after the preamble and a fixed
+stand-in skill (`NEIGHBOUR`, generic instructions of ~300 tokens): [preamble][neighbour][skill], its skill rows
+re-rotated from their compiled start (preamble + neighbour) like any other. It is the chain piece of [neighbour,
+skill] in the store (compiled on first use, verified and collected like every snapshot). The first skill still
+comes from its exact single-skill snapshot. On the evaluation this halves the gap to full prefill at the same
+recompute budget (docs/EVAL.md: top-1 0.951 -> 0.967 unrepaired, 0.974 -> 0.986 with 15% front tokens).
+
 What re-rotation cannot fix: a later skill's tokens never attended to the skills placed before them. `Repair`
 recomputes chosen tokens given the real preceding context, in one forward pass over the composed cache:
   lead N       the first N tokens of every later skill (EPIC: the attention sink a segment start forms);
-  recompute F  the F fraction of all skill tokens whose values deviate most from a true prefill at a probe layer
-               (CacheBlend). The probe runs the first `probe_layer` layers over the whole prompt (about
-               probe_layer / num_layers of a full prefill) and compares that layer's values with the composed ones.
+  recompute F  F of all skill tokens (F x skill tokens in total, lead included), chosen by `select`:
+    front      the leading tokens of the later skills, spread evenly over them (rank within the skill, then skill
+               order). The default: on the evaluation it beats every per-token score tried at the same budget,
+               including CacheBlend's and an oracle that knows the true KV (docs/EVAL.md). A skill's error is
+               largest where it has the least context of its own, and recomputed tokens stay contiguous, so on
+               the paged engine only a skill's first pages become private copies.
+    deviation  the tokens whose values deviate most from a true prefill at a probe layer (CacheBlend). The probe
+               runs the first `probe_layer` layers over the whole prompt (about probe_layer / num_layers of a full
+               prefill) and compares that layer's values with the composed ones.
 Recomputed tokens attend to every earlier token, using the recomputed KV of earlier chosen tokens and the composed
 KV of the others (CacheBlend's selective recompute); their new KV replaces the composed rows. Only tokens of
 later skills are chosen: the preamble and the first skill are already exact.
@@ -37,44 +52,94 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 
 from skillkv.engine.ops import rotate_half
 from skillkv.errors import SkillkvError
 from skillkv.model import layer_windows
+from skillkv.skills import Skill
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 POSITION_INDEPENDENT_ROPE = {"default", "linear", "llama3", "yarn"}
 
 
+SELECTIONS = ("front", "deviation")
+
+# The stand-in predecessor later skills are compiled after (see "Neighbour snapshots"): generic, skill-shaped
+# instructions that no question needs. Changing its text changes its hash, so every neighbour snapshot recompiles.
+NEIGHBOUR = Skill(
+    name="general-guidelines",
+    description="General guidelines for answering questions: read the question, use the reference material that "
+                "applies, and answer accurately and concisely. Use for any question.",
+    body="""## Steps
+
+1. Read the whole question before answering. Note what is asked: a command, a value, a name, an explanation or a
+   list of steps. If the question has several parts, answer each part in order.
+2. Find the reference material that applies. Prefer exact values from it (names, numbers, paths, flags, codes)
+   over general knowledge, and copy them exactly as written.
+3. Answer directly. Start with the answer itself, then add only the detail the user needs: one or two sentences,
+   a short list, or a code block for commands and configuration.
+4. If the material does not cover the question, say so briefly and give the most useful general advice.
+
+## Style
+
+- Use plain words and short sentences. Avoid filler such as "great question" or "as an AI".
+- Put commands, file paths, options and identifiers in backticks.
+- Use numbered steps for procedures and bullet points for options; keep lists short.
+- Keep units with numbers (ms, MB, %), and do not round values that are given exactly.
+
+## Checks before answering
+
+- The answer matches what was asked, not a related question.
+- Every value in the answer appears in the reference material or is clearly marked as general advice.
+- Nothing in the answer contradicts the instructions above it.
+""",
+    path=Path(__file__))
+
+
 @dataclass(frozen=True)
 class Repair:
-    """Boundary repair: `lead` first tokens of every later skill, plus the `recompute` fraction of all skill
-    tokens chosen by value deviation at `probe_layer`."""
+    """Boundary repair: `lead` first tokens of every later skill, then up to the `recompute` fraction of all
+    skill tokens chosen by `select` (front | deviation at `probe_layer`); see the module docstring."""
 
     lead: int = 0
     recompute: float = 0.0
+    select: str = "front"
     probe_layer: int = 1
+    neighbour: bool = True  # later skills from their neighbour snapshots (module docstring); False: plain ones
 
     def __post_init__(self):
         if self.lead < 0:
             raise SkillkvError(f"--repair-lead must be >= 0 (got {self.lead})")
         if not 0.0 <= self.recompute <= 1.0:
             raise SkillkvError(f"--recompute must be a fraction in [0, 1] (got {self.recompute})")
+        if self.select not in SELECTIONS:
+            raise SkillkvError(f"unknown repair selection {self.select!r} (choose from {', '.join(SELECTIONS)})")
         if self.probe_layer < 1:
             raise SkillkvError(f"the probe layer must be >= 1 (got {self.probe_layer})")
 
     @property
     def label(self) -> str:
-        parts = ([f"lead {self.lead}"] if self.lead else []) + ([f"recompute {self.recompute:g}"]
-                                                                 if self.recompute else [])
-        if self.recompute and self.probe_layer != 1:
+        rec = f"recompute {self.recompute:g}" + (" by deviation" if self.select == "deviation" else "")
+        parts = ([f"lead {self.lead}"] if self.lead else []) + ([rec] if self.recompute else [])
+        if self.recompute and self.select == "deviation" and self.probe_layer != 1:
             parts.append(f"probe layer {self.probe_layer}")
+        if not self.neighbour:
+            parts.insert(0, "plain")
         return "compose (" + (", ".join(parts) or "no repair") + ")"
 
     def to_json(self) -> dict:
-        return {"lead": self.lead, "recompute": self.recompute, "probe_layer": self.probe_layer}
+        return {"lead": self.lead, "recompute": self.recompute, "select": self.select,
+                "probe_layer": self.probe_layer, "neighbour": self.neighbour}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Repair":
+        """Inverse of `to_json`; records written before `select` and `neighbour` existed meant deviation
+        selection over plain snapshots."""
+        return cls(**{"select": "deviation", "neighbour": False, **d})
 
 
 @dataclass
@@ -152,30 +217,32 @@ def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 # ------------------------------------------------------------------------------------------------ placement
 
 
-def place(snapshots: list[KV], preamble: int, rotary, layer_types: list[str] | None = None) -> tuple[KV, list[int]]:
-    """Concatenate single-skill snapshots (each [preamble][skill] at positions 0..n) into one prefix.
-
-    The first snapshot is used whole; every later one contributes its rows after `preamble`, keys re-rotated by
-    (its new start - `preamble`). Returns (kv, starts): `starts` are the positions where the preamble and each
-    skill begin. Always returns new tensors (the snapshots, possibly read-only file mappings, are not touched).
-    Runs on the snapshots' device; one rotation table per skill (not per layer), or with `layer_types` (one RoPE
-    table name per layer, `rope_layer_types`) one per skill and layer type, each layer rotated with its own.
+def place(snapshots: list[KV], preamble: int, rotary, context: list[int] | None = None,
+          layer_types: list[str] | None = None) -> tuple[KV, list[int]]:
+    """Concatenate snapshots into one prefix: the first is [preamble][skill 1] at positions 0..n, used whole;
+    every later snapshot i holds its skill's rows after `context[i]` rows of context (default `preamble`: a
+    single-skill snapshot; preamble + neighbour for a neighbour snapshot), keys re-rotated by (its new start -
+    context[i]). Returns (kv, starts): `starts` are the positions where the preamble and each skill begin. Always
+    returns new tensors (the snapshots, possibly read-only file mappings, are not touched). Runs on the
+    snapshots' device; one rotation table per skill (not per layer), or with `layer_types` (one RoPE table name
+    per layer, `rope_layer_types`) one per skill and layer type, each layer rotated with its own.
     """
     if not snapshots:
         raise SkillkvError("nothing to compose")
     layers = len(snapshots[0])
+    context = context or [preamble] * len(snapshots)
     starts, pieces = [0], [snapshots[0]]
     pos = snapshots[0][0][0].shape[0]
-    for snap in snapshots[1:]:
-        n = snap[0][0].shape[0] - preamble
+    for snap, ctx in zip(snapshots[1:], context[1:]):
+        n = snap[0][0].shape[0] - ctx
         starts.append(pos)
         dev = snap[0][0].device
         if layer_types is None:
-            tables = [rope_delta(rotary, pos - preamble, dev)] * layers
+            tables = [rope_delta(rotary, pos - ctx, dev)] * layers
         else:
-            by_type = {t: rope_delta(rotary, pos - preamble, dev, layer_type=t) for t in dict.fromkeys(layer_types)}
+            by_type = {t: rope_delta(rotary, pos - ctx, dev, layer_type=t) for t in dict.fromkeys(layer_types)}
             tables = [by_type[t] for t in layer_types]
-        pieces.append([(rerotate(k[preamble:], *cs), v[preamble:]) for (k, v), cs in zip(snap, tables)])
+        pieces.append([(rerotate(k[ctx:], *cs), v[ctx:]) for (k, v), cs in zip(snap, tables)])
         pos += n
     starts.insert(1, preamble)  # preamble at 0, first skill at `preamble`
     kv = [(torch.cat([p[i][0] for p in pieces], 0), torch.cat([p[i][1] for p in pieces], 0)) for i in range(layers)]
@@ -241,13 +308,11 @@ def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
-    """`kv` with the rows at `positions` recomputed given everything before them (one forward pass).
-
-    Each chosen token attends to the earlier unchosen tokens' rows of `kv` and to the recomputed rows of earlier
-    chosen tokens (and itself), at its true position. Returns new tensors; `kv` is not modified."""
-    if not positions:
-        return kv
+def recompute_rows(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
+    """The recomputed rows only: per layer (keys, values) [len(positions), kv_heads, head_dim] for the sorted,
+    distinct `positions`, each computed given everything before it (one forward pass): a chosen token attends to
+    the earlier unchosen tokens' rows of `kv` and to the recomputed rows of earlier chosen tokens (and itself), at
+    its true position. `kv` is not modified; the rows have its dtype and device."""
     model, dev = runner.model, runner.device
     n, sel = len(ids), sorted(set(positions))
     p = torch.tensor(sel, dtype=torch.long, device=dev)
@@ -261,24 +326,45 @@ def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
     x = torch.tensor([[ids[i] for i in sel]], dtype=torch.long, device=dev)
     model(input_ids=x, position_ids=p[None], attention_mask=mask, use_cache=True, logits_to_keep=1,
           **{runner._cache_kw: cache})
+    return [(layer.keys[0, :, n:].transpose(0, 1).to(k.dtype).to(k.device),
+             layer.values[0, :, n:].transpose(0, 1).to(v.dtype).to(v.device))
+            for (k, v), layer in zip(kv, cache.layers)]
+
+
+@torch.inference_mode()
+def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
+    """`kv` with the rows at `positions` recomputed given everything before them (`recompute_rows`).
+    Returns new tensors; `kv` is not modified."""
+    if not positions:
+        return kv
+    rows = recompute_rows(runner, ids, kv, positions)
+    p = torch.tensor(sorted(set(positions)), dtype=torch.long, device=kv[0][0].device)
     out = []
-    for (k, v), layer in zip(kv, cache.layers):
+    for (k, v), (rk, rv) in zip(kv, rows):
         k2, v2 = k.clone(), v.clone()
-        k2[p] = layer.keys[0, :, n:].transpose(0, 1).to(k.dtype).to(k.device)
-        v2[p] = layer.values[0, :, n:].transpose(0, 1).to(v.dtype).to(v.device)
+        k2[p], v2[p] = rk, rv
         out.append((k2, v2))
     return out
 
 
 def choose_positions(repair: Repair, starts: list[int], end: int, deviation: torch.Tensor | None) -> list[int]:
-    """Positions to recompute: the first `lead` of every later skill, then the most deviating tokens of later
-    skills until `recompute` of all skill tokens (positions starts[1]..end) are chosen."""
+    """Positions to recompute: the first `lead` of every later skill, then tokens of later skills by
+    `repair.select` until `recompute` of all skill tokens (positions starts[1]..end) are chosen: the front ones
+    (rank within the skill first, then skill order), or the most deviating (`deviation` [end] is required)."""
     later = list(range(starts[2], end)) if len(starts) > 2 else []
+    spans = list(zip(starts[2:], starts[3:] + [end]))
     chosen = set()
-    for a, b in zip(starts[2:], starts[3:] + [end]):
+    for a, b in spans:
         chosen.update(range(a, min(b, a + repair.lead)))
-    want = round(repair.recompute * (end - starts[1]))
-    if want > len(chosen) and deviation is not None and later:
+    want = min(round(repair.recompute * (end - starts[1])), len(later))
+    if want > len(chosen) and repair.select == "front":
+        for rank in range(max((b - a for a, b in spans), default=0)):
+            for a, b in spans:
+                if len(chosen) >= want:
+                    return sorted(chosen)
+                if a + rank < b:
+                    chosen.add(a + rank)
+    elif want > len(chosen) and deviation is not None and later:
         rest = torch.tensor([i for i in later if i not in chosen], dtype=torch.long)
         if len(rest):
             top = torch.topk(deviation.cpu()[rest], min(want - len(chosen), len(rest))).indices
@@ -286,18 +372,27 @@ def choose_positions(repair: Repair, starts: list[int], end: int, deviation: tor
     return sorted(chosen)
 
 
-def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repair = Repair()) -> Composed:
-    """The composed KV of `segments` = [preamble, skill 1, ..., skill k] from their single-skill `snapshots`
-    (snapshot i holds [preamble][skill i]), with `repair` applied."""
+def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repair = Repair(),
+            context: list[int] | None = None) -> Composed:
+    """The composed KV of `segments` = [preamble, skill 1, ..., skill k] from `snapshots`: snapshot i holds
+    `context[i]` rows of context then skill i (default: the preamble, single-skill snapshots; see `place`), with
+    `repair` applied (its positions and rows; which snapshots to pass is the caller's choice)."""
     check_composable(runner.model.config)
     rotary = _model_parts(runner.model)[2]
-    kv, starts = place(snapshots, len(segments[0]), rotary, rope_layer_types(runner.model.config))
+    kv, starts = place(snapshots, len(segments[0]), rotary, context, rope_layer_types(runner.model.config))
     ids = [t for seg in segments for t in seg]
     if kv[0][0].shape[0] != len(ids):
         raise SkillkvError(f"composed KV has {kv[0][0].shape[0]} rows for {len(ids)} tokens")
-    deviation = None
-    if repair.recompute > 0 and len(snapshots) > 1:
-        deviation = value_deviation(runner.model, ids, kv, repair.probe_layer)
-    positions = choose_positions(repair, starts, len(ids), deviation)
+    positions = select_positions(runner, ids, kv, starts, repair)
     kv = recompute(runner, ids, kv, positions)
     return Composed(kv, starts, positions, len(ids) - starts[1])
+
+
+def select_positions(runner, ids: list[int], kv: KV, starts: list[int], repair: Repair) -> list[int]:
+    """The positions `repair` recomputes in the placed (unrepaired) KV `kv` of `ids` whose segments begin at
+    `starts` (preamble first): sorted, all in later skills. Shared by every engine (the paged engine gathers its
+    composed pages into `kv` for it)."""
+    deviation = None
+    if repair.recompute > 0 and repair.select == "deviation" and len(starts) > 2:
+        deviation = value_deviation(runner.model, ids, kv, repair.probe_layer)
+    return choose_positions(repair, starts, len(ids), deviation)

@@ -47,7 +47,7 @@ from skillkv.engine.generate import SamplingParams, decode_loop
 from skillkv.errors import SkillkvError
 
 DEFAULT_SET = Path(__file__).resolve().parent.parent / "eval" / "compose"
-DEFAULT_SETTINGS = "0,lead32,r0.15,lead32+r0.15,r0.3,r0.5"
+DEFAULT_SETTINGS = "plain,plain+d0.15,plain+r0.15,0,r0.1,r0.15"
 SECTION = "compose"  # the default model's docs section; another model family gets its own (e.g. compose-gemma)
 BEGIN, END = "<!-- compose:begin -->", "<!-- compose:end -->"
 
@@ -88,26 +88,31 @@ def load_items(folder: Path) -> list[Item]:
 
 
 def parse_settings(text: str) -> list[Repair]:
-    """'0,lead4,r0.1,lead16+r0.15,r0.15+p3' -> Repair settings ('0' = no repair, pN = probe layer N)."""
+    """'0,lead4,r0.1,lead16+r0.15,plain+d0.15+p3' -> Repair settings: '0' no repair, leadN, rF (recompute F,
+    front tokens), dF (recompute F by value deviation), pN (deviation's probe layer N), plain (later skills from
+    their single-skill snapshots instead of their neighbour snapshots)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        lead, frac, probe = 0, 0.0, 1
+        lead, frac, select, probe, neighbour = 0, 0.0, "front", 1, True
         for term in part.split("+"):
             try:
                 if term == "0":
                     continue
+                if term == "plain":
+                    neighbour = False
+                    continue
                 if term.startswith("lead"):
                     lead = int(term[4:])
-                elif term.startswith("r"):
-                    frac = float(term[1:])
+                elif term[:1] in ("r", "d"):
+                    frac, select = float(term[1:]), ("front" if term[0] == "r" else "deviation")
                 elif term.startswith("p"):
                     probe = int(term[1:])
                 else:
                     raise ValueError
             except ValueError:
                 raise SkillkvError(f"bad repair setting {part!r} (use e.g. 0, lead16, r0.1, lead16+r0.15, "
-                                   "r0.15+p3)") from None
-        out.append(Repair(lead=lead, recompute=frac, probe_layer=probe))
+                                   "d0.15+p3)") from None
+        out.append(Repair(lead=lead, recompute=frac, select=select, probe_layer=probe, neighbour=neighbour))
     return out
 
 
@@ -278,7 +283,7 @@ def markdown(result: dict, machine: dict | None = None, command: str = "make eva
                          f"{x['facts']:.0%} | {x['ttft_ms']:.0f} | {x['recomputed']:.1%} |")
         return lines
 
-    reps = [Repair(**{k: v for k, v in st.items() if k != "label"}) for st in result["settings"]]
+    reps = [Repair.from_json({k: v for k, v in st.items() if k != "label"}) for st in result["settings"]]
     rec = fidelity_record(result, reps)
     best = fidelity.best_setting(rec)
     mc = machine or {}

@@ -73,7 +73,7 @@ def best_setting(record: dict | None) -> Repair | None:
     for s in record["settings"]:
         try:
             if passes(float(s["top1"]), float(s["fact_accuracy"]), full, float(s["recomputed"])):
-                ok.append((float(s["recomputed"]), Repair(**s["repair"])))
+                ok.append((float(s["recomputed"]), Repair.from_json(s["repair"])))
         except (KeyError, TypeError, ValueError, SkillkvError):
             continue
     return min(ok, key=lambda x: x[0])[1] if ok else None

@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 
 from skillkv import fidelity
-from skillkv.compose import Repair, check_composable, choose_positions, compose, recompute, rerotate, rope_delta
+from skillkv.compose import NEIGHBOUR, Repair, check_composable, choose_positions, compose, recompute, rerotate, rope_delta
 from skillkv.engine.generate import SamplingParams
 from skillkv.errors import SkillkvError
 
@@ -142,10 +142,12 @@ def test_partial_repair_moves_toward_exact(tiny_kv):
         return sum(float((v - ev).norm()) for (_, v), (_, ev) in zip(c.kv, exact)), c
 
     e0, _ = err(Repair())
-    e1, c = err(Repair(recompute=0.3))
-    assert e1 < e0
-    assert abs(c.recomputed_fraction - 0.3) < 0.01
-    assert min(c.recomputed) >= c.starts[2]  # only tokens of later skills
+    for select in ("front", "deviation"):
+        e1, c = err(Repair(recompute=0.3, select=select))
+        assert e1 < e0, select
+        assert abs(c.recomputed_fraction - 0.3) < 0.01
+        assert min(c.recomputed) >= c.starts[2]  # only tokens of later skills
+    assert c.recomputed != err(Repair(recompute=0.3))[1].recomputed  # the two selections differ
 
 
 def test_choose_positions_lead_then_most_deviating():
@@ -153,8 +155,20 @@ def test_choose_positions_lead_then_most_deviating():
     assert choose_positions(Repair(lead=3), starts, end, None) == [14, 15, 16, 24, 25, 26]
     dev = torch.zeros(end)
     dev[[20, 28, 2, 5]] = torch.tensor([5.0, 4.0, 9.0, 9.0])  # 2 and 5 are not in later skills
-    got = choose_positions(Repair(lead=3, recompute=8 / 26), starts, end, dev)
+    got = choose_positions(Repair(lead=3, recompute=8 / 26, select="deviation"), starts, end, dev)
     assert got == [14, 15, 16, 20, 24, 25, 26, 28]
+
+
+def test_choose_positions_front_spreads_the_budget_over_later_skills():
+    starts, end = [0, 4, 14, 24], 30  # skills at 4, 14 and 24: 26 skill tokens, 16 in later skills
+    assert choose_positions(Repair(recompute=8 / 26), starts, end, None) == [14, 15, 16, 17, 24, 25, 26, 27]
+    # lead counts towards the budget; the rest goes to the next ranks, evenly
+    assert choose_positions(Repair(lead=3, recompute=10 / 26), starts, end, None) == [
+        14, 15, 16, 17, 18, 24, 25, 26, 27, 28]
+    # the short last skill (6 tokens) runs out first; the rest goes to the longer one
+    assert choose_positions(Repair(recompute=14 / 26), starts, end, None) == list(range(14, 22)) + list(range(24, 30))
+    assert choose_positions(Repair(recompute=1.0), starts, end, None) == list(range(14, 30))
+    assert choose_positions(Repair(recompute=0.5), [0, 4], 30, None) == []  # one skill: nothing to repair
 
 
 def test_repair_rejects_bad_values():
@@ -162,6 +176,10 @@ def test_repair_rejects_bad_values():
         Repair(recompute=1.5)
     with pytest.raises(SkillkvError):
         Repair(lead=-1)
+    with pytest.raises(SkillkvError):
+        Repair(recompute=0.1, select="random")
+    assert Repair.from_json({"lead": 0, "recompute": 0.1, "probe_layer": 1}).select == "deviation"  # old records
+    assert Repair.from_json(Repair(recompute=0.1).to_json()) == Repair(recompute=0.1)
 
 
 # ------------------------------------------------------------------------------------------------ modes
@@ -208,9 +226,15 @@ def test_auto_composes_only_when_the_measurement_meets_the_bar(tiny_kv):
 def test_explicit_compose_mode_and_token_accounting(tiny_kv):
     tiny_kv.compile()
     q = "What does B-17 mean?"
+    q_len = len(tiny_kv.builder.question_ids(q))
+    later = len(tiny_kv.builder.skill_ids(tiny_kv.pick(TWO)[1]))
+    first = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
+    # the later skill's neighbour snapshot is compiled (and stored) on first use, then loaded
+    assert first.tokens["computed"] == q_len + later + 2 and first.tiers[1] == "computed"
+    nb_key = tiny_kv.chain_keys([NEIGHBOUR, tiny_kv.pick(TWO)[1]])[-1]
+    assert tiny_kv.snapshots.contains(nb_key) and nb_key in tiny_kv.live_keys()  # gc keeps it
     ans = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
     assert ans.mode == "compose" and ans.mode_reason == "requested"
-    q_len = len(tiny_kv.builder.question_ids(q))
     assert ans.tokens["computed"] == q_len + 2
     assert ans.tokens["cached"] + ans.tokens["computed"] == ans.tokens["prompt"]
     single = tiny_kv.ask(q, ["beta-codes"], mode="compose", params=GREEDY)
@@ -261,3 +285,25 @@ def test_compose_runs_on_the_device_of_the_kv(tmp_path, tiny_skills, device):
         torch.testing.assert_close(v.float(), ev.float(), rtol=tol, atol=tol)
     ans = kv.ask("What does B-17 mean?", TWO, mode="compose", params=GREEDY)
     assert ans.mode == "compose" and ans.output_token_ids
+
+
+def test_later_skills_are_placed_from_their_neighbour_snapshots(tiny_kv):
+    """Compose places the first skill from its single-skill snapshot and later ones from [preamble][NEIGHBOUR]
+    [skill], re-rotated from where they were compiled; `neighbour=False` places the single-skill rows instead."""
+    tiny_kv.compile()
+    a, b = tiny_kv.pick(TWO)
+    b_ids = tiny_kv.builder.skill_ids(b)
+    ctx = len(tiny_kv.builder.preamble_ids()) + len(tiny_kv.builder.skill_ids(NEIGHBOUR))
+    start = len(tiny_kv.builder.preamble_ids()) + len(tiny_kv.builder.skill_ids(a))
+    variant, _ = tiny_kv.prefix([NEIGHBOUR, b])
+    assert variant[0][0].shape[0] == ctx + len(b_ids)
+    cos, sin = rope_delta(tiny_kv.runner.model.model.rotary_emb, start - ctx, "cpu")
+    kv, _ = tiny_kv.composed([a, b], Repair())
+    plain, _ = tiny_kv.composed([a, b], Repair(neighbour=False))
+    exact_a, _ = tiny_kv.prefix([a])
+    for layer, ((k, v), (pk, pv), (vk, vv), (ak, av)) in enumerate(zip(kv, plain, variant, exact_a)):
+        assert torch.equal(k[:start], ak) and torch.equal(v[:start], av)
+        assert torch.equal(v[start:], vv[ctx:])
+        torch.testing.assert_close(k[start:], rerotate(vk[ctx:], cos, sin), rtol=0, atol=0)
+        if layer:  # layer 0 depends on token and position only; deeper layers saw a different context
+            assert not torch.allclose(pv[start:], v[start:])

@@ -57,10 +57,14 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
 
 
 def test_settings_and_fact_matching():
-    assert parse_settings("0,lead16,r0.1,lead8+r0.15,r0.2+p3") == [
+    assert parse_settings("0,lead16,r0.1,lead8+r0.15,d0.2+p3") == [
         Repair(), Repair(lead=16), Repair(recompute=0.1), Repair(lead=8, recompute=0.15),
-        Repair(recompute=0.2, probe_layer=3)]
-    assert Repair(recompute=0.2, probe_layer=3).label == "compose (recompute 0.2, probe layer 3)"
+        Repair(recompute=0.2, select="deviation", probe_layer=3)]
+    assert Repair(recompute=0.2, select="deviation", probe_layer=3).label == (
+        "compose (recompute 0.2 by deviation, probe layer 3)")
+    assert Repair(lead=8, recompute=0.15).label == "compose (lead 8, recompute 0.15)"
+    assert parse_settings("plain,plain+r0.15") == [Repair(neighbour=False), Repair(recompute=0.15, neighbour=False)]
+    assert Repair(recompute=0.15, neighbour=False).label == "compose (plain, recompute 0.15)"
     with pytest.raises(SkillkvError):
         parse_settings("lots")
     assert has_fact("The canary gets 7 percent.", "7") and not has_fact("It listens on 7431.", "7")

@@ -75,7 +75,9 @@ def ask_cmd(
                              "(reuse skill KV) | compose (place skills in any order, approximate) | full (no cache, "
                              "the reference)."),
     recompute: Optional[float] = typer.Option(None, "--recompute", min=0.0, max=1.0, help="compose: recompute this "
-                                              "fraction of skill tokens (those deviating most)."),
+                                              "fraction of skill tokens (chosen by --repair-select)."),
+    repair_select: str = typer.Option("front", "--repair-select", help="compose: which tokens --recompute picks: "
+                                      "front (the leading tokens of every later skill) | deviation (CacheBlend)."),
     repair_lead: Optional[int] = typer.Option(None, "--repair-lead", min=0, help="compose: recompute the first N "
                                               "tokens of every later skill."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Answer length limit."),
@@ -110,7 +112,7 @@ def ask_cmd(
     if recompute is not None or repair_lead is not None:
         from skillkv.compose import Repair
 
-        repair = Repair(lead=repair_lead or 0, recompute=recompute or 0.0)
+        repair = Repair(lead=repair_lead or 0, recompute=recompute or 0.0, select=repair_select)
     stream = batch is None and not as_json
 
     def on_text(t: str) -> None:

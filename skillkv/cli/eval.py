@@ -19,9 +19,11 @@ def eval_cmd(
                                             "(default: eval/compose).", show_default=False),
     model: Optional[str] = ModelOpt,
     store: Optional[Path] = StoreOpt,
-    settings: Optional[str] = typer.Option(None, "--settings", help="Compose repair settings, comma-separated: 0 "
-                                           "(none), leadN, rF, leadN+rF, rF+pN (probe layer N) (default: "
-                                           "0,lead32,r0.15,lead32+r0.15,r0.3,r0.5).", show_default=False),
+    settings: Optional[str] = typer.Option(None, "--settings", help="Compose settings, comma-separated, terms "
+                                           "joined by +: 0 (no repair), leadN, rF (recompute F, front tokens), dF "
+                                           "(recompute F by deviation), pN (its probe layer), plain (no neighbour "
+                                           "snapshots) (default: plain,plain+d0.15,plain+r0.15,0,r0.1,r0.15).",
+                                           show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N questions."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="Teacher-forced / answer tokens."),
     reverse: bool = typer.Option(True, "--reverse/--no-reverse", help="Also run multi-skill questions with the "

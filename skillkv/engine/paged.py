@@ -5,6 +5,10 @@ keyed by its chain key). A request references the prefix's full pages in place (
 prefix ends inside a page, that page's filled slots are copied to a private page first (copy-on-write), so
 the request can append without touching shared pages. The request's own tokens live in private pages that are
 freed when it finishes. Entries referenced by a running request are never evicted (PageTable contract).
+
+A composed request (compose mode, engine/compose_paged.py) references several entries (`prefix_key` and `keys`)
+and lists its prefix pages in any order (`shared`); some of them are private copies (`owned`: pages where two
+entries meet, pages holding repaired rows). Exact-mode requests have no `keys` and no `owned` pages.
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ from skillkv.engine.pool import KV, KVPool
 
 @dataclass
 class Request:
+    """A sequence over the pool: `pages` = `shared` (the prefix's full pages, in order) + `private` (its
+    partly filled last page, then the request's own tokens). `finish` frees `private` and `owned` and releases
+    `prefix_key` and every key of `keys`."""
+
     prefix_key: str | None
     prefix_tokens: int
-    shared: list[int]  # shared full pages of the prefix
+    shared: list[int]  # full pages of the prefix, in position order (shared with entries, except `owned`)
     private: list[int] = field(default_factory=list)
     length: int = 0  # tokens in KV
     cow: tuple[int, int, int] | None = None  # (src page, dst page, slots): a copy-on-write still to do per layer
+    keys: list[str] = field(default_factory=list)  # further entries referenced (a composed prefix's placed skills)
+    owned: list[int] = field(default_factory=list)  # pages of `shared` that are the request's own copies
 
     @property
     def pages(self) -> list[int]:
@@ -137,9 +147,12 @@ class PagedEngine:
         return logits
 
     def finish(self, req: Request) -> None:
-        """Free the request's private pages and release its prefix reference."""
-        self.table.free_private(req.private)
-        req.private = []
+        """Free the request's private (and owned) pages and release its references."""
+        self.table.free_private(req.private + req.owned)
+        req.private, req.owned = [], []
         if req.prefix_key is not None:
             self.table.release(req.prefix_key)
             req.prefix_key = None
+        for key in req.keys:
+            self.table.release(key)
+        req.keys = []

@@ -6,7 +6,8 @@ the next question), `forward` appends tokens, `slice_kv` copies rows out of its 
 private pages. `open_stored(key, pieces)` goes through the tiers instead (engine/tiers.py): stored snapshots are
 paged L2 -> host -> pool layer by layer while the question's first layers already compute, when the tier policy
 says loading beats recomputing (on CUDA, measured once per model and store; on the CPU loading always wins: a
-CPU prefills hundreds of tokens per second and reads snapshots at GB/s). Every piece of a chain is computed by this same engine (compile, exact and full mode alike), so
+CPU prefills hundreds of tokens per second and reads snapshots at GB/s). `composer` opens compose mode's requests
+over placed entries (engine/compose_paged.py). Every piece of a chain is computed by this same engine (compile, exact and full mode alike), so
 exact mode equals a from-scratch prefill cut at the same segment boundaries bit for bit, on any device and dtype.
 """
 
@@ -36,6 +37,8 @@ class PagedRunner:
         self.device = device
         self.store, self.host_budget = store, host_budget
         self._tiers = None
+        self._composer = None
+        self._rotary = model.model.rotary_emb
 
     @property
     def tiers(self):
@@ -46,6 +49,20 @@ class PagedRunner:
             policy = policy_for(self.engine, self.store) if self.device.type == "cuda" else None
             self._tiers = Tiers(self.engine, self.store, self.host_budget or (4 << 30), policy=policy)
         return self._tiers
+
+    @property
+    def composer(self):
+        """Compose mode over this engine (engine/compose_paged.py); entries still being paged in by the tiers
+        are waited for before their pages are read."""
+        if self._composer is None:
+            from skillkv.engine.compose_paged import PagedComposer
+
+            self._composer = PagedComposer(self.engine, self._rotary, settle=self._settle)
+        return self._composer
+
+    def _settle(self, key: str) -> None:
+        if self._tiers is not None:
+            self._tiers.wait(key)
 
     def prefetch(self, pieces) -> None:
         """Start reading the stored snapshots of `pieces` [(key, ids)] into the host tier in the background."""

@@ -10,6 +10,9 @@ Contract
   - When `alloc` runs out of free pages it evicts unreferenced entries, least recently used first, pinned entries
     only after every unpinned one; if that is still not enough it raises PoolFull and changes nothing.
   - `lookup` does not modify residency beyond marking the entry most recently used.
+  - An entry's rows may begin inside its first page (`start` slots left empty: a skill placed at a position that
+    is not a multiple of the page size keeps every row in the slot its position maps to); it owns
+    pages_for(start + tokens) pages.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Resident:
     tokens: int
     refs: int = 0
     pinned: bool = False
+    start: int = 0  # empty slots before the first row, in the first page (0 <= start < page_size)
 
 
 @dataclass
@@ -83,15 +87,19 @@ class PageTable:
 
     # ------------------------------------------------------------------ residents
 
-    def add(self, key: str, pages: list[int], tokens: int, pinned: bool = False) -> Resident:
-        """Turn private pages (from alloc) into the resident entry `key`."""
+    def add(self, key: str, pages: list[int], tokens: int, pinned: bool = False, start: int = 0) -> Resident:
+        """Turn private pages (from alloc) into the resident entry `key` of `tokens` rows from slot `start` of
+        its first page."""
         if key in self.entries:
             raise SkillkvError(f"entry {key[:12]} is already resident")
-        if len(pages) != self.pages_for(tokens):
-            raise SkillkvError(f"{tokens} tokens need {self.pages_for(tokens)} pages, got {len(pages)}")
+        if not 0 <= start < self.page_size:
+            raise SkillkvError(f"an entry starts inside its first page (start {start}, page size {self.page_size})")
+        if len(pages) != self.pages_for(start + tokens):
+            raise SkillkvError(f"{tokens} tokens from slot {start} need {self.pages_for(start + tokens)} pages, "
+                               f"got {len(pages)}")
         for p in pages:
             self.private.remove(p)
-        e = Resident(key, list(pages), tokens, pinned=pinned)
+        e = Resident(key, list(pages), tokens, pinned=pinned, start=start)
         self.entries[key] = e
         return e
 
@@ -135,4 +143,5 @@ class PageTable:
         everything = self.free + owned + list(self.private)
         assert sorted(everything) == list(range(self.num_pages)), "a page is lost or owned twice"
         assert all(e.refs >= 0 for e in self.entries.values())
-        assert all(len(e.pages) == self.pages_for(e.tokens) for e in self.entries.values())
+        assert all(len(e.pages) == self.pages_for(e.start + e.tokens) for e in self.entries.values())
+        assert all(0 <= e.start < self.page_size for e in self.entries.values())

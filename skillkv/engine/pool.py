@@ -58,11 +58,12 @@ class KVPool:
         self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
         self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
 
-    def load(self, pages: list[int], kv: KV, non_blocking: bool = True) -> None:
+    def load(self, pages: list[int], kv: KV, non_blocking: bool = True, start: int = 0) -> None:
         """Copy a whole prefix (per layer [n, kv_heads, head_dim], any device, pinned host memory for speed)
-        into `pages`. Contiguous pages take one copy per layer and tensor; scattered pages go through slots."""
+        into `pages`, its first row at slot `start` of the first page. Contiguous pages take one copy per layer
+        and tensor; scattered pages go through slots."""
         for layer, (k, v) in enumerate(kv):
-            self.load_layer(layer, pages, k, v, 0, non_blocking)
+            self.load_layer(layer, pages, k, v, start, non_blocking)
 
     def load_layer(self, layer: int, pages: list[int], k: torch.Tensor, v: torch.Tensor, offset: int = 0,
                    non_blocking: bool = True) -> None:
@@ -85,6 +86,18 @@ class KVPool:
         k = self.k[layer].index_select(0, idx).view(-1, self.kv_heads, self.head_dim)[:n]
         v = self.v[layer].index_select(0, idx).view(-1, self.kv_heads, self.head_dim)[:n]
         return k, v
+
+    def read_rows(self, layer: int, pages: list[int], start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [n, kv_heads, head_dim] (new tensors) of token positions [start, start + n) of
+        `pages` in `layer`."""
+        slots = self.slots(pages, start, n)
+        return (self.k[layer].view(-1, self.kv_heads, self.head_dim).index_select(0, slots),
+                self.v[layer].view(-1, self.kv_heads, self.head_dim).index_select(0, slots))
+
+    def copy_slots(self, src: int, dst: int, lo: int, hi: int) -> None:
+        """Copy token slots [lo, hi) of page `src` to the same slots of page `dst`, in every layer."""
+        self.k[:, dst, lo:hi].copy_(self.k[:, src, lo:hi])
+        self.v[:, dst, lo:hi].copy_(self.v[:, src, lo:hi])
 
     def copy_page_prefix(self, src: int, dst: int, n: int, layer: int | None = None) -> None:
         """Copy the first n token slots of page `src` to page `dst` in every layer, or only in `layer`
