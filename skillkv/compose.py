@@ -12,9 +12,15 @@ f the fixed inverse frequencies and s the cos/sin scaling (`attention_scaling`, 
 Rotations of one plane compose, R(a) R(b) = R(a + b), so R(delta * f) k_p = s * R((p + delta) * f) k is exactly
 the key the model computes at position p + delta. This holds whenever f does not depend on the position or the
 sequence length: RoPE types default, linear, llama3 (the 8B shape's scaling) and yarn. Dynamic NTK and longrope
-change f with the length and are refused, as are models with more than one rotary table or sliding-window layers
-(Gemma 3: local layers with their own RoPE base and a cache that keeps only the window). The cos/sin of the delta
-come from the model's own rotary module, computed in float32 on the keys' device (CPU or CUDA alike).
+change f with the length and are refused. The cos/sin of the delta come from the model's own rotary module,
+computed in float32 on the keys' device (CPU or CUDA alike).
+
+Models with one RoPE table per layer type (Gemma 3: sliding-window layers with base 10,000, global layers with base
+1,000,000, `rope_parameters` keyed by `layer_types`) re-rotate every layer with its own type's table. Sliding-window
+layers need nothing else from placement: the runner's caches keep every token at every layer (skillkv.engine.
+hf_runner), so a snapshot holds every row, and the model's window mask, built from positions, decides what a query
+sees. The repair passes below run layers or the model with explicit masks, so they apply each layer's window
+themselves (`_layer_masks`).
 
 Neighbour snapshots (the default). A later skill's single-skill snapshot was computed with the preamble as its only
 context: its first tokens form their own attention sink and nothing in it has ever had a skill before it. Compose
@@ -52,6 +58,7 @@ import torch
 
 from skillkv.engine.ops import rotate_half
 from skillkv.errors import SkillkvError
+from skillkv.model import layer_windows
 from skillkv.skills import Skill
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -152,28 +159,51 @@ class Composed:
 # ------------------------------------------------------------------------------------------------ RoPE
 
 
+def rope_layer_types(config) -> list[str] | None:
+    """The RoPE table name of every layer where the model has one table per layer type (Gemma 3:
+    `rope_parameters` = {layer type: parameters}, `layer_types` naming each layer's), else None (one table)."""
+    rp = getattr(config, "rope_parameters", None)
+    types = getattr(config, "layer_types", None)
+    if types and isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
+        return list(types[: config.num_hidden_layers])
+    return None
+
+
 def check_composable(config) -> None:
-    """SkillkvError unless the model's keys can be re-positioned by one rotation (see the module docstring)."""
-    layer_types = getattr(config, "layer_types", None) or []
-    if any("sliding" in str(t) for t in layer_types) or (
-            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
-        raise SkillkvError(f"compose does not support sliding-window attention ({config.model_type}); use exact mode")
+    """SkillkvError unless every layer's keys can be re-positioned by one rotation of its RoPE table (module
+    docstring). Sliding-window layers are allowed (the HF runner keeps their every token)."""
     rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if isinstance(rp, dict) and all(isinstance(v, dict) for v in rp.values()) and rp:
-        raise SkillkvError(f"compose needs one RoPE table; {config.model_type} has one per layer type; use exact mode")
-    rope_type = (rp.get("rope_type") or rp.get("type") or "default") if isinstance(rp, dict) else "default"
-    if rope_type not in POSITION_INDEPENDENT_ROPE:
-        raise SkillkvError(f"compose needs position-independent RoPE frequencies; {rope_type!r} changes them "
-                           "with the sequence length; use exact mode")
+    types = rope_layer_types(config)
+    if types is not None:
+        missing = sorted(set(types) - set(rp))
+        if missing:
+            raise SkillkvError(f"{config.model_type} has no RoPE parameters for layer type(s) {', '.join(missing)}")
+        tables = [rp[t] for t in dict.fromkeys(types)]
+    elif isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
+        raise SkillkvError(f"{config.model_type} has one RoPE table per layer type but no layer_types; use exact mode")
+    else:
+        tables = [rp]
+    for t in tables:
+        rope_type = (t.get("rope_type") or t.get("type") or "default") if isinstance(t, dict) else "default"
+        if rope_type not in POSITION_INDEPENDENT_ROPE:
+            raise SkillkvError(f"compose needs position-independent RoPE frequencies; {rope_type!r} changes them "
+                               "with the sequence length; use exact mode")
 
 
-def rope_delta(rotary, delta: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_delta(rotary, delta: int, device, dtype=torch.float32,
+               layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [head_dim] of a rotation by `delta` positions, from the model's rotary module, without its
-    attention scaling (the stored keys carry it once already)."""
+    attention scaling (the stored keys carry it once already). `layer_type` picks the table of a rotary module
+    with one per layer type (Gemma 3's takes it as a third argument); None for a single-table module."""
     x = torch.zeros(1, dtype=torch.float32, device=device)
     pos = torch.tensor([[delta]], dtype=torch.long, device=device)
-    cos, sin = rotary(x, pos)
-    scale = float(getattr(rotary, "attention_scaling", 1.0) or 1.0)
+    if layer_type is None:
+        cos, sin = rotary(x, pos)
+        scale = getattr(rotary, "attention_scaling", 1.0)
+    else:
+        cos, sin = rotary(x, pos, layer_type)
+        scale = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
+    scale = float(scale or 1.0)
     return (cos[0, 0] / scale).to(dtype), (sin[0, 0] / scale).to(dtype)
 
 
@@ -187,13 +217,15 @@ def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 # ------------------------------------------------------------------------------------------------ placement
 
 
-def place(snapshots: list[KV], preamble: int, rotary, context: list[int] | None = None) -> tuple[KV, list[int]]:
+def place(snapshots: list[KV], preamble: int, rotary, context: list[int] | None = None,
+          layer_types: list[str] | None = None) -> tuple[KV, list[int]]:
     """Concatenate snapshots into one prefix: the first is [preamble][skill 1] at positions 0..n, used whole;
     every later snapshot i holds its skill's rows after `context[i]` rows of context (default `preamble`: a
     single-skill snapshot; preamble + neighbour for a neighbour snapshot), keys re-rotated by (its new start -
     context[i]). Returns (kv, starts): `starts` are the positions where the preamble and each skill begin. Always
     returns new tensors (the snapshots, possibly read-only file mappings, are not touched). Runs on the
-    snapshots' device; one rotation table per skill (not per layer).
+    snapshots' device; one rotation table per skill (not per layer), or with `layer_types` (one RoPE table name
+    per layer, `rope_layer_types`) one per skill and layer type, each layer rotated with its own.
     """
     if not snapshots:
         raise SkillkvError("nothing to compose")
@@ -204,8 +236,13 @@ def place(snapshots: list[KV], preamble: int, rotary, context: list[int] | None 
     for snap, ctx in zip(snapshots[1:], context[1:]):
         n = snap[0][0].shape[0] - ctx
         starts.append(pos)
-        cos, sin = rope_delta(rotary, pos - ctx, snap[0][0].device)
-        pieces.append([(rerotate(k[ctx:], cos, sin), v[ctx:]) for k, v in snap])
+        dev = snap[0][0].device
+        if layer_types is None:
+            tables = [rope_delta(rotary, pos - ctx, dev)] * layers
+        else:
+            by_type = {t: rope_delta(rotary, pos - ctx, dev, layer_type=t) for t in dict.fromkeys(layer_types)}
+            tables = [by_type[t] for t in layer_types]
+        pieces.append([(rerotate(k[ctx:], *cs), v[ctx:]) for (k, v), cs in zip(snap, tables)])
         pos += n
     starts.insert(1, preamble)  # preamble at 0, first skill at `preamble`
     kv = [(torch.cat([p[i][0] for p in pieces], 0), torch.cat([p[i][1] for p in pieces], 0)) for i in range(layers)]
@@ -220,6 +257,34 @@ def _model_parts(model):
     return inner, inner.layers, inner.rotary_emb
 
 
+def _layer_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list:
+    """Each layer's boolean attention mask [1, 1, m, n] (True = attend): `allowed` [m, n] (queries at positions
+    `q_pos` [m], keys at `k_pos` [n]) limited to the layer's window (a key is seen if k > q - window), or None
+    for a full-attention layer when `allowed` is None (plain causal)."""
+    out = []
+    for w in layer_windows(config):
+        if w is None:
+            out.append(None if allowed is None else allowed[None, None])
+            continue
+        inside = k_pos[None, :] > q_pos[:, None] - w
+        base = allowed if allowed is not None else k_pos[None, :] <= q_pos[:, None]
+        out.append((base & inside)[None, None])
+    return out
+
+
+def _model_mask(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """The `attention_mask` argument of a whole-model forward: one 4D mask, or where layers of different types
+    need different masks, {layer type: mask} (the form Gemma 3's model accepts)."""
+    masks = _layer_masks(config, allowed, q_pos, k_pos)
+    windows = layer_windows(config)
+    if len(set(windows)) == 1:
+        return masks[0]
+    by_type = {}
+    for t, m in zip(config.layer_types, masks):
+        by_type.setdefault(t, m)
+    return by_type
+
+
 @torch.inference_mode()
 def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
     """Per-token relative deviation [tokens] of `kv`'s values at `layer` from those of a true causal prefill of
@@ -229,10 +294,12 @@ def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
     dev = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=dev)
     pos = torch.arange(len(ids), device=dev)[None]
-    h = inner.embed_tokens(x)
-    pe = rotary(h, pos)
-    for blk in layers[:layer]:
-        h = blk(h, attention_mask=None, position_ids=pos, use_cache=False, position_embeddings=pe)
+    h = inner.embed_tokens(x)  # Gemma 3's embedding module applies its embed_scale itself
+    types = rope_layer_types(model.config)
+    pes = [rotary(h, pos, t) for t in types] if types else [rotary(h, pos)] * len(layers)
+    masks = _layer_masks(model.config, None, pos[0], pos[0])
+    for blk, pe, mask in zip(layers[:layer], pes, masks):
+        h = blk(h, attention_mask=mask, position_ids=pos, use_cache=False, position_embeddings=pe)
         h = h[0] if isinstance(h, tuple) else h
     at = layers[layer].self_attn
     v = at.v_proj(layers[layer].input_layernorm(h))[0].float()
@@ -254,7 +321,7 @@ def recompute_rows(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
     cols = torch.arange(n, device=dev)
     old = (cols[None, :] < p[:, None]) & ~chosen[None, :]  # [m, n]
     new = p[None, :] <= p[:, None]  # [m, m]
-    mask = torch.cat([old, new], 1)[None, None]
+    mask = _model_mask(model.config, torch.cat([old, new], 1), p, torch.cat([cols, p]))
     cache = runner.new_cache(kv)
     x = torch.tensor([[ids[i] for i in sel]], dtype=torch.long, device=dev)
     model(input_ids=x, position_ids=p[None], attention_mask=mask, use_cache=True, logits_to_keep=1,
@@ -312,7 +379,7 @@ def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repa
     `repair` applied (its positions and rows; which snapshots to pass is the caller's choice)."""
     check_composable(runner.model.config)
     rotary = _model_parts(runner.model)[2]
-    kv, starts = place(snapshots, len(segments[0]), rotary, context)
+    kv, starts = place(snapshots, len(segments[0]), rotary, context, rope_layer_types(runner.model.config))
     ids = [t for seg in segments for t in seg]
     if kv[0][0].shape[0] != len(ids):
         raise SkillkvError(f"composed KV has {kv[0][0].shape[0]} rows for {len(ids)} tokens")

@@ -48,7 +48,15 @@ from skillkv.errors import SkillkvError
 
 DEFAULT_SET = Path(__file__).resolve().parent.parent / "eval" / "compose"
 DEFAULT_SETTINGS = "plain,plain+d0.15,plain+r0.15,0,r0.1,r0.15"
+SECTION = "compose"  # the default model's docs section; another model family gets its own (e.g. compose-gemma)
 BEGIN, END = "<!-- compose:begin -->", "<!-- compose:end -->"
+
+
+def markers(section: str = SECTION) -> tuple[str, str]:
+    """The begin/end comments of a docs section: `<!-- {section}:begin -->`, `<!-- {section}:end -->`."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", section or ""):
+        raise SkillkvError(f"bad docs section name {section!r} (lower-case letters, digits and '-')")
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
 
 
 @dataclass
@@ -268,8 +276,9 @@ def fidelity_record(result: dict, settings: list[Repair]) -> dict:
             "questions": multi.get("full", {}).get("questions", 0), "full_fact_accuracy": full, "settings": out}
 
 
-def markdown(result: dict, machine: dict | None = None, command: str = "make eval") -> str:
-    """The docs/EVAL.md section (between the compose markers)."""
+def markdown(result: dict, machine: dict | None = None, command: str = "make eval", section: str = SECTION) -> str:
+    """The docs/EVAL.md section between the markers of `section`. The default section (the default model) ends
+    with the method notes; another section (a second model family) is titled with its model."""
     s = result["summary"]
 
     def table(group: str) -> list[str]:
@@ -285,14 +294,17 @@ def markdown(result: dict, machine: dict | None = None, command: str = "make eva
     rec = fidelity_record(result, reps)
     best = fidelity.best_setting(rec)
     mc = machine or {}
-    out = [BEGIN, "## Composition: fidelity of every mode against a full prefill", "",
+    begin, end = markers(section)
+    title = ("## Composition: fidelity of every mode against a full prefill" if section == SECTION else
+             f"## Composition on a second model family: `{result['model']}`")
+    out = [begin, title, "",
            f"`{command}` (`skillkv eval`, skillkv/evaluate.py) on `eval/compose/`: 6 invented skills (tools, codes, "
            f"numbers that exist nowhere else, ~310-390 tokens each) and {result['questions']} question runs, model "
            f"`{result['model']}` (fp32, CPU). Reference: full prefill and its greedy answer (at most "
            f"{result['max_tokens']} tokens); other modes are teacher-forced along it. Definitions in the module "
            "docstring. First-token times: "
            f"{mc.get('cpu', 'CPU')}, torch threads: {mc.get('torch_threads', '?')}, **shared with other developers: "
-           "noisy**; rerun `make eval` on an idle machine for timings.", ""]
+           f"noisy**; rerun `{command}` on an idle machine for timings.", ""]
     if "multi" in s:
         n = s["multi"]["full"]["questions"]
         out += [f"### Multi-skill questions ({n}, skills in the labelled order)", ""] + table("multi") + [""]
@@ -319,24 +331,14 @@ def markdown(result: dict, machine: dict | None = None, command: str = "make eva
             f"{fidelity.MAX_RECOMPUTE:.0%} of skill tokens recomputed (multi-skill questions). "
             + (f"Met by `{best.label}`: `--mode auto` composes with it for this model." if best else
                "**No setting meets it on this model**, so `--mode auto` uses exact mode (computing and storing "
-               "the combination) whenever the ordered combination is not stored yet."), "", *NOTES, "", END]
+               "the combination) whenever the ordered combination is not stored yet."), "",
+            *(NOTES if section == SECTION else []), end]
     return "\n".join(out)
 
 
 NOTES = [
     "### Second model family (Gemma 3 270M)", "",
-    "Not evaluated. `skillkv.compose.check_composable` refuses it, for two reasons in its architecture (transformers' "
-    "`Gemma3TextConfig`): (1) five of every six layers are sliding-window layers (`layer_types`), and transformers' "
-    "cache for them keeps only the last `sliding_window` keys, so a skill's snapshot would not hold the rows that "
-    "placement moves (skillkv's runner and snapshots assume every layer keeps every token: on a random "
-    "Gemma-3-shaped model with a 32-token window, `dummy:` config, exact mode's greedy output already differs from "
-    "full's, so sliding-window models are unsupported in exact mode too); (2) local and global layers use "
-    "different RoPE tables (`rope_parameters` per layer type: base 10,000 vs 1,000,000), so re-rotation needs one "
-    "delta table per layer type. Neither forbids "
-    "composition in principle: at a sliding layer the question only sees the last window of the prompt, so only the "
-    "last skill's tail (and the first window of each later skill, which in a true prefill attends to the previous "
-    "skill's tail instead of the preamble) matters there. It needs per-layer-type rotation and a snapshot format "
-    "with per-layer lengths; the GGUF wheel was not installed for this reason.", "",
+    "Measured: see the section below (`make eval-gemma`, evaluation only under the Gemma terms).", "",
     "### Method notes", "",
     "Placement: the first skill comes from its exact single-skill snapshot ([preamble][skill]); every later skill "
     "from its *neighbour snapshot*, compiled once per skill after the preamble and a fixed stand-in skill of ~300 "
@@ -361,12 +363,14 @@ NOTES = [
 ]
 
 
-def write_section(doc: Path, section: str) -> None:
-    """Replace the text between the compose markers in `doc` (append the section if they are absent)."""
+def write_section(doc: Path, section: str, name: str = SECTION) -> None:
+    """Replace the text between the markers of section `name` in `doc` with `section` (which carries the markers
+    itself); append it if they are absent. Other sections are left as they are."""
+    begin, end = markers(name)
     text = doc.read_text(encoding="utf-8") if doc.exists() else ""
-    if BEGIN in text and END in text:
-        a, rest = text.split(BEGIN, 1)
-        text = a + section + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        a, rest = text.split(begin, 1)
+        text = a + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     tmp = doc.with_suffix(".tmp")

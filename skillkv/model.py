@@ -5,7 +5,8 @@ A model spec is one of:
                            safetensors folder under $SKILLKV_HOME/models (later loads take well under a second)
   /path/to/folder          a local Hugging Face folder (config.json, *.safetensors, tokenizer files)
   /path/to/model.gguf      a GGUF file, converted once like the default
-  dummy:<preset>           random weights (seeded) of a known shape: tiny, smollm2-135m, llama-3.1-8b, qwen2.5-7b
+  dummy:<preset>           random weights (seeded) of a known shape: tiny, gemma3-tiny (sliding-window layers),
+                           smollm2-135m, llama-3.1-8b, qwen2.5-7b
   dummy:/path/config.json  random weights for that config
 Dummy models use a built-in byte-level tokenizer (no files needed), so they run anywhere.
 
@@ -41,6 +42,15 @@ DUMMY_PRESETS: dict[str, dict] = {
     "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
                  max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # Gemma 3's architecture at toy size: sliding-window and global layers with their own RoPE bases, a window of
+    # 32 tokens (prompts exceed it), embeddings scaled by sqrt(hidden), q/k norms, one kv head
+    "gemma3-tiny": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=512,
+                        max_position_embeddings=4096, sliding_window=32, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                                         "full_attention": dict(rope_type="default", rope_theta=1000000.0)},
+                        rms_norm_eps=1e-6, tie_word_embeddings=True),
     "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
                          max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
@@ -61,6 +71,20 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def layer_windows(config) -> list[int | None]:
+    """The attention window of every layer: an int for a sliding-window layer (a token sees itself and the
+    previous window - 1 tokens), None for full attention. From `layer_types` where the config has them (Gemma 3,
+    Qwen2/3), else one `sliding_window` for all layers where the config uses one (Mistral)."""
+    n = int(config.num_hidden_layers)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if "sliding" in str(t) and window else None for t in types[:n]]
+    if window and getattr(config, "use_sliding_window", True):
+        return [int(window)] * n
+    return [None] * n
 
 
 def quiet_transformers() -> None:

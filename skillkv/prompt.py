@@ -26,20 +26,30 @@ PREAMBLE = (
 )
 _SYS, _USER = "\x00SKILLKV_SYSTEM\x00", "\x00SKILLKV_USER\x00"
 FALLBACK_TEMPLATE = ("<|im_start|>system\n", "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+# Gemma's turn format, as its own chat template renders a system message: folded into the first user turn
+GEMMA_TEMPLATE = ("<bos><start_of_turn>user\n", "\n\n", "<end_of_turn>\n<start_of_turn>model\n")
+
+
+def _fallback(tokenizer) -> tuple[str, str, str]:
+    """Gemma's turn format when the vocabulary has its turn tokens, else ChatML."""
+    vocab = tokenizer.get_vocab()
+    return GEMMA_TEMPLATE if all(t in vocab for t in ("<bos>", "<start_of_turn>", "<end_of_turn>")) \
+        else FALLBACK_TEMPLATE
 
 
 def template_parts(tokenizer) -> tuple[str, str, str]:
-    """(head, middle, tail) around the system and user contents in the model's chat template."""
+    """(head, middle, tail) around the system and user contents in the model's chat template. Without a usable
+    template (none, as in a GGUF that carries none, or one without a system role): `_fallback`."""
     if not getattr(tokenizer, "chat_template", None):
-        return FALLBACK_TEMPLATE
+        return _fallback(tokenizer)
     try:
         text = tokenizer.apply_chat_template(
             [{"role": "system", "content": _SYS}, {"role": "user", "content": _USER}],
             add_generation_prompt=True, tokenize=False)
     except Exception:  # noqa: BLE001 - templates without a system role raise arbitrary errors
-        return FALLBACK_TEMPLATE
+        return _fallback(tokenizer)
     if not isinstance(text, str) or text.count(_SYS) != 1 or text.count(_USER) != 1:
-        return FALLBACK_TEMPLATE
+        return _fallback(tokenizer)
     head, rest = text.split(_SYS)
     middle, tail = rest.split(_USER)
     return head, middle, tail

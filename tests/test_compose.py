@@ -70,19 +70,18 @@ def test_length_dependent_rope_is_refused(rope):
         check_composable(cfg)
 
 
-def test_sliding_window_models_are_refused():
+def test_per_layer_type_rope_needs_layer_types():
+    """Sliding-window models compose (tests/test_sliding_window.py); a per-type RoPE dict without `layer_types`
+    naming each layer's table cannot be placed."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model("mistral", sliding_window=4096)
-    with pytest.raises(SkillkvError, match="sliding"):
-        check_composable(cfg)
     cfg = AutoConfig.for_model("qwen2", sliding_window=4096, use_sliding_window=False)
-    check_composable(cfg)  # Qwen2 declares a window it does not use
-    with pytest.raises(SkillkvError, match="sliding"):  # Gemma 3: 5 of 6 layers local, one RoPE table per type
-        check_composable(AutoConfig.for_model("gemma3_text"))
-    with pytest.raises(SkillkvError, match="one RoPE table"):
-        check_composable(AutoConfig.for_model("gemma3_text", layer_types=["full_attention"] * 26,
-                                            sliding_window=None))
+    check_composable(cfg)
+    cfg = AutoConfig.for_model("gemma3_text")
+    check_composable(cfg)
+    cfg.layer_types = None
+    with pytest.raises(SkillkvError, match="no layer_types"):
+        check_composable(cfg)
 
 
 def _parts(kv, names):

@@ -79,6 +79,9 @@ def test_best_setting_is_the_cheapest_passing_one():
         {"repair": {"lead": -3}, "top1": 1.0, "fact_accuracy": 1.0, "recomputed": 0.0}]}
     assert fidelity.best_setting(rec) == Repair(lead=8)
     assert fidelity.best_setting(None) is None
+    # full mode answering nothing measures nothing about facts: no setting passes, however close the tokens
+    assert fidelity.best_setting({**rec, "full_fact_accuracy": 0.0,
+                                  "settings": [{**x, "fact_accuracy": 0.0} for x in rec["settings"]]}) is None
 
 
 def test_cli_eval_writes_json_doc_and_record(monkeypatch, capsys, eval_set, tmp_path):
@@ -125,3 +128,24 @@ def test_record_takes_the_worse_skill_order():
         "multi-reversed": {r.label: row(0.97, 0.5)}}}
     [s] = fidelity_record(result, [r])["settings"]
     assert s["top1"] == 0.97 and not s["passes"]
+
+
+def test_a_second_model_gets_its_own_doc_section(monkeypatch, capsys, eval_set, tmp_path):
+    """`--doc-section compose-gemma` writes a section of its own: the default model's section is kept as it is,
+    and rerunning replaces only the named one. A bad section name is refused before any model runs."""
+    doc = tmp_path / "EVAL.md"
+    doc.write_text(f"intro\n{BEGIN}\ndefault model table\n{END}\nafter\n")
+    args = ["eval", "--set", str(eval_set), "--model", "dummy:gemma3-tiny", "--device", "cpu", "--store",
+            str(tmp_path / "store"), "--settings", "0", "--max-tokens", "3", "--no-reverse", "--limit", "2",
+            "--out", str(tmp_path / "g.json"), "--doc", str(doc), "--command", "make eval-gemma", "--json"]
+    for _ in range(2):
+        code, _, err = run_cli(monkeypatch, capsys, *args, "--doc-section", "compose-gemma")
+        assert code == 0, err
+    text = doc.read_text()
+    assert text.startswith(f"intro\n{BEGIN}\ndefault model table\n{END}\nafter\n")
+    assert text.count("<!-- compose-gemma:begin -->") == 1 and text.count("<!-- compose-gemma:end -->") == 1
+    gemma = text.split("<!-- compose-gemma:begin -->")[1]
+    assert "second model family: `dummy-gemma3-tiny`" in gemma and "make eval-gemma" in gemma
+    assert "### Method notes" not in gemma
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--doc-section", "Bad Name!")
+    assert code != 0 and "bad docs section name" in err and len(err.strip().splitlines()) == 1

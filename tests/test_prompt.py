@@ -82,6 +82,22 @@ def test_templates_without_a_usable_system_role_fall_back_to_chatml(template):
     assert template_parts(tokenizer_with(template)) == FALLBACK_TEMPLATE
 
 
+def test_gemma_vocabulary_without_a_template_gets_gemmas_turn_format():
+    """A GGUF without a chat template (Gemma 3 270M): the system text folds into the first user turn, as Gemma's
+    own template renders it, and the turn tokens stay single special tokens."""
+    from skillkv.prompt import GEMMA_TEMPLATE
+
+    tok = byte_tokenizer()
+    tok.chat_template = None
+    tok.add_special_tokens({"additional_special_tokens": ["<bos>", "<start_of_turn>", "<end_of_turn>"]})
+    assert template_parts(tok) == GEMMA_TEMPLATE
+    tok.chat_template = RAISES_ON_SYSTEM
+    assert template_parts(tok) == GEMMA_TEMPLATE
+    end, start = tok.convert_tokens_to_ids(["<end_of_turn>", "<start_of_turn>"])
+    ids = PromptBuilder(tok).question_ids("Hi?")
+    assert ids.count(end) == 1 and ids.count(start) == 1 and ids.index(end) < ids.index(start)
+
+
 # ---------------------------------------------------------------------------------------------- layout
 
 

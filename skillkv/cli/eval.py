@@ -32,6 +32,11 @@ def eval_cmd(
                                        "compose-<model>.json).", show_default=False),
     doc: str = typer.Option("docs/EVAL.md", "--doc", help="Markdown file whose compose section "
                                        "is replaced ('' to skip)."),
+    doc_section: str = typer.Option("compose", "--doc-section", help="Name of the --doc section "
+                                    "(<!-- NAME:begin --> ... <!-- NAME:end -->): compose for the default model, "
+                                    "another name (e.g. compose-gemma) for a second model family."),
+    command: str = typer.Option("make eval", "--command", help="The command named in the section as the way to "
+                                "reproduce it."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store the fidelity record that --mode auto "
                                 "follows for this model."),
     ship: bool = typer.Option(False, "--ship", help="Also write the record into the package (skillkv/"
@@ -47,20 +52,22 @@ def eval_cmd(
     import json
 
     from skillkv.bench import machine
-    from skillkv.evaluate import (DEFAULT_SET, DEFAULT_SETTINGS, fidelity_record, markdown, parse_settings,
-                                  run_eval, write_section)
+    from skillkv.evaluate import (DEFAULT_SET, DEFAULT_SETTINGS, fidelity_record, markdown, markers,
+                                  parse_settings, run_eval, write_section)
     from skillkv.errors import SkillkvError
     from skillkv import fidelity
 
     import torch
 
     torch.set_num_threads(threads)
+    markers(doc_section)  # a bad name fails before the model runs
     if render is not None:
         try:
             saved = json.loads(render.read_text())
         except (OSError, ValueError) as e:
             raise SkillkvError(f"cannot read result {render} ({e})") from None
-        write_section(Path(doc or "docs/EVAL.md"), markdown(saved, saved.get("machine")))
+        write_section(Path(doc or "docs/EVAL.md"), markdown(saved, saved.get("machine"), command, doc_section),
+                      doc_section)
         return
     eval_set = eval_set or DEFAULT_SET
     if not (eval_set / "skills").is_dir():
@@ -89,7 +96,7 @@ def eval_cmd(
     if ship:
         fidelity.write_shipped(rec)
     if doc:
-        write_section(Path(doc), markdown(result, result["machine"]))
+        write_section(Path(doc), markdown(result, result["machine"], command, doc_section), doc_section)
     if as_json:
         print_json({"summary": result["summary"], "record": rec, "out": str(out)})
         return

@@ -1,8 +1,15 @@
 """A runner over a transformers causal LM with an explicit, reusable KV prefix.
 
 KV layout everywhere in skillkv: one (keys, values) pair per layer, each [tokens, kv_heads, head_dim] (NHD, the
-layout of the paged pool and of snapshots) in the model's dtype. The runner turns such a prefix into a transformers DynamicCache without copying (the cache only
-concatenates new tensors on later steps, so a prefix shared by many questions is never mutated).
+layout of the paged pool and of snapshots) in the model's dtype. The runner turns such a prefix into a transformers
+DynamicCache without copying (the cache only concatenates new tensors on later steps, so a prefix shared by many
+questions is never mutated).
+
+Every layer of the runner's caches keeps every token, also for sliding-window layers (Gemma 3, Mistral): the cache
+is made without the model's config, so transformers does not give those layers a cache that keeps only the last
+window. The model's own sliding-window mask, built from the token positions, still limits what each query sees, so
+the result is the model's; and a prefix sliced out of the cache is the prefix's KV at every layer, which is what
+snapshots and composition assume. Full mode uses the same caches, so exact and full compute the same thing.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ class HFRunner:
         self.device = next(model.parameters()).device
 
     def new_cache(self, prefix: KV | None = None, key: str | None = None):
-        """A cache holding `prefix` (which it never modifies in place); `key` is unused here."""
-        cache = self._cache_cls(config=self.model.config)
+        """A cache holding `prefix` (which it never modifies in place), every layer keeping every token (module
+        docstring); `key` is unused here."""
+        cache = self._cache_cls()
         for i, (k, v) in enumerate(prefix or []):
             k, v = (t.to(self.device).transpose(0, 1).unsqueeze(0) for t in (k, v))
             cache.update(k, v, i)

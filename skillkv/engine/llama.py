@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from skillkv.engine.attention import AttentionBackend, SeqView
 from skillkv.engine.pool import KVPool
 from skillkv.errors import SkillkvError
+from skillkv.model import layer_windows
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -35,6 +36,9 @@ class LlamaRunner:
         self.row_block = row_block
         if cfg.model_type not in SUPPORTED:
             raise SkillkvError(f"the paged engine supports {', '.join(sorted(SUPPORTED))}, not {cfg.model_type}")
+        if any(layer_windows(cfg)):  # its attention has no window: it would let every token see the whole prefix
+            raise SkillkvError(f"the paged engine does not support sliding-window attention ({cfg.model_type}); "
+                               "use --engine hf")
         inner = hf_model.model
         self.cfg, self.pool, self.backend = cfg, pool, backend
         self.embed, self.norm = inner.embed_tokens, inner.norm
