@@ -25,7 +25,7 @@ themselves (`_layer_masks`).
 Neighbour snapshots (the default). A later skill's single-skill snapshot was computed with the preamble as its only
 context: its first tokens form their own attention sink and nothing in it has ever had a skill before it. Compose
 therefore places later skills from a second snapshot, compiled once per skill after the preamble and a fixed
-stand-in skill (`NEIGHBOUR`, generic instructions of ~300 tokens): [preamble][neighbour][skill], its skill rows
+stand-in skill (`NEIGHBOUR`, ~450 tokens): [preamble][neighbour][skill], its skill rows
 re-rotated from their compiled start (preamble + neighbour) like any other. It is the chain piece of [neighbour,
 skill] in the store (compiled on first use, verified and collected like every snapshot). The first skill still
 comes from its exact single-skill snapshot. On the evaluation this halves the gap to full prefill at the same
@@ -68,34 +68,48 @@ POSITION_INDEPENDENT_ROPE = {"default", "linear", "llama3", "yarn"}
 
 SELECTIONS = ("front", "deviation")
 
-# The stand-in predecessor later skills are compiled after (see "Neighbour snapshots"): generic, skill-shaped
-# instructions that no question needs. Changing its text changes its hash, so every neighbour snapshot recompiles.
+# The stand-in predecessor later skills are compiled after (see "Neighbour snapshots"): the reference of an invented
+# tool, shaped like a typical skill (commands, a table, codes, examples), that no question needs. Chosen among three
+# stand-ins by a question-free criterion on the project's own skills/ (disjoint from the evaluation set): the mean
+# KV error of a skill composed after another one against a true prefill, 0.072 for this text vs 0.081 for generic
+# answering guidelines and 0.091 with no stand-in (eval/neighbour_criterion.py). Changing the text changes its
+# hash, so every neighbour snapshot recompiles.
 NEIGHBOUR = Skill(
-    name="general-guidelines",
-    description="General guidelines for answering questions: read the question, use the reference material that "
-                "applies, and answer accurately and concisely. Use for any question.",
-    body="""## Steps
+    name="fernbank-cli",
+    description="Reference for the fernbank command-line tool: commands, flags, configuration keys and exit codes. "
+                "Use when the user asks how to run, configure or troubleshoot fernbank.",
+    body="""## Commands
 
-1. Read the whole question before answering. Note what is asked: a command, a value, a name, an explanation or a
-   list of steps. If the question has several parts, answer each part in order.
-2. Find the reference material that applies. Prefer exact values from it (names, numbers, paths, flags, codes)
-   over general knowledge, and copy them exactly as written.
-3. Answer directly. Start with the answer itself, then add only the detail the user needs: one or two sentences,
-   a short list, or a code block for commands and configuration.
-4. If the material does not cover the question, say so briefly and give the most useful general advice.
+- `fernbank init --dir PATH` creates a workspace; it writes `fernbank.toml` with defaults.
+- `fernbank sync --remote NAME --jobs N` copies changed files; N defaults to 4 and may be at most 32.
+- `fernbank status --json` prints one JSON object per tracked file.
+- `fernbank prune --older-than 30d` removes cached blobs not used for 30 days.
 
-## Style
+## Configuration (`fernbank.toml`)
 
-- Use plain words and short sentences. Avoid filler such as "great question" or "as an AI".
-- Put commands, file paths, options and identifiers in backticks.
-- Use numbered steps for procedures and bullet points for options; keep lists short.
-- Keep units with numbers (ms, MB, %), and do not round values that are given exactly.
+| key | default | meaning |
+|---|---|---|
+| `cache.max_size` | `2GiB` | cache limit before pruning starts |
+| `sync.retries` | `3` | attempts per file before giving up |
+| `sync.timeout_s` | `45` | seconds per request |
+| `log.level` | `info` | one of debug, info, warn, error |
 
-## Checks before answering
+## Exit codes
 
-- The answer matches what was asked, not a related question.
-- Every value in the answer appears in the reference material or is clearly marked as general advice.
-- Nothing in the answer contradicts the instructions above it.
+- `0` success; `2` bad arguments; `3` remote unreachable; `5` checksum mismatch (the file is re-queued once).
+
+## Examples
+
+```
+fernbank sync --remote backup --jobs 8
+fernbank prune --older-than 7d --dry-run
+```
+
+## Notes
+
+1. Run `fernbank status` before a sync to see what will change.
+2. Keep secrets out of `fernbank.toml`; use the `FERNBANK_TOKEN` environment variable.
+3. A sync interrupted with Ctrl-C resumes from the last finished file.
 """,
     path=Path(__file__))
 
