@@ -307,3 +307,17 @@ def test_later_skills_are_placed_from_their_neighbour_snapshots(tiny_kv):
         torch.testing.assert_close(k[start:], rerotate(vk[ctx:], cos, sin), rtol=0, atol=0)
         if layer:  # layer 0 depends on token and position only; deeper layers saw a different context
             assert not torch.allclose(pv[start:], v[start:])
+
+
+def test_auto_follows_the_record_shipped_for_the_weights(tiny_kv, tmp_path, monkeypatch):
+    """Without a record in the store, auto follows the one shipped in the package for the model's weights."""
+    monkeypatch.setattr(fidelity, "SHIPPED", tmp_path / "shipped")
+    weights = tiny_kv.handle.weights_id
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / f"{weights}.json").write_text(json.dumps({
+        "weights_id": weights, "full_fact_accuracy": 0.5, "settings": [
+            {"repair": Repair(recompute=0.15).to_json(), "top1": 0.99, "fact_accuracy": 0.5, "recomputed": 0.15}]}))
+    mode, repair, reason = tiny_kv.choose_mode(tiny_kv.pick(TWO))
+    assert (mode, repair) == ("compose", Repair(recompute=0.15)) and "meets the bar" in reason
+    _record(tiny_kv, top1=0.9)  # the store's own measurement wins
+    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
