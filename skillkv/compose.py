@@ -28,8 +28,10 @@ therefore places later skills from a second snapshot, compiled once per skill af
 stand-in skill (`NEIGHBOUR`, ~450 tokens): [preamble][neighbour][skill], its skill rows
 re-rotated from their compiled start (preamble + neighbour) like any other. It is the chain piece of [neighbour,
 skill] in the store (compiled on first use, verified and collected like every snapshot). The first skill still
-comes from its exact single-skill snapshot. On the evaluation this halves the gap to full prefill at the same
-recompute budget (docs/EVAL.md: top-1 0.951 -> 0.967 unrepaired, 0.974 -> 0.986 with 15% front tokens).
+comes from its exact single-skill snapshot. On the evaluation (docs/EVAL.md, labelled / reversed skill order) it
+cuts the first-token KL to full prefill about 4x (no repair 0.025 / 0.028 -> 0.007 / 0.009; 15% front tokens
+0.011 / 0.011 -> 0.003 / 0.002) and lifts top-1 agreement (no repair 0.943 / 0.960 -> 0.965 / 0.973; 15% front
+0.975 / 0.973 -> 0.979 / 0.985).
 
 What re-rotation cannot fix: a later skill's tokens never attended to the skills placed before them. `Repair`
 recomputes chosen tokens given the real preceding context, in one forward pass over the composed cache:
@@ -71,9 +73,9 @@ SELECTIONS = ("front", "deviation")
 # The stand-in predecessor later skills are compiled after (see "Neighbour snapshots"): the reference of an invented
 # tool, shaped like a typical skill (commands, a table, codes, examples), that no question needs. Chosen among three
 # stand-ins by a question-free criterion on the project's own skills/ (disjoint from the evaluation set): the mean
-# KV error of a skill composed after another one against a true prefill, 0.072 for this text vs 0.081 for generic
-# answering guidelines and 0.091 with no stand-in (eval/neighbour_criterion.py). Changing the text changes its
-# hash, so every neighbour snapshot recompiles.
+# KV error of a skill composed after another one against a true prefill: 0.130 for this text, 0.136 for generic
+# answering guidelines, 0.152 with no stand-in (`eval/neighbour_criterion.py --max-tokens 400 --skills
+# release-notes,python-debugging,sql-review`). Changing the text changes its hash: neighbour snapshots recompile.
 NEIGHBOUR = Skill(
     name="fernbank-cli",
     description="Reference for the fernbank command-line tool: commands, flags, configuration keys and exit codes. "
@@ -370,7 +372,7 @@ def choose_positions(repair: Repair, starts: list[int], end: int, deviation: tor
     chosen = set()
     for a, b in spans:
         chosen.update(range(a, min(b, a + repair.lead)))
-    want = min(round(repair.recompute * (end - starts[1])), len(later))
+    want = min(int(repair.recompute * (end - starts[1]) + 1e-9), len(later))  # never more than the fraction
     if want > len(chosen) and repair.select == "front":
         for rank in range(max((b - a for a, b in spans), default=0)):
             for a, b in spans:

@@ -169,6 +169,7 @@ def test_choose_positions_front_spreads_the_budget_over_later_skills():
     assert choose_positions(Repair(recompute=14 / 26), starts, end, None) == list(range(14, 22)) + list(range(24, 30))
     assert choose_positions(Repair(recompute=1.0), starts, end, None) == list(range(14, 30))
     assert choose_positions(Repair(recompute=0.5), [0, 4], 30, None) == []  # one skill: nothing to repair
+    assert len(choose_positions(Repair(recompute=0.15), starts, end, None)) == 3  # 3.9 -> 3: never above 15%
 
 
 def test_repair_rejects_bad_values():
