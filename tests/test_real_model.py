@@ -74,3 +74,20 @@ def test_lean_paged_runner_greedy_equals_transformers(real_kv):
         logits = eng.prefill([req], [[tok]])[0]
     eng.finish(req)
     assert out == ref.output_token_ids
+
+
+def test_auto_composes_the_default_model_per_its_shipped_measurement(real_kv):
+    """`make eval` ships the default model's compose record keyed by its weights; a fresh install converts the same
+    weights, so auto follows it: compose with the measured setting for an ordered combination not stored yet."""
+    from skillkv.compose import Repair
+    from skillkv.evaluate import DEFAULT_SET
+
+    rec = real_kv.fidelity_record()
+    assert rec is not None and rec["weights_id"] == real_kv.handle.weights_id and rec["eval_set"] == "eval/compose"
+    assert DEFAULT_SET.is_dir()
+    chosen = real_kv.pick(["sql-review", "python-debugging", "release-notes"])
+    assert not real_kv.chain_stored(chosen)
+    assert real_kv.choose_mode(chosen)[:2] == ("compose", Repair(recompute=0.15))
+    ans = real_kv.ask("How should I review a slow SQL query?", [s.name for s in chosen],
+                      params=SamplingParams(max_tokens=8))
+    assert ans.mode == "compose" and ans.compose["recomputed_fraction"] <= 0.15 and ans.output_token_ids
