@@ -234,6 +234,9 @@ def test_explicit_compose_mode_and_token_accounting(tiny_kv):
     assert first.tokens["computed"] == q_len + later + 2 and first.tiers[1] == "computed"
     nb_key = tiny_kv.chain_keys([NEIGHBOUR, tiny_kv.pick(TWO)[1]])[-1]
     assert tiny_kv.snapshots.contains(nb_key) and nb_key in tiny_kv.live_keys()  # gc keeps it
+    from skillkv.cli.stats import collect
+
+    assert collect(tiny_kv, None)[0]["skills"][NEIGHBOUR.name]["state"] == "compose neighbour"  # not "removed"
     ans = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
     assert ans.mode == "compose" and ans.mode_reason == "requested"
     assert ans.tokens["computed"] == q_len + 2

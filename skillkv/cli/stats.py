@@ -17,6 +17,7 @@ from skillkv.errors import SkillkvError
 
 def collect(kv, max_bytes: int | None) -> tuple[dict, list[dict]]:
     """The stats report for this model's store (and the raw ask rows, for the plot)."""
+    from skillkv.compose import NEIGHBOUR
     from skillkv.stats import StatsDB, summary
 
     asks = StatsDB(kv.store_root, on_warning=kv.on_warning).asks(model=kv.tag)
@@ -35,7 +36,8 @@ def collect(kv, max_bytes: int | None) -> tuple[dict, list[dict]]:
         mine = [e for e in entries.values() if e.skill == n]
         s["snapshot_bytes"] = sum(e.bytes for e in mine)
         s["snapshots"] = len(mine)
-        s["state"] = states.get(n, "removed" if n not in states and states else "unknown")
+        s["state"] = states.get(n) or ("compose neighbour" if n == NEIGHBOUR.name else  # skillkv.compose
+                                       "removed" if states else "unknown")
         s["resident"] = "l2" if mine else "none"
         skills[n] = s
     rep["skills"] = skills
@@ -91,7 +93,8 @@ def stats_cmd(
     t = Table()
     for col in ("skill", "uses", "saved", "bytes", "last used", "mem/l2/new", "state"):
         t.add_column(col, justify="right" if col in ("uses", "saved", "bytes") else "left", no_wrap=True)
-    color = {"current": "green", "stale": "yellow", "missing": "red", "removed": "yellow"}
+    color = {"current": "green", "stale": "yellow", "missing": "red", "removed": "yellow",
+             "compose neighbour": "cyan"}
     for n, s in rep["skills"].items():
         tr = s["tiers"]
         t.add_row(n, str(s["uses"]), str(s["tokens_saved"]),
