@@ -129,6 +129,18 @@ def _cat(pieces: list[KV], device: torch.device) -> KV:
             for i in range(len(pieces[0]))]
 
 
+def _compose_info(segs: list[list[int]], tiers: list[str], recomputed: list[int], snapshot_load: float) -> dict:
+    """`info` of a composed prefix of `segs` (preamble, skills), where skill i's KV came from `tiers[i]`:
+    computed = the skills compiled just now (and the preamble with a first skill compiled now) plus the repaired
+    rows, counted once; cached = the rest."""
+    total = sum(map(len, segs))
+    computed = sum(len(seg) for seg, t in zip(segs[1:], tiers) if t == "computed")
+    computed += len(segs[0]) if tiers[0] == "computed" else 0
+    computed = min(total, computed + len(recomputed))
+    return {"cached": total - computed, "computed": computed, "snapshot_load": snapshot_load, "tiers": tiers,
+            "recomputed": recomputed, "skill_tokens": total - len(segs[0])}
+
+
 def _stderr_warning(msg: str) -> None:
     print(f"skillkv: warning: {msg}", file=sys.stderr)
 
@@ -262,26 +274,18 @@ class SkillKV:
         (`compose_sources`; loaded, or compiled and stored through `prefix`), see skillkv.compose. Nothing about
         the combination is stored. Returns (kv, info) like `prefix`, plus info["recomputed"] (positions) and
         info["skill_tokens"]."""
-        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
-        snaps = []
+        snaps, tiers, load_s = [], [], 0.0
         segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in skills]
         sources = self.compose_sources(skills, repair)
-        for (chain, _), seg in zip(sources, segs[1:]):
+        for chain, _ in sources:
             kv, i = self.prefix(chain, compression)
             snaps.append(kv)
-            info["snapshot_load"] += i["snapshot_load"]
-            info["tiers"].append(i["tiers"][-1])
-            info["computed"] += len(seg) if i["tiers"][-1] == "computed" else 0  # compiled just now
-        if info["tiers"][0] == "computed":  # the preamble came with the first skill's snapshot
-            info["computed"] += len(segs[0])
+            load_s += i["snapshot_load"]
+            tiers.append(i["tiers"][-1])
         # placement and repair run on transformers (a masked forward over the composed cache), on any engine
         hf = self.runner if self.engine == "hf" else HFRunner(self.handle.load())
         c = compose(hf, snaps, segs, repair, [ctx for _, ctx in sources])
-        total = sum(map(len, segs))
-        info["computed"] = min(total, info["computed"] + len(c.recomputed))  # recomputed rows of fresh skills
-        info["cached"] = total - info["computed"]                             # count once
-        info["recomputed"], info["skill_tokens"] = c.recomputed, c.skill_tokens
-        return c.kv, info
+        return c.kv, _compose_info(segs, tiers, c.recomputed, load_s)
 
     def chain_stored(self, skills: list[Skill]) -> bool:
         """Whether the exact KV of this ordered combination is in memory or in the store (no loading)."""
@@ -474,20 +478,17 @@ class SkillKV:
         model = self.handle.load()
         check_composable(model.config)
         segs = [self.builder.preamble_ids()] + [self.builder.skill_ids(s) for s in chosen]
-        info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
-        loaded: dict[str, dict] = {}
+        loaded: dict[str, dict] = {}  # skill name -> `prefix` info of the snapshots loaded (or compiled) now
 
         def loader(skill: Skill, chain: list[Skill]):
             def load() -> KV:
-                kv, i = self.prefix(chain, compression)
-                loaded[skill.name] = i
-                info["snapshot_load"] += i["snapshot_load"]
+                kv, loaded[skill.name] = self.prefix(chain, compression)
                 return kv
             return load
         parts = [Part(self.chain_keys(chain)[-1], ctx + len(seg), loader(s, chain), ctx)
                  for s, seg, (chain, ctx) in zip(chosen, segs[1:], self.compose_sources(chosen, repair))]
         composer = self.runner.composer
-        cache, where = composer.open(parts, len(segs[0]))
+        cache, _ = composer.open(parts, len(segs[0]))
         try:
             if self._hf_repair is None:
                 self._hf_repair = HFRunner(model)
@@ -497,17 +498,8 @@ class SkillKV:
         except BaseException:
             self.runner.release(cache)
             raise
-        for s, seg, w in zip(chosen, segs[1:], where):
-            i = loaded.get(s.name)
-            info["tiers"].append("l1" if i is None else i["tiers"][-1])
-            info["computed"] += len(seg) if i is not None and i["tiers"][-1] == "computed" else 0  # compiled now
-        if info["tiers"][0] == "computed":  # the preamble came with the first skill's snapshot
-            info["computed"] += len(segs[0])
-        total = len(ids)
-        info["computed"] = min(total, info["computed"] + len(positions))
-        info["cached"] = total - info["computed"]
-        info["recomputed"], info["skill_tokens"] = positions, total - starts[1]
-        return cache, info
+        tiers = ["l1" if s.name not in loaded else loaded[s.name]["tiers"][-1] for s in chosen]
+        return cache, _compose_info(segs, tiers, positions, sum(i["snapshot_load"] for i in loaded.values()))
 
     def _paged_prefix(self, chosen: list[Skill]):
         """The paged engine's request over the prefix of `chosen` from L1, or paged in from the host tier or L2

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from skillkv.bench_gpu import _sync, rel_err, timed_ms
+from skillkv.bench_gpu import _sync, kv_bytes_per_token, load_model, rel_err, timed_ms
 
 
 def timed_setup_ms(fn, setup, reps: int, warmup: int, device) -> tuple[float, list[float]]:
@@ -86,19 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     from skillkv.engine.compose_paged import Part, PagedComposer, placed_key
     from skillkv.engine.hf_runner import HFRunner
     from skillkv.engine.paged import PagedEngine
-    from skillkv.model import resolve_model
 
     dtype = getattr(torch, args.dtype)
-    h = resolve_model(args.model, device=args.device, dtype=dtype)
-    t0 = time.perf_counter()
-    model = h.load()
-    _sync(dev)
-    print(f"model {h.name} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    h, model = load_model(args.model, args.device, dtype)
     cfg = model.config
     check_composable(cfg)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.empty((), dtype=dtype).element_size()
-    kv_bytes_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
+    kv_bytes_tok = kv_bytes_per_token(cfg, dtype)
     P, S, K, qn = args.preamble_tokens, args.skill_tokens, args.skills, args.question_tokens
     chain = P + K * S
     # single-skill entries + placed entries + the exact chain + a contiguous copy for the check + requests' pages

@@ -78,6 +78,24 @@ def disk_read_gbs(path: Path) -> float:
     return n / (time.perf_counter() - t0) / 1e9
 
 
+def load_model(spec: str, device: str, dtype: torch.dtype):
+    """(handle, loaded model) of `spec`, the load time printed to stderr."""
+    from skillkv.model import resolve_model
+
+    h = resolve_model(spec, device=device, dtype=dtype)
+    t0 = time.perf_counter()
+    model = h.load()
+    _sync(torch.device(device))
+    print(f"model {h.name} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return h, model
+
+
+def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:
+    """Bytes of K and V over all layers for one token of a model with config `cfg`, in `dtype`."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -103,23 +121,16 @@ def main() -> None:
     from skillkv.engine.paged import PagedEngine
     from skillkv.engine.tier_policy import Measurements, TierPolicy, disk_gbs, zstd_gbs
     from skillkv.engine.tiers import Tiers
-    from skillkv.model import resolve_model
     from skillkv.snapshot import Snapshot
     from skillkv.store import Store
 
     sizes = [int(s) for s in args.sizes.split(",")]
     qn = 100
     dtype = getattr(torch, args.dtype)
-    h = resolve_model(args.model, device=args.device, dtype=dtype)
-    t0 = time.perf_counter()
-    model = h.load()
-    _sync(dev)
-    print(f"model {h.name} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    h, model = load_model(args.model, args.device, dtype)
     cfg = model.config
     vocab = cfg.vocab_size
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = torch.empty((), dtype=dtype).element_size()
-    kv_bytes_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem
+    kv_bytes_tok = kv_bytes_per_token(cfg, dtype)
     budget = int(sum(sizes) * kv_bytes_tok * 1.2 + (args.batch // 10 + 8) * 128 * kv_bytes_tok + (1 << 30))
     eng = PagedEngine(model, budget_bytes=budget, attention=args.attention, page_size=16)
     import inspect

@@ -52,25 +52,34 @@ def path_for(model_dir: Path) -> Path:
     return Path(model_dir) / FILE
 
 
-def write(model_dir: Path, record: dict) -> Path:
-    """Atomically write `record` (see the module docstring) into the model's store folder."""
-    p = path_for(model_dir)
+def _write_json(p: Path, record: dict) -> Path:
+    """Atomically write `record` as JSON to `p`."""
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**record, "created": time.time()}, indent=1))
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, p)
     return p
 
 
-def read(model_dir: Path, fingerprint: str) -> dict | None:
-    """The record for this exact model, or None (missing, unreadable, or made for another fingerprint)."""
+def _read_record(p: Path, field: str, expect: str) -> dict | None:
+    """The record at `p` if it is readable, has a settings list and `field` equal to `expect`; else None."""
     try:
-        rec = json.loads(path_for(model_dir).read_text())
+        rec = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict) or rec.get("fingerprint") != fingerprint or not isinstance(rec.get("settings"), list):
+    if not isinstance(rec, dict) or rec.get(field) != expect or not isinstance(rec.get("settings"), list):
         return None
     return rec
+
+
+def write(model_dir: Path, record: dict) -> Path:
+    """Atomically write `record` (see the module docstring) into the model's store folder."""
+    return _write_json(path_for(model_dir), {**record, "created": time.time()})
+
+
+def read(model_dir: Path, fingerprint: str) -> dict | None:
+    """The record for this exact model, or None (missing, unreadable, or made for another fingerprint)."""
+    return _read_record(path_for(model_dir), "fingerprint", fingerprint)
 
 
 def shipped_path(weights_id: str) -> Path:
@@ -82,23 +91,14 @@ def write_shipped(record: dict) -> Path:
     weights = record.get("weights_id") or ""
     if not weights or not all(c in "0123456789abcdef" for c in weights):
         raise SkillkvError("only a model with real weights (a sha256 weights id) can ship a fidelity record")
-    p = shipped_path(weights)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({k: v for k, v in record.items() if k != "fingerprint"}, indent=1) + "\n")
-    return p
+    return _write_json(shipped_path(weights), {k: v for k, v in record.items() if k != "fingerprint"})
 
 
 def read_shipped(weights_id: str) -> dict | None:
     """The record shipped for these weights, or None."""
     if not weights_id or "/" in weights_id:
         return None
-    try:
-        rec = json.loads(shipped_path(weights_id).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(rec, dict) or rec.get("weights_id") != weights_id or not isinstance(rec.get("settings"), list):
-        return None
-    return rec
+    return _read_record(shipped_path(weights_id), "weights_id", weights_id)
 
 
 def for_model(model_dir: Path, fingerprint: str, weights_id: str) -> dict | None:

@@ -206,10 +206,7 @@ class PagedComposer:
     def write_rows(self, req: Request, positions: list[int], rows: KV) -> None:
         """Store `rows` (per layer [len(positions), H, D], for sorted distinct `positions` of the prefix) in the
         request. Every shared page holding one of `positions` is first replaced by a private copy."""
-        pool, table, ps = self.engine.pool, self.engine.table, self.engine.pool.page_size
-        if positions != sorted(set(positions)) or (positions and not 0 <= positions[0] <= positions[-1]
-                                                   < req.prefix_tokens):
-            raise SkillkvError("repaired positions must be sorted, distinct and inside the prefix")
+        pool, ps = self.engine.pool, self.engine.pool.page_size
         self._own_pages(req, positions)
         pages = req.pages
         slots = torch.tensor([pages[p // ps] * ps + p % ps for p in positions], dtype=torch.long,
@@ -219,6 +216,9 @@ class PagedComposer:
 
     def _own_pages(self, req: Request, positions: list[int]) -> None:
         """Replace every shared page of `req` holding one of `positions` by a private copy (copy-on-write)."""
+        if positions != sorted(set(positions)) or (positions and not 0 <= positions[0] <= positions[-1]
+                                                   < req.prefix_tokens):
+            raise SkillkvError("repaired positions must be sorted, distinct and inside the prefix")
         pool, table, ps = self.engine.pool, self.engine.table, self.engine.pool.page_size
         mine = set(req.owned)
         for j in sorted({p // ps for p in positions}):
@@ -234,16 +234,13 @@ class PagedComposer:
         tokens are `ids`, with the engine: one batch of sequences, one per contiguous run of positions, each over
         the request's pages up to the run's end (see the module docstring). Touched pages are made private first."""
         ps = self.engine.pool.page_size
-        if positions != sorted(set(positions)) or (positions and not 0 <= positions[0] <= positions[-1]
-                                                   < req.prefix_tokens):
-            raise SkillkvError("repaired positions must be sorted, distinct and inside the prefix")
+        self._own_pages(req, positions)
         runs: list[list[int]] = []
         for p in positions:
             if runs and runs[-1][1] == p:
                 runs[-1][1] = p + 1
             else:
                 runs.append([p, p + 1])
-        self._own_pages(req, positions)
         pages = req.pages
         views = [Request(None, 0, pages[:-(-b // ps)], length=a) for a, b in runs]
         self.engine.prefill(views, [ids[a:b] for a, b in runs])
