@@ -39,7 +39,7 @@ import transformers.models.llama.modeling_llama; mark("import llama modeling (pu
 from skillkv.api import SkillKV; mark("import skillkv.api")
 kv = SkillKV(model="default", store=sys.argv[1], skills="skills"); mark("resolve model (config, tokenizer, fingerprint)")
 kv.runner; mark("load weights")
-from skillkv.engine.generate import SamplingParams
+from skillkv.generate import SamplingParams
 a = kv.ask("Summarise the most important rule in one sentence.", ["gpu-performance"],
            params=SamplingParams(max_tokens=1)); mark("ask (snapshot load + prefill of the question)")
 print(json.dumps(out))

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from skillkv.evaluate import DEFAULT_SET, DEFAULT_SETTINGS, load_items, parse_settings  # noqa: E402
+from skillkv.measure.evaluate import DEFAULT_SET, DEFAULT_SETTINGS, load_items, parse_settings  # noqa: E402
 from skillkv.model import layer_windows  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""How well a neighbour text stands in for a real predecessor, without questions (skillkv.compose, NEIGHBOUR).
+"""How well a neighbour text stands in for a real predecessor, without questions (skillkv.compose.repair, NEIGHBOUR).
 
 For ordered pairs (a, b) of the project's own skills (skills/, disjoint from eval/compose), compare skill b's KV
 as compose places it (compiled after [preamble][candidate], re-rotated to follow a) with a true prefill of
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from skillkv import compose as C
+from skillkv.compose.neighbour import NEIGHBOUR
+from skillkv.engine.rope import rerotate, rope_delta
 from skillkv.api import SkillKV
 from skillkv.skills import Skill
 
@@ -35,7 +36,7 @@ def main() -> None:
     runner, rot = kv.runner, kv.runner.model.model.rotary_emb
     skills = [s for s in kv.load_skills().skills if not args.skills or s.name in args.skills.split(",")]
     pre = kv.builder.preamble_ids()
-    cands: dict[str, Skill | None] = {"none": None, "NEIGHBOUR": C.NEIGHBOUR}
+    cands: dict[str, Skill | None] = {"none": None, "NEIGHBOUR": NEIGHBOUR}
     for p in args.candidates:
         cands[p.stem] = Skill(name=p.stem, description=f"Reference for {p.stem}.", body=p.read_text(), path=p)
 
@@ -52,10 +53,10 @@ def main() -> None:
             a_ids, b_ids = cut(kv.builder.skill_ids(a)), cut(kv.builder.skill_ids(b))
             true, placed = kv_of(pre + a_ids + b_ids), kv_of(pre + nb_ids + b_ids)
             ctx, start = len(pre) + len(nb_ids), len(pre) + len(a_ids)
-            cos, sin = C.rope_delta(rot, start - ctx, "cpu")
+            cos, sin = rope_delta(rot, start - ctx, "cpu")
             e = 0.0
             for (tk, tv), (k, v) in zip(true, placed):
-                e += float((C.rerotate(k[ctx:], cos, sin) - tk[start:]).norm() / tk[start:].norm())
+                e += float((rerotate(k[ctx:], cos, sin) - tk[start:]).norm() / tk[start:].norm())
                 e += float((v[ctx:] - tv[start:]).norm() / tv[start:].norm())
             errs.append(e / (2 * len(true)))
         print(f"{name:12s} {len(nb_ids):5d} tokens  mean relative KV error {sum(errs) / len(errs):.4f}  "

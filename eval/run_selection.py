@@ -24,8 +24,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from skillkv import embed, rank  # noqa: E402
-from skillkv.select import keyword_choose  # noqa: E402
+from skillkv.select import embed, rank  # noqa: E402
+from skillkv.select.keyword import keyword_choose  # noqa: E402
 from skillkv.skills import Skill, load_skills  # noqa: E402
 
 

@@ -11,13 +11,13 @@ Modes
          stored as a chain of segment snapshots (skill i's KV given skills 0..i-1), computed once and reused.
   full   no cache at all: the same token ids prefilled from scratch. The reference exact mode must equal.
   compose  approximate: the skills' single-skill snapshots placed one after another, keys re-rotated to their new
-         positions, boundary tokens repaired (skillkv.compose). No combination is compiled or stored. On the paged
+         positions, boundary tokens repaired (skillkv.compose.repair). No combination is compiled or stored. On the paged
          engine the placed skills stay resident in the pool, one entry per (skill, start position), shared by every
          combination that places the skill there; a request copies only the pages where two skills meet and the
          pages holding repaired rows (engine/compose_paged.py).
   auto   (the default) exact when there is at most one skill or the ordered combination is already stored;
          otherwise compose, but only if `skillkv eval` measured this very model (fingerprint) meeting the bar in
-         skillkv.fidelity (top-1 agreement >= 0.98 and >= 98% of full's fact accuracy with <= 15% of skill
+         skillkv.compose.fidelity (top-1 agreement >= 0.98 and >= 98% of full's fact accuracy with <= 15% of skill
          tokens recomputed), with the cheapest passing repair setting; otherwise exact (computing and storing
          the combination). `Answer.mode` is the mode actually used, `Answer.mode_reason` says why.
 
@@ -41,10 +41,11 @@ from typing import Callable
 import torch
 
 from skillkv import config as cfg
-from skillkv import fidelity
-from skillkv.compose import NEIGHBOUR, Repair, compose
-from skillkv.engine.generate import SamplingParams, decode_loop
-from skillkv.engine.hf_runner import KV, HFRunner
+from skillkv.compose import fidelity
+from skillkv.compose.neighbour import NEIGHBOUR
+from skillkv.compose.repair import Repair, compose
+from skillkv.generate import SamplingParams, decode_loop
+from skillkv.runners.hf import KV, HFRunner
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError, SnapshotError
 from skillkv.model import ModelHandle, layer_windows, resolve_model
 from skillkv.prompt import PromptBuilder
@@ -185,7 +186,7 @@ class SkillKV:
         """HFRunner or PagedRunner (same calls: new_cache, forward, slice_kv, release, resident)."""
         if self._runner is None:
             if self.engine == "paged":
-                from skillkv.engine.paged_runner import PagedRunner
+                from skillkv.runners.paged import PagedRunner
 
                 self._runner = PagedRunner(self.handle.load(), self.kv_budget, store=self.snapshots,
                                            host_budget=self.host_budget)
@@ -264,7 +265,7 @@ class SkillKV:
     def compose_sources(self, skills: list[Skill], repair: Repair) -> list[tuple[list[Skill], int]]:
         """Where compose places each of `skills` from: (chain, context rows) per skill. The first skill comes from
         its single-skill snapshot; later ones from their neighbour snapshots (chain [NEIGHBOUR, skill], its last
-        piece) when `repair.neighbour`, else from their single-skill snapshots (skillkv.compose)."""
+        piece) when `repair.neighbour`, else from their single-skill snapshots (skillkv.compose.repair)."""
         pre = len(self.builder.preamble_ids())
         nb = pre + len(self.builder.skill_ids(NEIGHBOUR))
         return [([s], pre) if i == 0 or not repair.neighbour else ([NEIGHBOUR, s], nb) for i, s in enumerate(skills)]
@@ -310,7 +311,7 @@ class SkillKV:
 
     def fidelity_record(self) -> dict | None:
         """The compose measurement `auto` follows: this store's for the exact fingerprint, else the one shipped
-        with skillkv for the model's weights (skillkv.fidelity)."""
+        with skillkv for the model's weights (skillkv.compose.fidelity)."""
         return fidelity.for_model(self.snapshots.dir, self.fingerprint, self.handle.weights_id)
 
     # ------------------------------------------------------------------ commands
@@ -469,11 +470,11 @@ class SkillKV:
         skills' placed entries (made resident on demand, from L1 or from their snapshots, loaded or compiled
         through `prefix`), with `repair` applied to the request's own copies of the pages it touches. Returns
         (request, info) with info like `composed`'s; tiers per skill are "l1" when its KV was already in the pool.
-        The same positions and rows as `composed` (skillkv.compose), without a contiguous copy of the prefix."""
+        The same positions and rows as `composed` (skillkv.compose.repair), without a contiguous copy of the prefix."""
         from itertools import accumulate
 
-        from skillkv.compose import check_composable
-        from skillkv.engine.compose_paged import Part
+        from skillkv.engine.rope import check_composable
+        from skillkv.engine.placed import Part
 
         model = self.handle.load()
         check_composable(model.config)

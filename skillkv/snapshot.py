@@ -43,7 +43,7 @@ from skillkv.errors import SnapshotError
 FORMAT_VERSION = 2  # 2: KV stored NHD [tokens, kv_heads, head_dim]
 COMPRESSIONS = ("none", "zstd")
 ZSTD_LEVEL = 1  # on bf16 KV (random and real) level 1 compressed as well as 3 (0.68 vs 0.70) and decoded
-                # 14-35% faster on this CPU (`python -m skillkv.bench_tiers`); decoders read any level
+                # 14-35% faster on this CPU (`python -m skillkv.measure.bench_tiers`); decoders read any level
 _THREADS = max(1, min(8, os.cpu_count() or 1))
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillkv.engine.generate import SamplingParams
+from skillkv.generate import SamplingParams
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError
 
 GREEDY = SamplingParams(max_tokens=12)

@@ -9,9 +9,11 @@ import pytest
 import torch
 from conftest import run_cli
 
-from skillkv import fidelity
-from skillkv.compose import NEIGHBOUR, Repair, check_composable, choose_positions, compose, recompute, rerotate, rope_delta
-from skillkv.engine.generate import SamplingParams
+from skillkv.compose import fidelity
+from skillkv.engine.rope import check_composable, rerotate, rope_delta
+from skillkv.compose.neighbour import NEIGHBOUR
+from skillkv.compose.repair import Repair, choose_positions, compose, recompute
+from skillkv.generate import SamplingParams
 from skillkv.errors import SkillkvError
 
 GREEDY = SamplingParams(max_tokens=8)

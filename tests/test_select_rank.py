@@ -1,4 +1,4 @@
-"""Ranked selection (skillkv.rank): the labelled eval set, no-skill questions, top-k, zero skills, speed."""
+"""Ranked selection (skillkv.select.rank): the labelled eval set, no-skill questions, top-k, zero skills, speed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from skillkv.rank import Ranker
+from skillkv.select.rank import Ranker
 from skillkv.select import choose_skills, explain_skills
 from skillkv.skills import Skill, load_skills
 
@@ -26,7 +26,7 @@ def _score(select, items) -> tuple[float, float, float, float]:
 
 def test_eval_set_meets_the_goals():
     """The whole labelled set (dev + held-out test) through choose_skills, and each method on its own."""
-    from skillkv import embed
+    from skillkv.select import embed
 
     skills = load_skills(REPO / "skills").skills
     items = [json.loads(x) for x in (REPO / "eval" / "selection.jsonl").read_text().splitlines() if x.strip()]

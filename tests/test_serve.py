@@ -276,7 +276,7 @@ REAL = [("How long should the subject line of a commit message be?", ["git-commi
 def test_openai_client_end_to_end_on_the_real_model(real_server, real_kv):
     from openai import OpenAI
 
-    from skillkv.engine.generate import SamplingParams
+    from skillkv.generate import SamplingParams
 
     client = OpenAI(base_url=real_server.url + "/v1", api_key="unused", max_retries=0)
     q, skills = REAL[0]
@@ -320,7 +320,7 @@ def test_concurrent_clients_get_their_solo_answers_on_the_real_model(real_server
 
 
 def test_loadtest_against_a_running_server(tiny_server, tmp_path):
-    from skillkv.serve.loadtest import run
+    from skillkv.measure.loadtest import run
 
     doc = tmp_path / "BENCH.md"
     doc.write_text("# B\n\n<!-- serve:begin -->\nold\n<!-- serve:end -->\ntail\n")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from skillkv.compose import Repair, check_composable, compose, recompute, rerotate, rope_delta, rope_layer_types, \
-    value_deviation
-from skillkv.engine.generate import SamplingParams
+from skillkv.compose.repair import Repair, compose, recompute, value_deviation
+from skillkv.engine.rope import check_composable, rerotate, rope_delta, rope_layer_types
+from skillkv.generate import SamplingParams
 from skillkv.errors import SkillkvError
 from skillkv.model import layer_windows
 

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from conftest import run_cli as run
 
-from skillkv.engine.generate import SamplingParams
+from skillkv.generate import SamplingParams
 from skillkv.stats import DB_NAME, StatsDB, summary
 
 GREEDY = SamplingParams(max_tokens=2)

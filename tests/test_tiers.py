@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from skillkv.engine.host_cache import HostCache, HostKV
-from skillkv.engine.l2_reader import L2Reader
+from skillkv.tiers.host_cache import HostCache, HostKV
+from skillkv.tiers.l2_reader import L2Reader
 from skillkv.engine.paged import PagedEngine
-from skillkv.engine.tier_policy import Measurements, TierPolicy, load_cached, save
-from skillkv.engine.tiers import PageIn, Tiers
+from skillkv.tiers.policy import Measurements, TierPolicy, load_cached, save
+from skillkv.tiers.tiers import PageIn, Tiers
 from skillkv.errors import SnapshotError
 from skillkv.snapshot import Snapshot, parse_layout, write_snapshot
 from skillkv.store import Store
@@ -445,7 +445,7 @@ def test_tiers_choose_follows_the_policy(tmp_path, tiny):
 
 
 def test_policy_is_measured_once_and_cached_in_the_store(tmp_path, tiny):
-    from skillkv.engine.tier_policy import policy_for
+    from skillkv.tiers.policy import policy_for
 
     h, model = tiny
     eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
@@ -505,7 +505,7 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     import json
     import sys
 
-    from skillkv import bench_gpu
+    from skillkv.measure import bench_gpu
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["bench_gpu", "--out", str(tmp_path / "out"), "--sizes", "64", "--reps", "1",

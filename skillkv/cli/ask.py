@@ -99,7 +99,7 @@ def ask_cmd(
     if batch is None and (question is None or not question.strip()):
         raise SkillkvError("the question is empty")
     items = read_batch(batch) if batch is not None else [{"q": question, "skills": skill or None}]
-    from skillkv.engine.generate import SamplingParams
+    from skillkv.generate import SamplingParams
 
     if server:
         from skillkv.serve.client import RemoteKV
@@ -110,7 +110,7 @@ def ask_cmd(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     repair = None
     if recompute is not None or repair_lead is not None:
-        from skillkv.compose import Repair
+        from skillkv.compose.repair import Repair
 
         repair = Repair(lead=repair_lead or 0, recompute=recompute or 0.0, select=repair_select)
     stream = batch is None and not as_json

@@ -1,4 +1,4 @@
-"""skillkv bench: measured numbers for docs/BENCHMARKS.md (see skillkv.bench)."""
+"""skillkv bench: measured numbers for docs/BENCHMARKS.md (see skillkv.measure.bench)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,6 @@ def bench_cmd(
     device: Optional[str] = DeviceOpt,
 ):
     """Run the benchmarks and write JSON (and a Markdown table) under --out."""
-    from skillkv.bench import run_bench
+    from skillkv.measure.bench import run_bench
 
     run_bench(model=model, out=out, quick=quick, device=device)

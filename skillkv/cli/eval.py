@@ -1,6 +1,6 @@
 """skillkv eval: fidelity of every mode (full, exact, compose at several repair settings, no skills) against a full
 prefill on the composition evaluation set; writes JSON, the docs/EVAL.md section and the fidelity record that
-`--mode auto` follows (see skillkv.evaluate and skillkv.fidelity)."""
+`--mode auto` follows (see skillkv.measure.evaluate and skillkv.compose.fidelity)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def eval_cmd(
     record: bool = typer.Option(True, "--record/--no-record", help="Store the fidelity record that --mode auto "
                                 "follows for this model."),
     ship: bool = typer.Option(False, "--ship", help="Also write the record into the package (skillkv/"
-                              "fidelity_records/), where --mode auto finds it for these weights in any store "
+                              "compose/fidelity_records/), where --mode auto finds it for these weights in any store "
                               "(make eval does, for the default model)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads (1 is steadier on a shared CPU)."),
     render: Optional[Path] = typer.Option(None, "--render", help="Only rewrite the --doc section from this saved "
@@ -51,11 +51,11 @@ def eval_cmd(
     """Measure how close each mode stays to a full prefill; write the table and the policy record."""
     import json
 
-    from skillkv.bench import machine
-    from skillkv.evaluate import (DEFAULT_SET, DEFAULT_SETTINGS, fidelity_record, markdown, markers,
+    from skillkv.measure.bench import machine
+    from skillkv.measure.evaluate import (DEFAULT_SET, DEFAULT_SETTINGS, fidelity_record, markdown, markers,
                                   parse_settings, run_eval, write_section)
     from skillkv.errors import SkillkvError
-    from skillkv import fidelity
+    from skillkv.compose import fidelity
 
     import torch
 

@@ -1,5 +1,5 @@
 """skillkv loadtest: concurrent clients against `skillkv serve`, answers checked against solo answers (see
-skillkv.serve.loadtest)."""
+skillkv.measure.loadtest)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def loadtest_cmd(
     as_json: bool = JsonOpt,
 ):
     """Load-test a server: p50/p99 time to first token, throughput, every answer equal to its solo answer."""
-    from skillkv.serve.loadtest import run
+    from skillkv.measure.loadtest import run
     from skillkv.serve.server import parse_bytes
 
     server_args = {"model": model, "skills": skills, "store": store, "device": device, "attention": attention,

@@ -17,7 +17,7 @@ from skillkv.errors import SkillkvError
 
 def collect(kv, max_bytes: int | None) -> tuple[dict, list[dict]]:
     """The stats report for this model's store (and the raw ask rows, for the plot)."""
-    from skillkv.compose import NEIGHBOUR
+    from skillkv.compose.neighbour import NEIGHBOUR
     from skillkv.stats import StatsDB, summary
 
     asks = StatsDB(kv.store_root, on_warning=kv.on_warning).asks(model=kv.tag)
@@ -36,7 +36,7 @@ def collect(kv, max_bytes: int | None) -> tuple[dict, list[dict]]:
         mine = [e for e in entries.values() if e.skill == n]
         s["snapshot_bytes"] = sum(e.bytes for e in mine)
         s["snapshots"] = len(mine)
-        s["state"] = states.get(n) or ("compose neighbour" if n == NEIGHBOUR.name else  # skillkv.compose
+        s["state"] = states.get(n) or ("compose neighbour" if n == NEIGHBOUR.name else  # skillkv.compose.repair
                                        "removed" if states else "unknown")
         s["resident"] = "l2" if mine else "none"
         skills[n] = s

@@ -17,11 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """RoPE's half rotation (NeoX layout, as transformers): [a, b] -> [-b, a] on the last dim."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+from skillkv.engine.rope import rotate_half
 
 
 ROPE_CHUNK = 1024  # positions per cos/sin table chunk (fixed_rope)

@@ -13,7 +13,7 @@ import urllib.request
 from typing import Callable
 
 from skillkv.api import Answer
-from skillkv.engine.generate import SamplingParams
+from skillkv.generate import SamplingParams
 from skillkv.errors import SkillkvError
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from skillkv.engine.generate import SamplingParams, TextStream, sample
+from skillkv.generate import SamplingParams, TextStream, sample
 from skillkv.engine.pages import PoolFull
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError
 from skillkv.serve.messages import question_ids

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from skillkv.engine.generate import SamplingParams
+from skillkv.generate import SamplingParams
 
 SIZES = {"~500": "git-commit-messages", "~2000": "gpu-performance"}
 BATCH_SKILLS = ["git-commit-messages", "release-notes"]

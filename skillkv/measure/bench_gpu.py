@@ -1,7 +1,7 @@
 """GPU benchmark of the paged engine (issue 3 scenarios), Llama-3.1-8B shape with `dummy:` weights, bf16.
 
-    python -m skillkv.bench_gpu --out DIR [--sizes 2048,8192,20480] [--reps 10] [--reader-threads 8]
-    python -m skillkv.bench_gpu --out /tmp/x --sizes 2048 --reps 2 --batch 8 --attention torch \
+    python -m skillkv.measure.bench_gpu --out DIR [--sizes 2048,8192,20480] [--reps 10] [--reader-threads 8]
+    python -m skillkv.measure.bench_gpu --out /tmp/x --sizes 2048 --reps 2 --batch 8 --attention torch \
         --model dummy:tiny --device cpu                                   # CPU smoke test
 
 Per skill size S (random prefix ids) and a 100-token question, medians of `reps` timed runs after warm-up,
@@ -119,8 +119,8 @@ def main() -> None:
     from transformers import DynamicCache
 
     from skillkv.engine.paged import PagedEngine
-    from skillkv.engine.tier_policy import Measurements, TierPolicy, disk_gbs, zstd_gbs
-    from skillkv.engine.tiers import Tiers
+    from skillkv.tiers.policy import Measurements, TierPolicy, disk_gbs, zstd_gbs
+    from skillkv.tiers.tiers import Tiers
     from skillkv.snapshot import Snapshot
     from skillkv.store import Store
 
@@ -385,7 +385,7 @@ def markdown(res: dict) -> str:
              f"attention backend `{res['attention']}`, page size {res['page_size']}, {res['question_tokens']}-token "
              f"question; medians of {res['reps']} runs after warm-up (L2: of {max(3, res['reps'] // 3)}); "
              f"{res.get('reader_threads', '?')} L2 reader threads on {res.get('cpu_count', '?')} CPUs. "
-             f"Regenerate: `python -m skillkv.bench_gpu --out DIR` on the GPU machine.", "",
+             f"Regenerate: `python -m skillkv.measure.bench_gpu --out DIR` on the GPU machine.", "",
              "| skill tokens | full prefill | engine full (recompute) | transformers prefix reuse | skillkv L1 "
              "| host tier (H2D GB/s) | L2 cold (load GB/s; % of disk) | disk GB/s (1 thread; reader threads) "
              "| L2 zstd (load GB/s of file) | L1 vs full | L1 vs prefix reuse | same token as engine's full |",

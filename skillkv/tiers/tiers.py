@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from skillkv.engine.host_cache import HostCache, HostKV
-from skillkv.engine.l2_reader import L2Reader
+from skillkv.tiers.host_cache import HostCache, HostKV
+from skillkv.tiers.l2_reader import L2Reader
 from skillkv.engine.paged import PagedEngine, Request
-from skillkv.engine.tier_policy import TierPolicy
+from skillkv.tiers.policy import TierPolicy
 from skillkv.errors import SnapshotError
 
 Piece = tuple[str, list[int]]  # (snapshot key, the token ids the caller expects it to hold)

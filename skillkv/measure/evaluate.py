@@ -21,7 +21,7 @@ positions (the first token, after each token of A, and the end-of-turn position 
   recomputed   fraction of skill tokens recomputed by compose's repair
 Modes: full, exact (must be identical: a check of the harness), none (no skills: how much the skills matter),
 and compose at each repair setting. Compose only differs from exact with two or more skills, so the compose
-rows (and the fidelity record for `auto` mode, skillkv.fidelity) use the multi-skill questions; `reverse` adds
+rows (and the fidelity record for `auto` mode, skillkv.compose.fidelity) use the multi-skill questions; `reverse` adds
 every multi-skill question again with its skills in reverse order (order independence).
 
 Snapshots are compiled into a temporary store (the evaluation's skills never mix with yours); the fidelity record
@@ -41,12 +41,12 @@ from typing import Callable
 
 import torch
 
-from skillkv import fidelity
-from skillkv.compose import Repair
-from skillkv.engine.generate import SamplingParams, decode_loop
+from skillkv.compose import fidelity
+from skillkv.compose.repair import Repair
+from skillkv.generate import SamplingParams, decode_loop
 from skillkv.errors import SkillkvError
 
-DEFAULT_SET = Path(__file__).resolve().parent.parent / "eval" / "compose"
+DEFAULT_SET = Path(__file__).resolve().parents[2] / "eval" / "compose"
 DEFAULT_SETTINGS = "plain,plain+d0.15,plain+r0.15,0,r0.1,r0.15"
 SECTION = "compose"  # the default model's docs section; another model family gets its own (e.g. compose-gemma)
 BEGIN, END = "<!-- compose:begin -->", "<!-- compose:end -->"
@@ -256,7 +256,7 @@ def run_eval(kv_factory: Callable[[Path], object], eval_set: Path = DEFAULT_SET,
 
 
 def fidelity_record(result: dict, settings: list[Repair]) -> dict:
-    """The record `auto` mode reads (skillkv.fidelity), from the multi-skill questions of `result`: a setting's
+    """The record `auto` mode reads (skillkv.compose.fidelity), from the multi-skill questions of `result`: a setting's
     numbers are the worse of the labelled and the reversed skill order (when both ran), so a setting that passes
     does so in either order."""
     multi = result["summary"].get("multi", {})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from skillkv.engine.hf_runner import KV
+from skillkv.runners.hf import KV
 from skillkv.engine.paged import PagedEngine, Request
 
 
@@ -43,8 +43,8 @@ class PagedRunner:
     @property
     def tiers(self):
         if self._tiers is None:
-            from skillkv.engine.tier_policy import policy_for
-            from skillkv.engine.tiers import Tiers
+            from skillkv.tiers.policy import policy_for
+            from skillkv.tiers.tiers import Tiers
 
             policy = policy_for(self.engine, self.store) if self.device.type == "cuda" else None
             self._tiers = Tiers(self.engine, self.store, self.host_budget or (4 << 30), policy=policy)
@@ -55,7 +55,7 @@ class PagedRunner:
         """Compose mode over this engine (engine/compose_paged.py); entries still being paged in by the tiers
         are waited for before their pages are read."""
         if self._composer is None:
-            from skillkv.engine.compose_paged import PagedComposer
+            from skillkv.engine.placed import PagedComposer
 
             self._composer = PagedComposer(self.engine, self._rotary, settle=self._settle)
         return self._composer

@@ -41,7 +41,9 @@ from typing import Callable
 
 import torch
 
-from skillkv.compose import Repair, choose_positions, recompute_rows, rerotate, rope_delta, select_positions
+from skillkv.engine.rope import rerotate, rope_delta
+
+from skillkv.compose.repair import Repair, choose_positions, recompute_rows, select_positions
 from skillkv.engine.paged import PagedEngine, Request
 from skillkv.engine.pool import KV
 from skillkv.errors import SkillkvError
@@ -55,7 +57,7 @@ def placed_key(chain_key: str, offset: int) -> str:
 @dataclass
 class Part:
     """One skill of a composed prefix: the chain key of the snapshot it is placed from, that snapshot's tokens
-    ([preamble][skill], or [preamble][neighbour][skill] with `context` = preamble + neighbour, skillkv.compose),
+    ([preamble][skill], or [preamble][neighbour][skill] with `context` = preamble + neighbour, skillkv.compose.repair),
     and `load()`, which supplies that snapshot's KV (per layer [tokens, kv_heads, head_dim], any device) when the
     pool holds neither the needed placed entry nor the snapshot's own entry."""
 
@@ -248,7 +250,7 @@ class PagedComposer:
     def repair(self, req: Request, runner, ids: list[int], starts: list[int], repair: Repair) -> list[int]:
         """Apply `repair` to the composed request `req` of prefix tokens `ids` (segments begin at `starts`,
         preamble first). Front selection and lead: the runs of leading tokens prefilled by the engine
-        (`prefill_runs`). Deviation: positions chosen by skillkv.compose over the gathered prefix, rows recomputed
+        (`prefill_runs`). Deviation: positions chosen by skillkv.compose.repair over the gathered prefix, rows recomputed
         by `runner` (an HFRunner over the same model), written with `write_rows`. Returns the positions."""
         if len(ids) != req.prefix_tokens:
             raise SkillkvError(f"{len(ids)} token ids for a composed prefix of {req.prefix_tokens} tokens")

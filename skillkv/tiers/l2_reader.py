@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from skillkv.engine.host_cache import HostKV, host_buffer
+from skillkv.tiers.host_cache import HostKV, host_buffer
 from skillkv.errors import SnapshotError
 from skillkv.snapshot import (Layout, _scratch, check_identity, check_tensor, header_length, parse_layout,
                               unzstd_into)

@@ -54,67 +54,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pathlib import Path
-
 import torch
 
-from skillkv.engine.ops import rotate_half
+from skillkv.engine.rope import check_composable, place, rope_layer_types
 from skillkv.errors import SkillkvError
 from skillkv.model import layer_windows
-from skillkv.skills import Skill
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
-POSITION_INDEPENDENT_ROPE = {"default", "linear", "llama3", "yarn"}
-
-
 SELECTIONS = ("front", "deviation")
-
-# The stand-in predecessor later skills are compiled after (see "Neighbour snapshots"): the reference of an invented
-# tool, shaped like a typical skill (commands, a table, codes, examples), that no question needs. Chosen among three
-# stand-ins by a question-free criterion on the project's own skills/ (disjoint from the evaluation set): the mean
-# KV error of a skill composed after another one against a true prefill: 0.130 for this text, 0.136 for generic
-# answering guidelines, 0.152 with no stand-in (`eval/neighbour_criterion.py --max-tokens 400 --skills
-# release-notes,python-debugging,sql-review`). Changing the text changes its hash: neighbour snapshots recompile.
-NEIGHBOUR = Skill(
-    name="fernbank-cli",
-    description="Reference for the fernbank command-line tool: commands, flags, configuration keys and exit codes. "
-                "Use when the user asks how to run, configure or troubleshoot fernbank.",
-    body="""## Commands
-
-- `fernbank init --dir PATH` creates a workspace; it writes `fernbank.toml` with defaults.
-- `fernbank sync --remote NAME --jobs N` copies changed files; N defaults to 4 and may be at most 32.
-- `fernbank status --json` prints one JSON object per tracked file.
-- `fernbank prune --older-than 30d` removes cached blobs not used for 30 days.
-
-## Configuration (`fernbank.toml`)
-
-| key | default | meaning |
-|---|---|---|
-| `cache.max_size` | `2GiB` | cache limit before pruning starts |
-| `sync.retries` | `3` | attempts per file before giving up |
-| `sync.timeout_s` | `45` | seconds per request |
-| `log.level` | `info` | one of debug, info, warn, error |
-
-## Exit codes
-
-- `0` success; `2` bad arguments; `3` remote unreachable; `5` checksum mismatch (the file is re-queued once).
-
-## Examples
-
-```
-fernbank sync --remote backup --jobs 8
-fernbank prune --older-than 7d --dry-run
-```
-
-## Notes
-
-1. Run `fernbank status` before a sync to see what will change.
-2. Keep secrets out of `fernbank.toml`; use the `FERNBANK_TOKEN` environment variable.
-3. A sync interrupted with Ctrl-C resumes from the last finished file.
-""",
-    path=Path(__file__))
-
 
 @dataclass(frozen=True)
 class Repair:
@@ -170,99 +118,6 @@ class Composed:
     @property
     def recomputed_fraction(self) -> float:
         return len(self.recomputed) / self.skill_tokens if self.skill_tokens else 0.0
-
-
-# ------------------------------------------------------------------------------------------------ RoPE
-
-
-def rope_layer_types(config) -> list[str] | None:
-    """The RoPE table name of every layer where the model has one table per layer type (Gemma 3:
-    `rope_parameters` = {layer type: parameters}, `layer_types` naming each layer's), else None (one table)."""
-    rp = getattr(config, "rope_parameters", None)
-    types = getattr(config, "layer_types", None)
-    if types and isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
-        return list(types[: config.num_hidden_layers])
-    return None
-
-
-def check_composable(config) -> None:
-    """SkillkvError unless every layer's keys can be re-positioned by one rotation of its RoPE table (module
-    docstring). Sliding-window layers are allowed (the HF runner keeps their every token)."""
-    rp = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    types = rope_layer_types(config)
-    if types is not None:
-        missing = sorted(set(types) - set(rp))
-        if missing:
-            raise SkillkvError(f"{config.model_type} has no RoPE parameters for layer type(s) {', '.join(missing)}")
-        tables = [rp[t] for t in dict.fromkeys(types)]
-    elif isinstance(rp, dict) and rp and all(isinstance(v, dict) for v in rp.values()):
-        raise SkillkvError(f"{config.model_type} has one RoPE table per layer type but no layer_types; use exact mode")
-    else:
-        tables = [rp]
-    for t in tables:
-        rope_type = (t.get("rope_type") or t.get("type") or "default") if isinstance(t, dict) else "default"
-        if rope_type not in POSITION_INDEPENDENT_ROPE:
-            raise SkillkvError(f"compose needs position-independent RoPE frequencies; {rope_type!r} changes them "
-                               "with the sequence length; use exact mode")
-
-
-def rope_delta(rotary, delta: int, device, dtype=torch.float32,
-               layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [head_dim] of a rotation by `delta` positions, from the model's rotary module, without its
-    attention scaling (the stored keys carry it once already). `layer_type` picks the table of a rotary module
-    with one per layer type (Gemma 3's takes it as a third argument); None for a single-table module."""
-    x = torch.zeros(1, dtype=torch.float32, device=device)
-    pos = torch.tensor([[delta]], dtype=torch.long, device=device)
-    if layer_type is None:
-        cos, sin = rotary(x, pos)
-        scale = getattr(rotary, "attention_scaling", 1.0)
-    else:
-        cos, sin = rotary(x, pos, layer_type)
-        scale = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
-    scale = float(scale or 1.0)
-    return (cos[0, 0] / scale).to(dtype), (sin[0, 0] / scale).to(dtype)
-
-
-def rerotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Keys [tokens, kv_heads, head_dim] (after RoPE) rotated further by the angle whose cos/sin are given
-    (from `rope_delta`); computed in float32, returned in the keys' dtype on their device."""
-    k = keys.float()
-    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
-
-
-# ------------------------------------------------------------------------------------------------ placement
-
-
-def place(snapshots: list[KV], preamble: int, rotary, context: list[int] | None = None,
-          layer_types: list[str] | None = None) -> tuple[KV, list[int]]:
-    """Concatenate snapshots into one prefix: the first is [preamble][skill 1] at positions 0..n, used whole;
-    every later snapshot i holds its skill's rows after `context[i]` rows of context (default `preamble`: a
-    single-skill snapshot; preamble + neighbour for a neighbour snapshot), keys re-rotated by (its new start -
-    context[i]). Returns (kv, starts): `starts` are the positions where the preamble and each skill begin. Always
-    returns new tensors (the snapshots, possibly read-only file mappings, are not touched). Runs on the
-    snapshots' device; one rotation table per skill (not per layer), or with `layer_types` (one RoPE table name
-    per layer, `rope_layer_types`) one per skill and layer type, each layer rotated with its own.
-    """
-    if not snapshots:
-        raise SkillkvError("nothing to compose")
-    layers = len(snapshots[0])
-    context = context or [preamble] * len(snapshots)
-    starts, pieces = [0], [snapshots[0]]
-    pos = snapshots[0][0][0].shape[0]
-    for snap, ctx in zip(snapshots[1:], context[1:]):
-        n = snap[0][0].shape[0] - ctx
-        starts.append(pos)
-        dev = snap[0][0].device
-        if layer_types is None:
-            tables = [rope_delta(rotary, pos - ctx, dev)] * layers
-        else:
-            by_type = {t: rope_delta(rotary, pos - ctx, dev, layer_type=t) for t in dict.fromkeys(layer_types)}
-            tables = [by_type[t] for t in layer_types]
-        pieces.append([(rerotate(k[ctx:], *cs), v[ctx:]) for (k, v), cs in zip(snap, tables)])
-        pos += n
-    starts.insert(1, preamble)  # preamble at 0, first skill at `preamble`
-    kv = [(torch.cat([p[i][0] for p in pieces], 0), torch.cat([p[i][1] for p in pieces], 0)) for i in range(layers)]
-    return kv, starts
 
 
 # ------------------------------------------------------------------------------------------------ repair

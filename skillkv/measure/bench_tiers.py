@@ -1,6 +1,6 @@
 """Micro-benchmark of the L2 -> host path on this machine (no GPU needed): disk, crc, zstd, the L2 reader.
 
-    python -m skillkv.bench_tiers [--tokens 2048] [--threads 1,2,4] [--out DIR]
+    python -m skillkv.measure.bench_tiers [--tokens 2048] [--threads 1,2,4] [--out DIR]
 
 Builds a snapshot of the Llama-3.1-8B KV shape (32 layers, 8 KV heads, head_dim 128, bf16: 128 KiB per token) of
 random-normal KV (as `dummy:` weights produce; real KV compresses better), writes it uncompressed and with zstd,
@@ -46,7 +46,7 @@ def _real_kv(tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
     h = resolve_model("default", device="cpu")
     model = h.load()
-    root = Path(__file__).resolve().parent.parent / "skills"
+    root = Path(__file__).resolve().parents[2] / "skills"
     text = "\n\n".join(p.read_text() for p in sorted(root.glob("*/SKILL.md")))
     ids = h.tokenizer(text)["input_ids"][:tokens]
     import inspect
@@ -76,8 +76,8 @@ def main() -> None:
 
     import zstandard
 
-    from skillkv.engine.l2_reader import L2Reader
-    from skillkv.engine.tier_policy import _cold, disk_gbs
+    from skillkv.tiers.l2_reader import L2Reader
+    from skillkv.tiers.policy import _cold, disk_gbs
     from skillkv.snapshot import Snapshot, _shuffle, decode, unzstd_into, write_snapshot
 
     if args.real:

@@ -1,6 +1,6 @@
 """Skill selection: which skills a question gets when none are named.
 
-`choose_skills` ranks with skillkv.rank (BM25 over name, description and body, fused with all-MiniLM-L6-v2
+`choose_skills` ranks with skillkv.select.rank (BM25 over name, description and body, fused with all-MiniLM-L6-v2
 embeddings when the `embed` extra is installed; a threshold so that a question needing no skill gets none; see
 docs/EVAL.md). `--skill` always wins over this.
 
@@ -51,29 +51,3 @@ def keyword_ranked(question: str, skills: list[Skill]) -> list[tuple[int, Skill]
     """(keyword score, skill) for every skill, best first, ties by name."""
     q = words(question)
     return [(sc, s) for sc, _, s in sorted(((score(q, s), s.name, s) for s in skills), key=lambda t: (-t[0], t[1]))]
-
-
-MIN_RANKED = 5  # below this many skills BM25's IDF is degenerate (a word in every skill weighs ~0): keywords
-
-
-def explain_skills(question: str, skills: list[Skill], top_k: int = 2):
-    """Every skill as a skillkv.rank.Candidate (scores, chosen or not, and why), best first."""
-    from skillkv.rank import Candidate, ranker_for
-
-    if not question or not question.strip() or not skills:
-        return []
-    if len(skills) >= MIN_RANKED:
-        return ranker_for(skills).rank(question, top_k)
-    chosen = {s.name for s in keyword_choose(question, skills, top_k)}
-    out = []
-    for sc, s in keyword_ranked(question, skills):
-        why = (f"keyword score {sc} >= {MIN_SCORE} (fewer than {MIN_RANKED} skills: keyword scorer)"
-               if s.name in chosen else f"keyword score {sc}" + (" below " + str(MIN_SCORE) if sc < MIN_SCORE
-                                                                 else f", top-{top_k} limit reached"))
-        out.append(Candidate(s, float(sc), float(sc), None, float(sc), s.name in chosen, why))
-    return out
-
-
-def choose_skills(question: str, skills: list[Skill], top_k: int = 2) -> list[Skill]:
-    """The best-matching skills for `question` (possibly none, e.g. with zero skills), best first."""
-    return [c.skill for c in explain_skills(question, skills, top_k) if c.chosen]

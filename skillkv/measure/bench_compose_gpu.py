@@ -1,11 +1,11 @@
 """GPU benchmark of compose mode on the paged engine (issue 4 goal: compose first-token time <= 1.3x exact mode with
 the same skills resident; GPU, Llama-3.1-8B shape, 4 skills of 5k tokens).
 
-    python -m skillkv.bench_compose_gpu --out DIR [--skills 4] [--skill-tokens 5000] [--reps 20]
-    python -m skillkv.bench_compose_gpu --out /tmp/x --tiny               # CPU smoke test (dummy:tiny, torch)
+    python -m skillkv.measure.bench_compose_gpu --out DIR [--skills 4] [--skill-tokens 5000] [--reps 20]
+    python -m skillkv.measure.bench_compose_gpu --out /tmp/x --tiny               # CPU smoke test (dummy:tiny, torch)
 
 `dummy:llama-3.1-8b` weights (random, seeded) in bf16, FlashInfer attention, CUDA graphs as the engine uses them,
-random token ids for a preamble, the skills and a question of 32 tokens, as skillkv.bench_gpu does. Every skill's
+random token ids for a preamble, the skills and a question of 32 tokens, as skillkv.measure.bench_gpu does. Every skill's
 single-skill snapshot ([preamble][skill]) is computed by the engine and made resident (L1); so is the exact KV of
 the 4-skill chain ([preamble][s1]..[s4], one entry, what exact mode serves from L1). Medians of `reps` timed runs
 after warm-up, device synchronized around each run (bench_gpu.timed_ms); a run = open the request, prefill the
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from skillkv.bench_gpu import _sync, kv_bytes_per_token, load_model, rel_err, timed_ms
+from skillkv.measure.bench_gpu import _sync, kv_bytes_per_token, load_model, rel_err, timed_ms
 
 
 def timed_setup_ms(fn, setup, reps: int, warmup: int, device) -> tuple[float, list[float]]:
@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import transformers
 
-    from skillkv.compose import Repair, check_composable, place
-    from skillkv.engine.compose_paged import Part, PagedComposer, placed_key
-    from skillkv.engine.hf_runner import HFRunner
+    from skillkv.engine.rope import check_composable, place
+
+    from skillkv.compose.repair import Repair
+    from skillkv.engine.placed import Part, PagedComposer, placed_key
+    from skillkv.runners.hf import HFRunner
     from skillkv.engine.paged import PagedEngine
 
     dtype = getattr(torch, args.dtype)

@@ -1,10 +1,10 @@
 """The serve load test: many concurrent streaming clients over loopback, every answer checked against its solo answer.
 
-    python -m skillkv.serve.loadtest                      # = skillkv loadtest: starts its own server (CPU default)
+    python -m skillkv.measure.loadtest                      # = skillkv loadtest: starts its own server (CPU default)
     skillkv loadtest --url http://127.0.0.1:8321          # against a running server
     skillkv loadtest --model dummy:llama-3.1-8b --device cuda --attention flashinfer   # the GPU shape
 
-Bounded: `--requests` in all (over `--distinct` different prompts, questions from skillkv.bench over its batch
+Bounded: `--requests` in all (over `--distinct` different prompts, questions from skillkv.measure.bench over its batch
 skills, a quarter with skills chosen automatically), `--clients` threads each with a keep-alive connection, and
 `--timeout` seconds for the whole run (clients stop taking requests at the deadline).
 
@@ -41,7 +41,7 @@ class Result:
 
 
 def prompts(n: int, known: set[str]) -> list[dict]:
-    from skillkv.bench import batch_questions
+    from skillkv.measure.bench import batch_questions
 
     out = []
     for i, (q, skills) in enumerate(batch_questions(n)):
@@ -224,10 +224,10 @@ def run(url: str | None = None, clients: int = 64, requests: int = 128, distinct
             import torch
 
             meta["device"], meta["gpu"] = torch.cuda.get_device_name(dev), True
-            meta["command"] = ("python -m skillkv.serve.loadtest --model dummy:llama-3.1-8b --device cuda "
+            meta["command"] = ("python -m skillkv.measure.loadtest --model dummy:llama-3.1-8b --device cuda "
                                "--attention flashinfer --doc docs/BENCHMARKS.md")
         else:
-            from skillkv.bench import machine
+            from skillkv.measure.bench import machine
 
             mc = machine()
             meta["device"] = f"{mc['cpu']} ({mc['cores']} cores, {mc['torch_threads']} torch threads)"
@@ -247,7 +247,7 @@ def run(url: str | None = None, clients: int = 64, requests: int = 128, distinct
     md = markdown(r, meta)
     log(md)
     if doc is not None:
-        from skillkv.bench import update_doc
+        from skillkv.measure.bench import update_doc
 
         update_doc(doc, section or ("serve-gpu" if meta["gpu"] else "serve"), md)
     return r

@@ -1,0 +1,2 @@
+"""Compose mode: skills placed in any order from their own snapshots, boundary repair, and the measured fidelity
+that lets `auto` use it."""
