@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra tests
 
 test-fast: install

@@ -58,6 +58,38 @@ class TextStream:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+class StopText:
+    """Streams text deltas, holding back what could be the start of a stop string; cuts at the first stop."""
+
+    def __init__(self, stops: list[str], emit: Callable[[str], None]):
+        self.stops, self.emit, self.buf, self.text, self.hit = stops, emit, "", "", False
+        self.hold = max((len(s) for s in stops), default=1) - 1  # held back
+
+    def push(self, delta: str) -> None:
+        if self.hit:
+            return
+        self.buf += delta
+        # every stop occurrence starts inside buf: what was sent was checked with `hold` characters after it
+        found = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.buf, self.hit = self.buf[:min(found)], True
+            self.flush()
+            return
+        keep = len(self.buf) - self.hold
+        if keep > 0:
+            self._send(self.buf[:keep])
+            self.buf = self.buf[keep:]
+
+    def flush(self) -> None:
+        if self.buf:
+            self._send(self.buf)
+            self.buf = ""
+
+    def _send(self, s: str) -> None:
+        self.text += s
+        self.emit(s)
+
+
 def decode_loop(step: Callable[[int], torch.Tensor], first_logits: torch.Tensor, params: SamplingParams,
                 stop_ids: list[int], tokenizer, on_text: Callable[[str], None] | None = None,
                 budget: int | None = None) -> Generation:

@@ -195,6 +195,13 @@ class ModelHandle:
         return int(getattr(self.hf_config, "max_position_embeddings", 2048) or 2048)
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V over all layers for one token, in the KV dtype."""
+        c = self.hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * self.dtype.itemsize
+
+    @property
     def stop_ids(self) -> list[int]:
         """Token ids that end an answer: <|im_end|> (ChatML) and the model's eos token(s)."""
         ids = set()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from skillkv.errors import PromptTooLong
 from skillkv.skills import Skill
 
 PREAMBLE = (
@@ -108,3 +109,12 @@ class PromptBuilder:
     def layout(self, skills: list[Skill], question: str) -> Layout:
         segs = [self.preamble_ids()] + [self.skill_ids(s) for s in skills] + [self.question_ids(question)]
         return Layout(segs, ["preamble"] + [s.name for s in skills] + ["question"])
+
+
+def check_fits(prompt_tokens: int, answer_tokens: int, question_tokens: int | None, limit: int) -> None:
+    """PromptTooLong (one line, with the numbers) unless `prompt_tokens` + `answer_tokens` <= `limit`."""
+    if prompt_tokens + answer_tokens > limit:
+        parts = (f"skills {prompt_tokens - question_tokens:,} + question {question_tokens:,}"
+                 if question_tokens is not None else f"{prompt_tokens:,}")
+        raise PromptTooLong(f"prompt of {prompt_tokens:,} tokens ({parts}) plus {answer_tokens} answer "
+                            f"token{'s' if answer_tokens != 1 else ''} exceeds the model's context of {limit:,} tokens")

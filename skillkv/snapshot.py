@@ -79,7 +79,7 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
 
 
-def _shuffle(t: torch.Tensor) -> bytes:
+def shuffle_bytes(t: torch.Tensor) -> bytes:
     """Byte planes: all first bytes of every element, then all second bytes, ... (one strided copy per plane)."""
     size = t.element_size()
     b = t.contiguous().view(torch.uint8).numpy().reshape(-1, size)
@@ -103,7 +103,7 @@ def encode(snap: Snapshot, compression: str = "none") -> bytes:
 
         def comp(item):
             name, t = item
-            return name, zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(_shuffle(t))
+            return name, zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(shuffle_bytes(t))
 
         with ThreadPoolExecutor(_THREADS) as pool:
             for name, blob in pool.map(comp, kv.items()):
@@ -305,7 +305,7 @@ def check_identity(meta: dict, token_ids: list[int], name: str, fingerprint: str
 _local = threading.local()
 
 
-def _scratch(attr: str, nbytes: int) -> np.ndarray:
+def scratch_buffer(attr: str, nbytes: int) -> np.ndarray:
     """A per-thread reusable byte buffer of at least `nbytes` (decompression output, compressed input)."""
     buf = getattr(_local, attr, None)
     if buf is None or buf.size < nbytes:
@@ -326,7 +326,7 @@ def unzstd_into(frame, out: torch.Tensor, name: str = "snapshot") -> None:
         dctx = _local.dctx = zstandard.ZstdDecompressor()
     size = out.element_size()
     nbytes = out.numel() * size
-    tmp = _scratch("raw", nbytes + 1)  # one spare byte: a frame that is too long is caught
+    tmp = scratch_buffer("raw", nbytes + 1)  # one spare byte: a frame that is too long is caught
     got, mv = 0, memoryview(tmp)
     try:
         with dctx.stream_reader(frame, read_across_frames=False) as r:

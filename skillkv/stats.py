@@ -1,9 +1,9 @@
 """Usage statistics: one SQLite database per store, `<store>/stats.sqlite`.
 
 Every `SkillKV.ask` records one row in `asks` (model tag, mode, token counts, timings) and one row per skill in
-`ask_skills` (which tier its KV came from: `l1` = resident in the paged engine's pool, `host` = its pinned host
-cache, `memory` = the in-process memo, `l2` = a snapshot loaded from disk,
-`computed` = prefilled now). `summary()` turns them into what `skillkv stats` prints.
+`ask_skills` (which tier its KV came from: `l1` = resident in the runner, `host` = the host tier's cache, `l2` = a
+snapshot loaded from disk, `computed` = prefilled now; `memory` = the in-process memo of versions before the
+runners held their own prefixes, kept for old records). `summary()` turns them into what `skillkv stats` prints.
 
 Robustness contract: statistics are never worth a failed ask. A database that is not a database (or whose
 schema is unusable) is moved aside to `stats.sqlite.corrupt-<time>` and recreated with a warning; a database

@@ -139,6 +139,14 @@ class Store:
         e = self.entries().get(key)
         return e is not None and (self.snap_dir / e.file).is_file()
 
+    def file_path(self, key: str) -> Path:
+        """The file of the indexed snapshot `key` (to read it with other readers, e.g. the tiers' L2 reader).
+        Raises SnapshotError if it is not indexed."""
+        e = self.entries().get(key)
+        if e is None:
+            raise SnapshotError(f"snapshot {key[:12]} is not in the store")
+        return self.snap_dir / e.file
+
     def put(self, snap: Snapshot, compression: str = "none") -> Entry:
         """Write a snapshot atomically and index it. Raises StoreError if the store cannot be written."""
         path = self.path_for(snap.key, snap.skill)

@@ -10,7 +10,7 @@ How it works
     land on the right skill. Events only mark a folder dirty; read-only events (opened, closed-no-write) are
     ignored, so compiling (which reads the files) never feeds back.
   - A folder is processed once no event touched it for `debounce` seconds: it is parsed alone and, if valid, only
-    that skill is compiled (`SkillKV.compile([name])`, incremental by content hash). Its new snapshot is written to a
+    that skill is compiled (`SkillKV.compile_skill`, the compile stage, incremental by content hash). Its new snapshot is written to a
     temp file, fsynced and renamed into the store, then indexed (skillkv.store): readers see the old snapshot or the
     new one, never half of one. Other skills are not read, let alone recompiled.
   - An invalid edit prints its error and leaves the last good snapshot in place. A folder whose `SKILL.md` is gone
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from skillkv.errors import SkillError, SkillkvError
-from skillkv.skills import LoadResult, parse_skill
+from skillkv.errors import SkillError
+from skillkv.skills import Skill, parse_skill
 
 WRITE_EVENTS = {"created", "modified", "moved", "deleted", "closed"}
 
@@ -124,17 +124,19 @@ class Watcher:
         self.on_line(line)
         return line
 
+    def learn(self, skills: list[Skill]) -> None:
+        """Remember which folder holds which skill (to tell a rename from a deletion later)."""
+        for s in skills:
+            self.names["." if s.path.resolve() == self.root else s.path.name] = s.name
+
     def initial(self) -> list[WatchLine]:
         """Compile whatever is out of date at start (and learn which folder holds which skill)."""
         lines = []
-        self.kv._skills = None
+        self.kv.reload()
         for r in self.kv.compile(compression=self.compression):
             lines.append(self._emit(WatchLine(r.skill, r.tokens, round(r.seconds, 3),
                                               "error" if r.status == "skipped" else r.status, r.reason)))
-        for s in self.kv.load_skills().skills:
-            folder = "." if s.path.resolve() == self.root else s.path.name
-            self.names[folder] = s.name
-        self.kv._skills = None
+        self.learn(self.kv.load_skills().skills)
         return lines
 
     def process(self, folder: str) -> WatchLine:
@@ -162,14 +164,10 @@ class Watcher:
             return self._emit(WatchLine(skill.name, 0, round(time.perf_counter() - t0, 3), "error",
                                         f"{path / 'SKILL.md'}: name {skill.name!r} already used by "
                                         f"{self.root / owner}; last good snapshot kept", folder))
-        self.kv._skills = LoadResult([skill], [], [])
-        try:
-            [r] = self.kv.compile([skill.name], compression=self.compression)
-        except SkillkvError as e:
+        r = self.kv.compile_skill(skill, compression=self.compression)
+        if r.status == "skipped":
             return self._emit(WatchLine(skill.name, 0, round(time.perf_counter() - t0, 3), "error",
-                                        f"{e}; last good snapshot kept", folder))
-        finally:
-            self.kv._skills = None
+                                        f"{r.reason}; last good snapshot kept", folder))
         self.names[folder] = skill.name
         detail = "; ".join(skill.warnings)
         if old and old != skill.name:

@@ -98,3 +98,19 @@ def run_cli(monkeypatch, capsys, *argv):
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def chain_kv(kv, skills):
+    """The exact KV of preamble + `skills` in this order (stored pieces loaded, missing ones computed and stored)."""
+    from skillkv.compile import concat
+
+    return concat(kv.compiler.chain(skills)[0])
+
+
+def composed_kv(kv, skills, repair):
+    """(contiguous KV, info) of compose mode's prefix of `skills`, read back from the runner's sequence."""
+    o = kv.open(skills, "compose", repair)
+    try:
+        return kv.runner.read(o.seq, 0, o.seq.length), o.info
+    finally:
+        kv.runner.release(o.seq)

@@ -18,7 +18,7 @@ def test_compile_is_incremental(tiny_kv, tiny_skills):
     assert set(again.values()) == {"up to date"}
     md = tiny_skills / "beta-codes" / "SKILL.md"
     md.write_text(md.read_text() + "\nCode B-99 means the network is down.\n")
-    tiny_kv._skills = None
+    tiny_kv.reload()
     after = {r.skill: r.status for r in tiny_kv.compile()}
     assert after == {"alpha-tool": "up to date", "beta-codes": "recompiled", "gamma-notes": "up to date"}
     assert {s.skill.name: s.state for s in tiny_kv.status()} == dict.fromkeys(after, "current")
@@ -27,14 +27,17 @@ def test_compile_is_incremental(tiny_kv, tiny_skills):
 def test_snapshot_kv_equals_full_prefill_kv(tiny_kv):
     skill = tiny_kv.pick(["alpha-tool"])[0]
     tiny_kv.compile(["alpha-tool"])
-    snap = tiny_kv.snapshots.get(tiny_kv.chain_keys([skill])[0])
-    ids = tiny_kv.piece_ids([skill], 0)
+    snap = tiny_kv.snapshots.get(tiny_kv.compiler.keys([skill])[0])
+    ids = tiny_kv.compiler.piece_ids([skill], 0)
     assert snap.token_ids == ids
-    cache = tiny_kv.runner.new_cache()
-    tiny_kv.runner.forward(ids + [5, 6, 7], cache)
-    for (k, v), layer in zip(zip(snap.keys, snap.values), cache.layers):
-        torch.testing.assert_close(k, layer.keys[0, :, : len(ids)].transpose(0, 1), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, layer.values[0, :, : len(ids)].transpose(0, 1), rtol=1e-5, atol=1e-5)
+    runner = tiny_kv.runner
+    seq = runner.open(None)
+    runner.prefill([seq], [ids + [5, 6, 7]])
+    full = runner.read(seq, 0, len(ids))
+    runner.release(seq)
+    for (k, v), (fk, fv) in zip(zip(snap.keys, snap.values), full):
+        torch.testing.assert_close(k, fk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, fv, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("skills", [["alpha-tool"], ["beta-codes", "alpha-tool"], ["gamma-notes", "beta-codes"]])
@@ -51,7 +54,7 @@ def test_combination_is_computed_once_then_reused(tiny_kv):
     skills = ["beta-codes", "alpha-tool"]
     first = tiny_kv.ask("What does B-42 mean?", skills, params=GREEDY)
     assert first.tokens["cached"] == 0  # nothing compiled yet: both pieces computed and stored
-    tiny_kv._memo.clear()
+    tiny_kv.forget_resident()
     second = tiny_kv.ask("What does B-17 mean?", skills, params=GREEDY)
     q_tokens = len(tiny_kv.builder.question_ids("What does B-17 mean?"))
     assert second.tokens["computed"] == q_tokens
@@ -65,7 +68,7 @@ def test_combination_is_computed_once_then_reused(tiny_kv):
 
 def _snapshot_file(kv, name):
     skill = kv.pick([name])[0]
-    e = kv.snapshots.entries()[kv.chain_keys([skill])[0]]
+    e = kv.snapshots.entries()[kv.compiler.keys([skill])[0]]
     return kv.snapshots.snap_dir / e.file
 
 
@@ -87,13 +90,13 @@ def test_damaged_snapshot_is_recompiled_never_served(tiny_kv, tmp_path, tiny_ski
         other.compile(["beta-codes"])
         data = _snapshot_file(other, "beta-codes").read_bytes()
     path.write_bytes(bytes(data))
-    tiny_kv._memo.clear()
+    tiny_kv.forget_resident()
     tiny_kv.snapshots._index = None
     ans = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)
     assert ans.output_token_ids == reference.output_token_ids
     assert ans.tokens["cached"] == 0
     assert any("recompiling" in w for w in tiny_kv.warnings)
-    tiny_kv._memo.clear()
+    tiny_kv.forget_resident()
     again = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)
     assert again.tokens["cached"] > 0 and again.output_token_ids == reference.output_token_ids
 
@@ -103,7 +106,7 @@ def test_zstd_snapshots_answer_identically(tiny_kv):
     e = next(iter(tiny_kv.snapshots.entries().values()))
     assert e.compression == "zstd"
     full = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], mode="full", params=GREEDY)
-    tiny_kv._memo.clear()
+    tiny_kv.forget_resident()
     exact = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)
     assert exact.tokens["cached"] > 0 and exact.output_token_ids == full.output_token_ids
 
@@ -125,7 +128,7 @@ def test_gc_removes_stale_snapshots(tiny_kv, tiny_skills):
     tiny_kv.ask("What does B-17 mean?", ["beta-codes", "alpha-tool"], params=SamplingParams(max_tokens=1))
     md = tiny_skills / "beta-codes" / "SKILL.md"
     md.write_text(md.read_text() + "\nMore codes.\n")
-    tiny_kv._skills = None
+    tiny_kv.reload()
     assert {s.skill.name: s.state for s in tiny_kv.status()}["beta-codes"] == "stale"
     removed, freed = tiny_kv.gc()
     # the old beta snapshot and the chain (beta, alpha) that started from it are both stale
@@ -148,7 +151,7 @@ def test_paged_engine_through_the_api_exact_equals_full_and_reuses_l1(tiny_skill
 
     kv = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu", engine="paged",
                  kv_budget=8 << 20, pin=["beta-codes"])
-    hf = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu")
+    hf = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu", engine="hf")
     assert kv.engine == "paged" and hf.engine == "hf" and kv.tag != hf.tag
     names = [s.name for s in kv.load_skills().skills]
     params = SamplingParams(max_tokens=12)
@@ -158,10 +161,10 @@ def test_paged_engine_through_the_api_exact_equals_full_and_reuses_l1(tiny_skill
     assert a.output_token_ids == b.output_token_ids
     assert a.tiers == ["computed", "computed"] and c.tiers == ["l1", "l1"]
     chosen = kv.pick(names[:2])
-    assert c.tokens["cached"] == sum(len(kv.piece_ids(chosen, i)) for i in range(2))
+    assert c.tokens["cached"] == sum(len(kv.compiler.piece_ids(chosen, i)) for i in range(2))
     assert c.tokens["computed"] == c.tokens["prompt"] - c.tokens["cached"]
     eng = kv.runner.engine
-    beta = kv.chain_keys(kv.pick(["beta-codes"]))[0]
+    beta = kv.compiler.keys(kv.pick(["beta-codes"]))[0]
     assert eng.table.entries[beta].pinned
     eng.table.check()
     assert all(e.refs == 0 for e in eng.table.entries.values())  # every request released its prefix
@@ -211,7 +214,7 @@ def test_paged_engine_pages_stored_snapshots_in_through_the_tiers(tiny_skills, t
     assert again.output_token_ids == ref.output_token_ids
     assert again.tokens["cached"] > 0 and again.tokens["cached"] + again.tokens["computed"] == ref.tokens["prompt"]
     kv = open_kv()
-    key = kv.chain_keys(kv.pick(names))[-1]
+    key = kv.compiler.keys(kv.pick(names))[-1]
     path = kv.snapshots.snap_dir / kv.snapshots.entries()[key].file
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # inside the last tensor: found while streaming, after the header checks passed

@@ -117,7 +117,7 @@ def test_prompt_too_long(monkeypatch, capsys, tiny_skills, tmp_path):
         "---\nname: alpha-tool\ndescription: huge\n---\n" + "word " * 5000)
     code, _, err = run(monkeypatch, capsys, "ask", "What?", "--skill", "alpha-tool", "--skills", str(tiny_skills),
                        "--store", str(tmp_path / "s"), *TINY)
-    one_line_error(code, err, "exceeds the model's context of 4096 tokens")
+    one_line_error(code, err, "exceeds the model's context of 4,096 tokens")
 
 
 def test_bad_batch_file(monkeypatch, capsys, tiny_skills, tmp_path):

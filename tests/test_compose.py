@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import chain_kv, composed_kv, run_cli
 
 from skillkv.compose import fidelity
 from skillkv.engine.rope import check_composable, rerotate, rope_delta
@@ -88,15 +88,15 @@ def test_per_layer_type_rope_needs_layer_types():
 
 def _parts(kv, names):
     skills = kv.pick(names)
-    snaps = [kv.prefix([s])[0] for s in skills]
+    snaps = [chain_kv(kv, [s]) for s in skills]
     segs = [kv.builder.preamble_ids()] + [kv.builder.skill_ids(s) for s in skills]
-    exact = kv.prefix(skills)[0]
+    exact = chain_kv(kv, skills)
     return snaps, segs, exact
 
 
 def _assert_placement(kv, names, atol):
     snaps, segs, exact = _parts(kv, names)
-    c = compose(kv.runner, snaps, segs, Repair())
+    c = compose(kv.runner.model, snaps, segs, Repair())
     n0 = len(segs[0]) + len(segs[1])
     assert c.starts == [0, len(segs[0])] + [sum(map(len, segs[:i])) for i in range(2, len(segs))]
     assert c.recomputed == [] and c.skill_tokens == sum(map(len, segs[1:]))
@@ -119,9 +119,9 @@ def test_placed_keys_equal_keys_computed_at_those_positions(tiny_kv):
 
 def test_recompute_over_an_exact_cache_changes_nothing(tiny_kv):
     skills = tiny_kv.pick(TWO)
-    exact = tiny_kv.prefix(skills)[0]
+    exact = chain_kv(tiny_kv, skills)
     ids = [t for s in [tiny_kv.builder.preamble_ids()] + [tiny_kv.builder.skill_ids(s) for s in skills] for t in s]
-    out = recompute(tiny_kv.runner, ids, exact, [0, 3, len(ids) // 2, len(ids) - 1])
+    out = recompute(tiny_kv.runner.model, ids, exact, [0, 3, len(ids) // 2, len(ids) - 1])
     for (k, v), (ek, ev) in zip(out, exact):
         torch.testing.assert_close(k, ek, rtol=0, atol=1e-5)
         torch.testing.assert_close(v, ev, rtol=0, atol=1e-5)
@@ -129,7 +129,7 @@ def test_recompute_over_an_exact_cache_changes_nothing(tiny_kv):
 
 def test_repairing_every_later_token_gives_the_exact_kv(tiny_kv):
     snaps, segs, exact = _parts(tiny_kv, ["gamma-notes", "beta-codes", "alpha-tool"])
-    c = compose(tiny_kv.runner, snaps, segs, Repair(lead=10 ** 6))
+    c = compose(tiny_kv.runner.model, snaps, segs, Repair(lead=10 ** 6))
     assert len(c.recomputed) == sum(map(len, segs[2:]))
     for (k, v), (ek, ev) in zip(c.kv, exact):
         torch.testing.assert_close(k, ek, rtol=0, atol=1e-4)
@@ -140,7 +140,7 @@ def test_partial_repair_moves_toward_exact(tiny_kv):
     snaps, segs, exact = _parts(tiny_kv, TWO)
 
     def err(rep):
-        c = compose(tiny_kv.runner, snaps, segs, rep)
+        c = compose(tiny_kv.runner.model, snaps, segs, rep)
         return sum(float((v - ev).norm()) for (_, v), (_, ev) in zip(c.kv, exact)), c
 
     e0, _ = err(Repair())
@@ -189,9 +189,14 @@ def test_repair_rejects_bad_values():
 
 
 def _record(kv, top1, facts=0.5, full=0.5, recomputed=0.1, fingerprint=None, repair=None):
-    fidelity.write(kv.snapshots.dir, {"fingerprint": fingerprint or kv.handle.fingerprint, "full_fact_accuracy": full,
+    fidelity.write(kv.snapshots.dir, {"fingerprint": fingerprint or kv.fingerprint, "full_fact_accuracy": full,
                                       "settings": [{"repair": (repair or Repair(lead=4)).to_json(), "top1": top1,
                                                     "fact_accuracy": facts, "recomputed": recomputed}]})
+
+
+def choose(kv, names=TWO):
+    skills = kv.pick(names)
+    return kv.composer.choose("auto", skills, kv.compiler.stored(skills))
 
 
 def test_auto_is_exact_for_one_skill_and_without_a_measurement(tiny_kv):
@@ -206,22 +211,22 @@ def test_auto_is_exact_for_one_skill_and_without_a_measurement(tiny_kv):
 def test_auto_composes_only_when_the_measurement_meets_the_bar(tiny_kv):
     tiny_kv.compile()
     _record(tiny_kv, top1=0.97)  # below the bar
-    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    assert choose(tiny_kv)[0] == "exact"
     _record(tiny_kv, top1=0.99, recomputed=0.2)  # recomputes too much
-    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    assert choose(tiny_kv)[0] == "exact"
     _record(tiny_kv, top1=0.99, facts=0.45, full=0.5)  # 90% of full's facts
-    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    assert choose(tiny_kv)[0] == "exact"
     _record(tiny_kv, top1=0.99, fingerprint="another-model")
-    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    assert choose(tiny_kv)[0] == "exact"
     _record(tiny_kv, top1=0.99, facts=0.5, repair=Repair(lead=4))
-    mode, repair, reason = tiny_kv.choose_mode(tiny_kv.pick(TWO))
+    mode, repair, reason = choose(tiny_kv)
     assert (mode, repair) == ("compose", Repair(lead=4)) and "meets the bar" in reason
     ans = tiny_kv.ask("What does B-17 mean?", TWO, params=GREEDY)
     assert ans.mode == "compose" and ans.compose["repair"]["lead"] == 4
     assert ans.compose["recomputed"] == 4  # the first 4 tokens of the one later skill
-    assert not tiny_kv.chain_stored(tiny_kv.pick(TWO))  # compose stores no combination
+    assert not tiny_kv.compiler.stored(tiny_kv.pick(TWO))  # compose stores no combination
     exact = tiny_kv.ask("What does B-17 mean?", TWO, mode="exact", params=GREEDY)
-    assert tiny_kv.chain_stored(tiny_kv.pick(TWO))
+    assert tiny_kv.compiler.stored(tiny_kv.pick(TWO))
     again = tiny_kv.ask("What does B-42 mean?", TWO, params=GREEDY)
     assert again.mode == "exact" and again.mode_reason == "combination stored" and exact.mode == "exact"
 
@@ -234,9 +239,9 @@ def test_explicit_compose_mode_and_token_accounting(tiny_kv):
     first = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
     # the later skill's neighbour snapshot is compiled (and stored) on first use, then loaded
     assert first.tokens["computed"] == q_len + later + 2 and first.tiers[1] == "computed"
-    nb_key = tiny_kv.chain_keys([NEIGHBOUR, tiny_kv.pick(TWO)[1]])[-1]
+    nb_key = tiny_kv.compiler.keys([NEIGHBOUR, tiny_kv.pick(TWO)[1]])[-1]
     assert tiny_kv.snapshots.contains(nb_key) and nb_key in tiny_kv.live_keys()  # gc keeps it
-    from skillkv.cli.stats import collect
+    from skillkv.report import collect
 
     assert collect(tiny_kv, None)[0]["skills"][NEIGHBOUR.name]["state"] == "compose neighbour"  # not "removed"
     ans = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
@@ -282,10 +287,10 @@ def test_compose_runs_on_the_device_of_the_kv(tmp_path, tiny_skills, device):
     kv = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device=device)
     snaps, segs, exact = _parts(kv, TWO)
     tol = 1e-4 if kv.handle.dtype == torch.float32 else 3e-2
-    c = compose(kv.runner, snaps, segs, Repair(lead=3, recompute=0.2))
+    c = compose(kv.runner.model, snaps, segs, Repair(lead=3, recompute=0.2))
     assert c.kv[0][0].device.type == device and c.kv[0][0].dtype == kv.handle.dtype
     torch.testing.assert_close(c.kv[0][0].float(), exact[0][0].float(), rtol=tol, atol=tol)
-    full = compose(kv.runner, snaps, segs, Repair(lead=10 ** 6))
+    full = compose(kv.runner.model, snaps, segs, Repair(lead=10 ** 6))
     for (k, v), (ek, ev) in zip(full.kv, exact):
         torch.testing.assert_close(k.float(), ek.float(), rtol=tol, atol=tol)
         torch.testing.assert_close(v.float(), ev.float(), rtol=tol, atol=tol)
@@ -301,12 +306,12 @@ def test_later_skills_are_placed_from_their_neighbour_snapshots(tiny_kv):
     b_ids = tiny_kv.builder.skill_ids(b)
     ctx = len(tiny_kv.builder.preamble_ids()) + len(tiny_kv.builder.skill_ids(NEIGHBOUR))
     start = len(tiny_kv.builder.preamble_ids()) + len(tiny_kv.builder.skill_ids(a))
-    variant, _ = tiny_kv.prefix([NEIGHBOUR, b])
+    variant = chain_kv(tiny_kv, [NEIGHBOUR, b])
     assert variant[0][0].shape[0] == ctx + len(b_ids)
     cos, sin = rope_delta(tiny_kv.runner.model.model.rotary_emb, start - ctx, "cpu")
-    kv, _ = tiny_kv.composed([a, b], Repair())
-    plain, _ = tiny_kv.composed([a, b], Repair(neighbour=False))
-    exact_a, _ = tiny_kv.prefix([a])
+    kv, _ = composed_kv(tiny_kv, [a, b], Repair())
+    plain, _ = composed_kv(tiny_kv, [a, b], Repair(neighbour=False))
+    exact_a = chain_kv(tiny_kv, [a])
     for layer, ((k, v), (pk, pv), (vk, vv), (ak, av)) in enumerate(zip(kv, plain, variant, exact_a)):
         assert torch.equal(k[:start], ak) and torch.equal(v[:start], av)
         assert torch.equal(v[start:], vv[ctx:])
@@ -323,7 +328,7 @@ def test_auto_follows_the_record_shipped_for_the_weights(tiny_kv, tmp_path, monk
     (tmp_path / "shipped" / f"{weights}.json").write_text(json.dumps({
         "weights_id": weights, "full_fact_accuracy": 0.5, "settings": [
             {"repair": Repair(recompute=0.15).to_json(), "top1": 0.99, "fact_accuracy": 0.5, "recomputed": 0.15}]}))
-    mode, repair, reason = tiny_kv.choose_mode(tiny_kv.pick(TWO))
+    mode, repair, reason = choose(tiny_kv)
     assert (mode, repair) == ("compose", Repair(recompute=0.15)) and "meets the bar" in reason
     _record(tiny_kv, top1=0.9)  # the store's own measurement wins
-    assert tiny_kv.choose_mode(tiny_kv.pick(TWO))[0] == "exact"
+    assert choose(tiny_kv)[0] == "exact"

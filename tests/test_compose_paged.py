@@ -7,13 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillkv.engine.rope import place
+from conftest import composed_kv
 
-from skillkv.compose.repair import Repair, compose
-from skillkv.engine.placed import Part, PagedComposer, placed_key
-from skillkv.runners.hf import HFRunner
+from skillkv.compose.repair import Repair, compose, needs_probe, select_positions
 from skillkv.engine.paged import PagedEngine
 from skillkv.engine.pages import PoolFull
+from skillkv.engine.placed import PagedComposer, Part, placed_key
+from skillkv.engine.rope import place
+from skillkv.runners import ReadyKV
+from skillkv.runners.hf import HFRunner
 
 PS = 4
 PRE = list(range(3, 10))  # 7-token preamble
@@ -55,7 +57,7 @@ def _parts(snaps, names, loads=None):
                 loads.append(n)
             return snaps[n]
         return f
-    return [Part(f"chain-{n}", len(PRE) + len(SKILLS[n]), load(n)) for n in names]
+    return [Part(f"chain-{n}", len(PRE) + len(SKILLS[n]), len(PRE), load(n)) for n in names]
 
 
 def _ids(names):
@@ -71,8 +73,19 @@ def _starts(names):
 
 
 def _hf_logits(model, kv, q):
+    """Logits of `q` after the prefix `kv` on the hf runner (the reference)."""
     runner = HFRunner(model)
-    return runner.forward(q, runner.new_cache(kv))
+    runner.admit("prefix", [ReadyKV(kv)])
+    seq = runner.open("prefix")
+    return runner.prefill([seq], [q])[0]
+
+
+def _repair(comp, req, model, ids, starts, repair):
+    """What the compose stage does on the paged runner (skillkv.compose.stage): choose, then recompute."""
+    kv = comp.gather(req) if needs_probe(repair, starts) else None
+    positions = select_positions(model, ids, kv, starts, repair)
+    comp.prefill_runs(req, ids, positions)
+    return positions
 
 
 def _entry_pages(eng):
@@ -128,12 +141,11 @@ def test_composed_request_reads_exactly_the_placed_kv_and_answers_like_transform
 def test_repair_on_the_engine_equals_transformers_compose(model, snaps, repair):
     names = ["A", "B", "C", "D"]
     eng, comp = _engine(model)
-    hf = HFRunner(model)
     ids = _ids(names)
-    c = compose(hf, [snaps[n] for n in names], [PRE] + [SKILLS[n] for n in names], repair)
+    c = compose(model, [snaps[n] for n in names], [PRE] + [SKILLS[n] for n in names], repair)
     req, _ = comp.open(_parts(snaps, names), len(PRE))
     before = {p: (eng.pool.k[:, p].clone(), eng.pool.v[:, p].clone()) for p in _entry_pages(eng)}
-    positions = comp.repair(req, hf, ids, _starts(names), repair)
+    positions = _repair(comp, req, model, ids, _starts(names), repair)
     assert positions == c.recomputed and positions
     for (k, v), (rk, rv) in zip(comp.gather(req), c.kv):
         torch.testing.assert_close(k, rk, rtol=0, atol=1e-6)
@@ -250,18 +262,24 @@ def test_ask_composes_on_the_pool_like_the_transformers_compose(paged_kv, repair
     kv.compile()
     chosen = kv.pick(THREE)
     q_ids = kv.builder.layout(chosen, "What does B-17 mean?").segments[-1]
-    kv.composed(chosen, repair)  # compiles the later skills' neighbour snapshots: both paths below load them
-    ref_kv, ref_info = kv.composed(chosen, repair)  # transformers placement and repair from the same snapshots
-    ref = _hf_logits(kv.handle.load(), ref_kv, q_ids)
-    cache, info = kv._paged_composed(chosen, repair)
-    got = kv.runner.forward(q_ids, cache)
-    kv.runner.release(cache)
-    assert info["recomputed"] == ref_info["recomputed"] and info["skill_tokens"] == ref_info["skill_tokens"]
-    assert (info["cached"], info["computed"]) == (ref_info["cached"], ref_info["computed"])
+    composed_kv(kv, chosen, repair)  # compiles the later skills' neighbour snapshots: both paths below load them
+    # the reference: transformers placement and repair (skillkv.compose.repair.compose) from the same snapshots
+    from conftest import chain_kv
+
+    srcs = kv.composer.sources(chosen, repair)
+    segs = [kv.builder.preamble_ids()] + [kv.builder.skill_ids(s) for s in chosen]
+    c = compose(kv.handle.load(), [chain_kv(kv, chain) for chain, _ in srcs], segs, repair, [ctx for _, ctx in srcs])
+    ref = _hf_logits(kv.handle.load(), c.kv, q_ids)
+    opened = kv.open(chosen, "compose", repair)
+    got = kv.runner.prefill([opened.seq], [q_ids])[0]
+    kv.runner.release(opened.seq)
+    info = opened.info
+    assert info["recomputed"] == c.recomputed and info["skill_tokens"] == c.skill_tokens
+    assert info["computed"] == len(c.recomputed) and info["cached"] == len(c.kv[0][0]) - len(c.recomputed)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     ans = kv.ask("What does B-17 mean?", THREE, mode="compose", repair=repair, params=SamplingParams(max_tokens=4))
     assert ans.mode == "compose" and ans.tiers == ["l1"] * 3
-    assert ans.compose["recomputed"] == len(ref_info["recomputed"])
+    assert ans.compose["recomputed"] == len(c.recomputed)
     assert ans.tokens["cached"] + ans.tokens["computed"] == ans.tokens["prompt"]
     t = kv.runner.engine.table
     t.check()
@@ -306,7 +324,7 @@ def test_compose_after_an_exact_question_paged_the_first_skill_in_from_l2(paged_
     ans = kv.ask("What does B-17 mean?", THREE, mode="compose", repair=Repair(lead=2), params=g)
     assert ans.tiers == ["l1", "l2", "l2"] and ans.output_token_ids == ref.output_token_ids
     assert ans.compose == ref.compose
-    kv.runner.tiers.close()
+    kv.tiers.close()
     t = kv.runner.engine.table
     t.check()
     assert not t.private and all(e.refs == 0 for e in t.entries.values())
@@ -333,7 +351,7 @@ def test_compose_on_the_gpu_engine():
 
     model = resolve_model("dummy:smollm2-135m", device="cuda", dtype=torch.bfloat16).load()
     eng = PagedEngine(model, budget_bytes=256 << 20, attention="auto", page_size=16)
-    comp, hf = PagedComposer(eng, model.model.rotary_emb), HFRunner(model)
+    comp = PagedComposer(eng, model.model.rotary_emb)
     g = torch.Generator().manual_seed(2)
     rand = lambda n: torch.randint(0, 49152, (n,), generator=g).tolist()  # noqa: E731
     pre, skills, q = rand(23), [rand(300), rand(211), rand(157)], rand(40)
@@ -344,7 +362,7 @@ def test_compose_on_the_gpu_engine():
         snaps.append([tuple(x.clone() for x in eng.pool.gather(j, r.pages, r.length)) for j in range(eng.pool.layers)])
         eng.finish(r)
         eng.make_resident(f"s{i}", len(pre + ids), lambda kv=snaps[-1]: kv)
-    parts = [Part(f"s{i}", len(pre + ids), lambda: None) for i, ids in enumerate(skills)]
+    parts = [Part(f"s{i}", len(pre + ids), len(pre), lambda: None) for i, ids in enumerate(skills)]
     req, where = comp.open(parts, len(pre))
     assert where == ["l1", "placed", "placed"]
     ref, starts = place(snaps, len(pre), model.model.rotary_emb)
@@ -358,10 +376,10 @@ def test_compose_on_the_gpu_engine():
     eng.finish(r)
     assert (got - whole).norm() / whole.norm() < 1e-3
     ids = pre + [t for s in skills for t in s]
-    c = compose(hf, snaps, [pre] + skills, Repair(lead=8))
+    c = compose(model, snaps, [pre] + skills, Repair(lead=8))
     req, where = comp.open(parts, len(pre))
     assert where == ["l1"] * 3 and comp.placements == 2
-    pos = comp.repair(req, hf, ids, starts, Repair(lead=8))
+    pos = _repair(comp, req, model, ids, starts, Repair(lead=8))
     assert pos == c.recomputed
     # the engine's kernels (FlashInfer, bf16) vs transformers': rows other than the repaired ones are the same bits;
     # the repaired ones agree to bf16 precision, far closer than the unrepaired placement is

@@ -31,7 +31,7 @@ def test_exact_mode_is_token_identical_to_full(real_kv, question, skills):
     assert exact.output_token_ids == full.output_token_ids
     assert exact.answer == full.answer
     assert exact.tokens["prompt"] == full.tokens["prompt"]
-    real_kv._memo.clear()  # the next ask reads the stored snapshots from disk
+    real_kv.forget_resident()  # the next ask reads the stored snapshots from disk
     again = real_kv.ask(question, skills, mode="exact", params=params)
     assert again.output_token_ids == full.output_token_ids
     assert again.tokens["computed"] < 64 and again.tokens["cached"] > 500
@@ -57,23 +57,23 @@ def test_cli_ask_json_on_the_real_model(real_kv, real_store):
 
 
 def test_lean_paged_runner_greedy_equals_transformers(real_kv):
-    """The paged engine's lean Llama runner on the real model (fp32): same greedy tokens as transformers."""
-    from skillkv.engine.paged import PagedEngine
+    """The default runner on the CPU is the lean paged one; on the real model (fp32) its greedy tokens are those of
+    transformers (the hf runner, the reference) for the CI questions."""
+    from skillkv.runners.hf import HFRunner
 
-    q, skills = CASES[1]
-    layout = real_kv.builder.layout(real_kv.pick(skills), q)
-    params = SamplingParams(max_tokens=16)
-    ref = real_kv.ask(q, skills, mode="full", params=params)
-    eng = PagedEngine(real_kv.runner.model, budget_bytes=256 << 20, attention="torch", page_size=16)
-    req = eng.start(None)
-    logits = eng.prefill([req], [layout.ids])[0]
-    out = []
-    for _ in range(len(ref.output_token_ids)):
-        tok = int(torch.argmax(logits))
-        out.append(tok)
-        logits = eng.prefill([req], [[tok]])[0]
-    eng.finish(req)
-    assert out == ref.output_token_ids
+    assert real_kv.engine == "paged"
+    hf = HFRunner(real_kv.runner.model)
+    for q, skills in CASES[:3]:
+        layout = real_kv.builder.layout(real_kv.pick(skills), q)
+        got = real_kv.ask(q, skills, mode="full", params=SamplingParams(max_tokens=16)).output_token_ids
+        seq = hf.open(None)
+        logits = hf.prefill([seq], [layout.ids])[0]
+        out = []
+        for _ in range(len(got)):
+            out.append(int(torch.argmax(logits)))
+            logits = hf.prefill([seq], [[out[-1]]])[0]
+        hf.release(seq)
+        assert out == got, q
 
 
 def test_auto_composes_the_default_model_per_its_shipped_measurement(real_kv):
@@ -86,8 +86,17 @@ def test_auto_composes_the_default_model_per_its_shipped_measurement(real_kv):
     assert rec is not None and rec["weights_id"] == real_kv.handle.weights_id and rec["eval_set"] == "eval/compose"
     assert DEFAULT_SET.is_dir()
     chosen = real_kv.pick(["sql-review", "python-debugging", "release-notes"])
-    assert not real_kv.chain_stored(chosen)
-    assert real_kv.choose_mode(chosen)[:2] == ("compose", Repair(recompute=0.15))
-    ans = real_kv.ask("How should I review a slow SQL query?", [s.name for s in chosen],
-                      params=SamplingParams(max_tokens=8))
+    assert not real_kv.compiler.stored(chosen)
+    assert real_kv.composer.choose("auto", chosen, False)[:2] == ("compose", Repair(recompute=0.15))
+    # `skillkv compile` made the later skills' neighbour snapshots: the first composed question computes only
+    # itself and its repair tokens
+    assert real_kv.composer.uses_neighbours()
+    results = real_kv.compile([s.name for s in chosen])
+    assert [r.status for r in results if r.status == "skipped"] == []
+    real_kv.forget_resident()
+    q = "How should I review a slow SQL query?"
+    ans = real_kv.ask(q, [s.name for s in chosen], params=SamplingParams(max_tokens=8))
     assert ans.mode == "compose" and ans.compose["recomputed_fraction"] <= 0.15 and ans.output_token_ids
+    q_len = len(real_kv.builder.question_ids(q))
+    assert ans.tokens["computed"] == q_len + ans.compose["recomputed"]
+    assert "computed" not in ans.tiers

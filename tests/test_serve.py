@@ -248,6 +248,63 @@ def test_edited_skill_is_picked_up_without_restart(tiny_server):
     assert resident <= 6  # the old beta-codes prefixes were retired, not kept alongside
 
 
+def test_serve_starts_and_answers_beside_malformed_and_overlong_skills(tmp_path):
+    """A folder with a skill whose YAML is broken and one longer than the model's context: the server starts,
+    GET /skills lists both with their reasons, and the good skill answers (exact == full through serve)."""
+    from skillkv.serve.server import ServeConfig, Server
+
+    skills = tmp_path / "skills"
+    write_skill(skills, "beta-codes", "Use for beta error codes.", "Code B-17 means the disk is full.\n" * 4)
+    broken = skills / "broken-yaml"
+    broken.mkdir()
+    (broken / "SKILL.md").write_text("---\nname: broken-yaml\ndescription: [unclosed\n---\nbody\n")
+    write_skill(skills, "too-long", "Use for nothing, it is longer than the context.", "word " * 5000)
+    srv = Server(ServeConfig(port=0, model="dummy:tiny", skills=skills, store=tmp_path / "store", device="cpu",
+                             kv_budget=8 << 20, watch=False), log=lambda s: None).start_background()
+    try:
+        listed = {s["name"]: s for s in get(srv.url, "/skills")["data"]}
+        assert listed["beta-codes"]["state"] == "current"
+        assert listed["too-long"]["state"] == "skipped" and "context" in listed["too-long"]["reason"]
+        assert listed["broken-yaml"]["state"] == "skipped" and "YAML" in listed["broken-yaml"]["reason"]
+        code, exact = post(srv.url, chat("What does code B-17 mean?", ["beta-codes"], max_tokens=6))
+        assert code == 200 and exact["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        code, full = post(srv.url, chat("What does code B-17 mean?", ["beta-codes"], max_tokens=6, mode="full"))
+        assert code == 200 and full["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert full["skillkv"]["mode"] == "full" and exact["skillkv"]["mode"] == "exact"
+        assert full["skillkv"]["output_token_ids"] == exact["skillkv"]["output_token_ids"]
+        code, err = post(srv.url, chat("What?", ["too-long"]))
+        assert code == 400 and "context" in err["error"]["message"]
+    finally:
+        srv.close()
+
+
+def test_serve_composes_and_shares_the_compiled_store(tmp_path, tiny_skills, monkeypatch, capsys):
+    """`skillkv compile` then serve over the same store: no recompile (one fingerprint); a two-skill compose
+    request answers with the compose mode; a skill evicted from the pool comes back from L2 through the tiers."""
+    from skillkv.serve.server import ServeConfig, Server
+
+    store = tmp_path / "store"
+    code, _, err = run_cli(monkeypatch, capsys, "compile", str(tiny_skills), "--store", str(store),
+                           "--model", "dummy:tiny", "--device", "cpu")
+    assert code == 0, err
+    logs: list[str] = []
+    srv = Server(ServeConfig(port=0, model="dummy:tiny", skills=tiny_skills, store=store, device="cpu",
+                             kv_budget=8 << 20, watch=False), log=logs.append).start_background()
+    try:
+        assert not [ln for ln in logs if ln.startswith("compile:")]  # nothing recompiled
+        assert [d.name for d in store.iterdir() if d.is_dir()] == [srv.kv.tag]
+        code, r = post(srv.url, chat("What does B-17 mean?", ["beta-codes"]))
+        assert code == 200 and r["skillkv"]["tiers"] == ["l2"]
+        code, c = post(srv.url, chat("What does B-17 mean?", ["beta-codes", "alpha-tool"], mode="compose"))
+        assert code == 200 and c["skillkv"]["mode"] == "compose" and c["skillkv"]["tiers"][0] == "l1"
+        srv.worker.call(srv.kv.forget_resident).result(30)  # evicted from the pool (and the host tier)
+        code, again = post(srv.url, chat("What does B-17 mean?", ["beta-codes"]))
+        assert code == 200 and again["skillkv"]["tiers"] == ["l2"]
+        assert again["skillkv"]["output_token_ids"] == r["skillkv"]["output_token_ids"]
+    finally:
+        srv.close()
+
+
 # ----------------------------------------------------------------------------------------- the real default model
 
 

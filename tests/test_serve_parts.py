@@ -62,7 +62,7 @@ def test_scheduler_long_prompt_into_idle_engine_and_failures_and_cancel():
 
 def test_scheduler_reserves_worst_case_pages():
     table = PageTable(num_pages=10, page_size=4)
-    s = Scheduler(max_batch=8, max_step_tokens=100, page_size=4)
+    s = Scheduler(max_batch=8, max_step_tokens=100, page_size=4, held=lambda q: len(q.req.private))
     seqs = [Seq(str(i), [1] * 4, max_new=8) for i in range(5)]  # 12 tokens worst case: 3 pages each
     for q in seqs:
         s.add(q)
@@ -81,6 +81,8 @@ def test_scheduler_reserves_worst_case_pages():
 def test_worst_pages_accounts_for_the_shared_prefix():
     q = Seq("x", [1] * 3, max_new=5, prefix_tokens=10)  # 18 tokens -> 5 pages of 4; 2 full prefix pages shared
     assert q.worst_pages(4) == 3
+    own = Seq("x", [1] * 3, max_new=5, prefix_tokens=10, shared_prefix=False)  # full mode: the prefix is its own
+    assert own.worst_pages(4) == 5
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +157,7 @@ def test_single_user_message_maps_to_the_ask_prompt(tiny_kv):
 
 
 def test_stop_strings_hold_back_and_cut():
-    from skillkv.serve.worker import StopText
+    from skillkv.generate import StopText
 
     sent = []
     st = StopText(["END", "\n\n"], sent.append)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import chain_kv, run_cli
 
 from skillkv.compose.repair import Repair, compose, recompute, value_deviation
 from skillkv.engine.rope import check_composable, rerotate, rope_delta, rope_layer_types
 from skillkv.generate import SamplingParams
+from skillkv.runners import ReadyKV
 from skillkv.errors import SkillkvError
 from skillkv.model import layer_windows
 
@@ -72,15 +73,19 @@ def test_runner_prefix_reuse_equals_the_models_own_output(gemma_kv):
     ids = _ids(gemma_kv, THREE)
     ref_first, ref_tokens = _greedy_reference(model, ids, 12)
     cut = len(ids) - 40
-    head = runner.new_cache()
-    runner.forward(ids[:cut], head)
-    cache = runner.new_cache(runner.slice_kv(head, 0, cut))
-    assert all(layer.keys.shape[2] == cut for layer in cache.layers)  # every layer keeps every token
-    logits = runner.forward(ids[cut:], cache)
+    head = runner.open(None)
+    runner.prefill([head], [ids[:cut]])
+    prefix = runner.read(head, 0, cut)
+    runner.release(head)
+    assert all(k.shape[0] == cut for k, _ in prefix)  # every layer keeps every token
+    runner.admit("head", [ReadyKV(prefix)])
+    seq = runner.open("head")
+    logits = runner.prefill([seq], [ids[cut:]])[0]
     torch.testing.assert_close(logits, ref_first, rtol=0, atol=1e-4)
     tokens = [int(logits.argmax())]
     for _ in range(11):
-        tokens.append(int(runner.forward([tokens[-1]], cache).argmax()))
+        tokens.append(int(runner.prefill([seq], [[tokens[-1]]])[0].argmax()))
+    runner.release(seq)
     assert tokens == ref_tokens
 
 
@@ -121,9 +126,9 @@ def test_rerotated_keys_equal_keys_computed_at_the_new_positions_per_layer_type(
 
 def _parts(kv, names):
     skills = kv.pick(names)
-    snaps = [kv.prefix([s])[0] for s in skills]
+    snaps = [chain_kv(kv, [s]) for s in skills]
     segs = [kv.builder.preamble_ids()] + [kv.builder.skill_ids(s) for s in skills]
-    return snaps, segs, kv.prefix(skills)[0]
+    return snaps, segs, chain_kv(kv, skills)
 
 
 def _max_diff(a, b) -> float:
@@ -133,7 +138,7 @@ def _max_diff(a, b) -> float:
 def test_placed_keys_equal_keys_computed_at_those_positions(gemma_kv):
     """Layer 0 (a sliding layer) depends only on token and position: every placed row equals the exact one."""
     snaps, segs, exact = _parts(gemma_kv, THREE)
-    c = compose(gemma_kv.runner, snaps, segs, Repair())
+    c = compose(gemma_kv.runner.model, snaps, segs, Repair())
     torch.testing.assert_close(c.kv[0][0], exact[0][0], rtol=0, atol=2e-4)
     torch.testing.assert_close(c.kv[0][1], exact[0][1], rtol=0, atol=1e-5)
     n0 = len(segs[0]) + len(segs[1])
@@ -143,7 +148,7 @@ def test_placed_keys_equal_keys_computed_at_those_positions(gemma_kv):
 
 def test_compose_of_one_skill_is_exact(gemma_kv):
     snaps, segs, exact = _parts(gemma_kv, ["beta-codes"])
-    assert _max_diff(compose(gemma_kv.runner, snaps, segs, Repair(recompute=0.5)).kv, exact) == 0.0
+    assert _max_diff(compose(gemma_kv.runner.model, snaps, segs, Repair(recompute=0.5)).kv, exact) == 0.0
     params = SamplingParams(max_tokens=8)
     one = gemma_kv.ask(Q, ["beta-codes"], mode="compose", params=params)
     assert one.mode == "exact" and one.output_token_ids == gemma_kv.ask(Q, ["beta-codes"], mode="full",
@@ -156,18 +161,18 @@ def test_repair_passes_apply_each_layers_window(gemma_kv):
     and the full-mode answer."""
     snaps, segs, exact = _parts(gemma_kv, THREE)
     ids = [t for s in segs for t in s]
-    assert _max_diff(recompute(gemma_kv.runner, ids, exact, [0, 40, len(ids) // 2, len(ids) - 1]), exact) < 1e-5
+    assert _max_diff(recompute(gemma_kv.runner.model, ids, exact, [0, 40, len(ids) // 2, len(ids) - 1]), exact) < 1e-5
     model = gemma_kv.handle.load()
-    composed = compose(gemma_kv.runner, snaps, segs, Repair()).kv
+    composed = compose(gemma_kv.runner.model, snaps, segs, Repair()).kv
     for layer in (1, 2, 3):
         assert float(value_deviation(model, ids, exact, layer).max()) < 1e-4
         assert float(value_deviation(model, ids, composed, layer).max()) > 1e-3
-    c = compose(gemma_kv.runner, snaps, segs, Repair(lead=10 ** 6))
+    c = compose(gemma_kv.runner.model, snaps, segs, Repair(lead=10 ** 6))
     assert _max_diff(c.kv, exact) < 1e-4
     params = SamplingParams(max_tokens=8)
     repaired = gemma_kv.ask(Q, THREE, mode="compose", repair=Repair(lead=10 ** 6), params=params)
     assert repaired.output_token_ids == gemma_kv.ask(Q, THREE, mode="full", params=params).output_token_ids
-    part = compose(gemma_kv.runner, snaps, segs, Repair(recompute=0.3))
+    part = compose(gemma_kv.runner.model, snaps, segs, Repair(recompute=0.3))
     assert _max_diff(part.kv, exact) < _max_diff(composed, exact) and abs(part.recomputed_fraction - 0.3) < 0.01
 
 
@@ -188,7 +193,8 @@ def test_compose_accepts_per_layer_type_rope_and_refuses_length_dependent_tables
 def test_paged_engine_refuses_sliding_window_models(tmp_path, tiny_skills, monkeypatch, capsys):
     from transformers import AutoConfig
 
-    from skillkv.api import SkillKV, resolve_engine
+    from skillkv.api import SkillKV
+    from skillkv.runners import resolve_engine
 
     with pytest.raises(SkillkvError, match="paged engine"):
         SkillKV(model=MODEL, store=tmp_path / "s", skills=tiny_skills, device="cpu", engine="paged")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from skillkv.errors import SnapshotError
-from skillkv.snapshot import FORMAT_VERSION, Snapshot, _shuffle, decode, encode, read_header, read_snapshot, write_snapshot
+from skillkv.snapshot import FORMAT_VERSION, Snapshot, shuffle_bytes, decode, encode, read_header, read_snapshot, write_snapshot
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
@@ -244,7 +244,7 @@ def test_zstd_shuffle_shrinks_smooth_bf16():
     assert zstd_size < raw_size / 4
     c = zstandard.ZstdCompressor(level=3)
     unshuffled = len(c.compress(smooth.view(torch.uint8).numpy().tobytes()))
-    assert len(c.compress(_shuffle(smooth))) < unshuffled  # the byte-plane shuffle itself helps
+    assert len(c.compress(shuffle_bytes(smooth))) < unshuffled  # the byte-plane shuffle itself helps
 
 
 def test_metadata_is_all_strings_and_describes_the_snapshot():

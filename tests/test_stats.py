@@ -17,19 +17,19 @@ TINY = ["--model", "dummy:tiny", "--device", "cpu"]
 
 def test_every_ask_records_tiers(tiny_kv):
     tiny_kv.compile(["beta-codes"])
-    tiny_kv._memo.clear()  # compile leaves the KV in the memo: start from disk
+    tiny_kv.forget_resident()  # compile leaves the KV resident in the runner: start from disk
     a1 = tiny_kv.ask("What does B-17 mean?", ["beta-codes"], params=GREEDY)  # from disk
-    a2 = tiny_kv.ask("What does B-42 mean?", ["beta-codes"], params=GREEDY)  # from the memo
+    a2 = tiny_kv.ask("What does B-42 mean?", ["beta-codes"], params=GREEDY)  # resident in the runner (L1)
     a3 = tiny_kv.ask("Default level?", ["alpha-tool"], params=GREEDY)  # computed now
     a4 = tiny_kv.ask("Default level?", ["alpha-tool"], mode="full", params=GREEDY)
-    assert (a1.tiers, a2.tiers, a3.tiers, a4.tiers) == (["l2"], ["memory"], ["computed"], ["computed"])
-    rows = StatsDB(tiny_kv.store_root).asks(tiny_kv.handle.tag)
+    assert (a1.tiers, a2.tiers, a3.tiers, a4.tiers) == (["l2"], ["l1"], ["computed"], ["computed"])
+    rows = StatsDB(tiny_kv.store_root).asks(tiny_kv.tag)
     assert [r["mode"] for r in rows] == ["exact", "exact", "exact", "full"]
-    assert [p["tier"] for r in rows for p in r["per_skill"]] == ["l2", "memory", "computed", "computed"]
+    assert [p["tier"] for r in rows for p in r["per_skill"]] == ["l2", "l1", "computed", "computed"]
     assert rows[0]["cached_tokens"] == a1.tokens["cached"] and rows[0]["ttft_ms"] == a1.timings_ms["ttft"]
     s = summary(rows)
     assert s["questions"] == 4 and s["prefill_tokens_saved"] == a1.tokens["cached"] + a2.tokens["cached"]
-    assert s["tier_hits"] == {"l1": 0, "host": 0, "memory": 1, "l2": 1, "computed": 2}
+    assert s["tier_hits"] == {"l1": 1, "host": 0, "memory": 0, "l2": 1, "computed": 2}
     assert s["skills"]["beta-codes"]["uses"] == 2 and s["skills"]["beta-codes"]["tiers"]["l2"] == 1
     assert s["prefill_rate_tok_s"] > 0 and s["est_time_saved_s"] > 0
 

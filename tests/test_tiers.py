@@ -11,12 +11,14 @@ import time
 import pytest
 import torch
 
+from skillkv.engine.page_in import PageIn
+from skillkv.engine.paged import PagedEngine
+from skillkv.errors import SnapshotError
+from skillkv.runners.paged import PagedRunner
 from skillkv.tiers.host_cache import HostCache, HostKV
 from skillkv.tiers.l2_reader import L2Reader
-from skillkv.engine.paged import PagedEngine
 from skillkv.tiers.policy import Measurements, TierPolicy, load_cached, save
-from skillkv.tiers.tiers import PageIn, Tiers
-from skillkv.errors import SnapshotError
+from skillkv.tiers.tiers import Tiers
 from skillkv.snapshot import Snapshot, parse_layout, write_snapshot
 from skillkv.store import Store
 
@@ -156,6 +158,12 @@ def tiny():
     return h, h.load()
 
 
+def _runner(model, budget=1 << 20):
+    """A paged runner on the CPU (torch attention, page size 4) and its engine."""
+    runner = PagedRunner(model, budget, attention="torch", page_size=4)
+    return runner, runner.engine
+
+
 def _full_logits(eng, ids):
     r = eng.start(None)
     out = eng.prefill([r], [ids])[0]
@@ -183,36 +191,36 @@ def _store_pieces(eng, store, pieces_ids, compression="none"):
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_paging_from_l2_then_host_is_exact(tmp_path, tiny, compression):
     h, model = tiny
-    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    runner, eng = _runner(model)
     store = Store(tmp_path, h.tag, h.fingerprint)
     a, b, q = list(range(5, 27)), list(range(30, 41)), [60, 61, 62]  # 22 + 11 tokens: partial last page
     pieces = _store_pieces(eng, store, [a, b], compression)
     ref = _full_logits(eng, a + b + q)
-    tiers = Tiers(eng, store, host_budget=1 << 20, reader_threads=2, chunk_bytes=256, pin=False)
+    tiers = Tiers(store, 1 << 20, lambda: runner, reader_threads=2, chunk_bytes=256, pin=False)
     try:
         for expect in ("l2", "l1", "host"):
             got = tiers.make_resident("ab", pieces)
             assert got == expect
-            reqs = [tiers.start("ab") for _ in range(2)]
-            out = tiers.prefill(reqs, [q, q[:2]])
+            reqs = [runner.open("ab") for _ in range(2)]
+            out = runner.prefill(reqs, [q, q[:2]])
             torch.testing.assert_close(out[0], ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out[1], _full_logits(eng, a + b + q[:2]), rtol=1e-5, atol=1e-5)
             for r in reqs:
-                tiers.finish(r)
-            tiers.wait("ab")
+                runner.release(r)
+            runner.settle("ab")
             assert all(tiers.host.contains(k) for k, _ in pieces)  # a finished L2 page-in is in the host tier
             eng.table.check()
             tiers.host.check()
             if expect == "l1":
                 eng.table.evict("ab")  # next round: from the host tier, no disk read
-        assert not tiers.pending
+        assert not runner._pending
     finally:
         tiers.close()
 
 
 def test_a_damaged_snapshot_fails_the_prefill_and_is_never_served(tmp_path, tiny):
     h, model = tiny
-    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    runner, eng = _runner(model)
     store = Store(tmp_path, h.tag, h.fingerprint)
     (key, ids), = _store_pieces(eng, store, [list(range(5, 30))])
     path = store.snap_dir / store.entries()[key].file
@@ -220,20 +228,20 @@ def test_a_damaged_snapshot_fails_the_prefill_and_is_never_served(tmp_path, tiny
     lay = parse_layout(bytes(data[8:8 + int.from_bytes(data[:8], "little")]), len(data))
     data[lay.spans[f"k.{lay.layers - 1}"].lo] ^= 0x20
     path.write_bytes(bytes(data))
-    tiers = Tiers(eng, store, host_budget=1 << 20, reader_threads=2, pin=False)
+    tiers = Tiers(store, 1 << 20, lambda: runner, reader_threads=2, pin=False)
     try:
         assert tiers.make_resident(key, [(key, ids)]) == "l2"
         with pytest.raises(SnapshotError, match="checksum"):
-            r = tiers.start(key)  # raises here if the damage was already found, else in the prefill
+            r = runner.open(key)  # raises here if the damage was already found, else in the prefill
             try:
-                tiers.prefill([r], [[7, 8]])
+                runner.prefill([r], [[7, 8]])
             finally:
-                tiers.finish(r)
+                runner.release(r)
         assert not eng.resident(key) and not tiers.host.contains(key)
         eng.table.check()
         with pytest.raises(SnapshotError, match="checksum"):  # asked again: read again, caught again
             tiers.make_resident(key, [(key, ids)])
-            tiers.wait(key)
+            runner.settle(key)
         assert not eng.resident(key)
         with pytest.raises(SnapshotError, match="stale"):
             tiers.make_resident("other", [(key, ids[:-1] + [3])])
@@ -244,12 +252,12 @@ def test_a_damaged_snapshot_fails_the_prefill_and_is_never_served(tmp_path, tiny
 
 def test_prefetch_fills_the_host_tier(tmp_path, tiny):
     h, model = tiny
-    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    runner, eng = _runner(model)
     store = Store(tmp_path, h.tag, h.fingerprint)
     pieces = _store_pieces(eng, store, [list(range(5, 30))])
     path = store.snap_dir / store.entries()[pieces[0][0]].file
     os.utime(path, (1, 1))
-    tiers = Tiers(eng, store, host_budget=1 << 20, reader_threads=2, pin=False)
+    tiers = Tiers(store, 1 << 20, lambda: runner, reader_threads=2, pin=False)
     try:
         tiers.prefetch(pieces + [("f" * 32, [1, 2])])  # an unknown key: its error surfaces only on use
         deadline = time.time() + 10
@@ -259,7 +267,7 @@ def test_prefetch_fills_the_host_tier(tmp_path, tiny):
         assert path.stat().st_mtime > 1  # an L2 read counts as a use for the store's LRU
         with pytest.raises(SnapshotError, match="not in the store"):
             tiers.make_resident("q", [("f" * 32, [1, 2])])
-        tiers.wait("p")
+        runner.settle("p")
         eng.table.check()
     finally:
         tiers.close()
@@ -325,8 +333,8 @@ def test_an_entry_being_paged_in_is_never_evicted(tmp_path, tiny):
     from skillkv.engine.pages import PoolFull
 
     h, model = tiny
-    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
-    tiers = Tiers(eng, Store(tmp_path, h.tag, h.fingerprint), host_budget=1 << 20, reader_threads=1, pin=False)
+    runner, eng = _runner(model)
+    tiers = Tiers(Store(tmp_path, h.tag, h.fingerprint), 1 << 20, lambda: runner, reader_threads=1, pin=False)
     ids = list(range(20))
     host = HostKV("k", ids, eng.pool.layers, [20, 2, 16], eng.pool.dtype, pin=False)
     try:
@@ -342,7 +350,7 @@ def test_an_entry_being_paged_in_is_never_evicted(tmp_path, tiny):
             host.keys[i].zero_()
             host.values[i].zero_()
             host.set_ready(i)
-        tiers.wait("p")
+        runner.settle("p")
         eng.table.alloc(free + 1)  # now it may go
         assert not eng.resident("p")
         eng.table.check()
@@ -422,22 +430,25 @@ def test_policy_recompute_interpolation_and_crossover():
 
 def test_tiers_choose_follows_the_policy(tmp_path, tiny):
     h, model = tiny
-    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    runner, eng = _runner(model)
     store = Store(tmp_path, h.tag, h.fingerprint)
     pieces = _store_pieces(eng, store, [list(range(5, 30))])
     bpt = 2 * eng.pool.layers * eng.pool.kv_heads * eng.pool.head_dim * 4
     slow_disk = TierPolicy(_m(bytes_per_token=bpt, disk_gbs=1e-9, h2d_gbs=1.0, prefill=[[25, 0.01]]))
-    tiers = Tiers(eng, store, host_budget=1 << 20, reader_threads=1, pin=False, policy=slow_disk)
+    policy = {"now": slow_disk}
+    tiers = Tiers(store, 1 << 20, lambda: runner, reader_threads=1, pin=False, policy=lambda: policy["now"])
     try:
         assert tiers.choose("p", pieces) == "recompute"  # reading 25 tokens at 1 B/s loses to 10 ms
         assert tiers.choose("p", [("f" * 32, [1])]) == "recompute"  # not stored anywhere
-        tiers.policy = None
+        policy["now"] = None
+        tiers.refresh_policy()
         assert tiers.choose("p", pieces) == "l2"
         tiers.make_resident("p", pieces)
         assert tiers.choose("p", pieces) == "l1"
-        tiers.wait("p")
+        runner.settle("p")
         eng.table.evict("p")
-        tiers.policy = slow_disk
+        policy["now"] = slow_disk
+        tiers.refresh_policy()
         assert tiers.host.contains(pieces[0][0])
         assert tiers.choose("p", pieces) == "host"  # 25 tokens at 1 GB/s: far below 10 ms
     finally:
@@ -448,15 +459,17 @@ def test_policy_is_measured_once_and_cached_in_the_store(tmp_path, tiny):
     from skillkv.tiers.policy import policy_for
 
     h, model = tiny
-    eng = PagedEngine(model, budget_bytes=1 << 20, attention="torch", page_size=4)
+    runner, eng = _runner(model)
     store = Store(tmp_path, h.tag, h.fingerprint)
-    pol = policy_for(eng, store, sizes=[16, 48], file_bytes=2 << 20, zstd_bytes=1 << 20, threads=2)
+    bpt = h.kv_bytes_per_token
+    pol = policy_for(runner, store, bpt, h.dtype, sizes=[16, 48], file_bytes=2 << 20, zstd_bytes=1 << 20, threads=2)
     m = pol.m
     assert (store.dir / "tiers.json").is_file() and m.device == "cpu"
     assert m.disk_gbs > 0 and m.h2d_gbs > 0 and m.zstd_gbs > 0 and [p[0] for p in m.prefill] == [16, 48]
     assert m.bytes_per_token == 2 * eng.pool.layers * eng.pool.kv_heads * eng.pool.head_dim * 4
-    assert policy_for(eng, store).m == m  # cached: not measured again
-    assert policy_for(eng, store, sizes=[16], remeasure=True, file_bytes=1 << 20, zstd_bytes=1 << 20).m != m
+    assert policy_for(runner, store, bpt, h.dtype).m == m  # cached: not measured again
+    assert policy_for(runner, store, bpt, h.dtype, sizes=[16], remeasure=True, file_bytes=1 << 20,
+                      zstd_bytes=1 << 20).m != m
 
 
 def test_measurements_are_cached_per_device(tmp_path):
@@ -478,19 +491,20 @@ def test_pipelined_paging_on_the_gpu_equals_a_resident_prefix(tmp_path, compress
 
     h = resolve_model("dummy:smollm2-135m", device="cuda", dtype=torch.bfloat16)
     model = h.load()
-    eng = PagedEngine(model, budget_bytes=256 << 20, attention="auto", page_size=16)
+    runner = PagedRunner(model, 256 << 20)
+    eng = runner.engine
     store = Store(tmp_path, h.tag, h.fingerprint)
     prefix, q = list(range(100, 1000)), list(range(1000, 1040))
     pieces = _store_pieces(eng, store, [prefix[:500], prefix[500:]], compression)
     ref = _full_logits(eng, prefix + q)
-    tiers = Tiers(eng, store, host_budget=256 << 20)
+    tiers = Tiers(store, 256 << 20, lambda: runner)
     try:
         for expect in ("l2", "host"):
             assert tiers.make_resident("p", pieces) == expect
-            r = tiers.start("p")
-            got = tiers.prefill([r], [q])[0]
-            tiers.finish(r)
-            tiers.wait("p")
+            r = runner.open("p")
+            got = runner.prefill([r], [q])[0]
+            runner.release(r)
+            runner.settle("p")
             assert int(got.argmax()) == int(ref.argmax())
             assert ((got - ref).norm() / ref.norm()) < 2e-2
             assert tiers.host.contains(pieces[0][0]) and tiers.host.get(pieces[0][0]).pinned

@@ -48,12 +48,13 @@ class Run:
 
 
 def snapshot_files(kv):
-    return {p.name: p.stat().st_mtime_ns for p in kv.snapshots.snap_dir.glob("*.safetensors")}
+    """File name -> inode: a rewritten snapshot is a new file (atomic rename); a read only touches its mtime."""
+    return {p.name: p.stat().st_ino for p in kv.snapshots.snap_dir.glob("*.safetensors")}
 
 
 def current_key(kv, name):
-    kv._skills = None
-    return kv.chain_keys(kv.pick([name]))[0]
+    kv.reload()
+    return kv.compiler.keys(kv.pick([name]))[0]
 
 
 def test_edit_recompiles_only_that_skill(tiny_kv, tiny_skills):
@@ -112,7 +113,7 @@ def test_delete_and_rename_conflict(tiny_kv, tiny_skills):
     lines = r.join()
     assert lines[0].result == "error" and "already used" in lines[0].detail
     assert (lines[1].skill, lines[1].result) == ("alpha-tool", "deleted")
-    tiny_kv._skills = None
+    tiny_kv.reload()
     assert "alpha-tool" not in {s.skill.name for s in tiny_kv.status()}
     assert not any(e.skill == "alpha-tool" for k, e in tiny_kv.snapshots.entries().items()
                    if k in tiny_kv.live_keys())

@@ -40,27 +40,11 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
-def parse_bytes(text: Optional[str]) -> Optional[int]:
-    """'8GB', '512MiB', '1.5G', '1000000' -> bytes; SkillkvError on anything else."""
-    import re
-
-    from skillkv.errors import SkillkvError
-
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", text.lower())
-    if not m:
-        raise SkillkvError(f"not a size: {text!r} (use e.g. 8GB, 512MiB or a number of bytes)")
-    base = 1024 if m.group(3) else 1000
-    n = float(m.group(1)) * base ** "_kmgt".index(m.group(2) or "_")
-    if n < 1:
-        raise SkillkvError(f"size must be positive: {text!r}")
-    return int(n)
-
-
 def open_kv(model: Optional[str], store: Optional[Path], skills: Optional[Path], device: Optional[str] = None,
             engine: str = "auto", kv_budget: Optional[str] = None, pin: Optional[list[str]] = None,
             host_budget: Optional[str] = None):
+    from skillkv.config import parse_bytes
+
     budget, host = parse_bytes(kv_budget), parse_bytes(host_budget)  # checked before torch is imported
     from skillkv.api import SkillKV
 

@@ -16,13 +16,18 @@ def gc_cmd(
     skills: Path = typer.Argument(Path("skills"), help="Folder of the current skills."),
     store: Optional[Path] = StoreOpt,
     model: Optional[str] = ModelOpt,
-    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Then evict LRU snapshots down to this."),
+    max_bytes: Optional[str] = typer.Option(None, "--max-bytes", help="Then evict least recently used snapshots "
+                                            "down to this size, e.g. 500MB or 2GiB (0 empties the store).",
+                                            show_default=False),
     as_json: bool = JsonOpt,
 ):
     """Garbage-collect the store for the current model."""
+    from skillkv.config import parse_bytes
+
+    cap = parse_bytes(max_bytes, allow_zero=True)
     kv = open_kv(model, store, skills)
     kv.snapshots.ensure_writable()
-    removed, freed = kv.gc(max_bytes)
+    removed, freed = kv.gc(cap)
     if as_json:
         print_json({"removed": [{"skill": e.skill, "key": e.key, "bytes": e.bytes} for e in removed],
                     "freed_bytes": freed, "store_bytes": kv.snapshots.size_bytes()})

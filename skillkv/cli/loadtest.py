@@ -36,10 +36,10 @@ def loadtest_cmd(
 ):
     """Load-test a server: p50/p99 time to first token, throughput, every answer equal to its solo answer."""
     from skillkv.measure.loadtest import run
-    from skillkv.serve.server import parse_bytes
+    from skillkv.config import parse_bytes
 
     server_args = {"model": model, "skills": skills, "store": store, "device": device, "attention": attention,
-                   "kv_budget": parse_bytes(kv_budget) if kv_budget else None}
+                   "kv_budget": parse_bytes(kv_budget)}
     if url is not None and any(v for k, v in server_args.items() if k != "attention"):
         raise SkillkvError("--url tests a running server; --model/--skills/--store/--device/--kv-budget configure "
                            "an in-process one")

@@ -36,7 +36,8 @@ def serve_cmd(
 
     from skillkv.cli.common import warn
     from skillkv.errors import SkillkvError
-    from skillkv.serve.server import ServeConfig, Server, parse_bytes
+    from skillkv.config import parse_bytes
+    from skillkv.serve.server import ServeConfig, Server
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise SkillkvError("skillkv serve needs FastAPI and uvicorn: pip install 'skillkv[serve]'")
@@ -44,7 +45,7 @@ def serve_cmd(
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"binding {host}: the server has no authentication")
     cfg = ServeConfig(host=host, port=port, model=model, skills=skills, store=store, device=device,
-                      kv_budget=parse_bytes(kv_budget) if kv_budget else None, pins=pin or [], max_batch=max_batch,
+                      kv_budget=parse_bytes(kv_budget), pins=pin or [], max_batch=max_batch,
                       max_step_tokens=max_step_tokens, attention=attention, batch_invariant=batch_invariant,
                       watch=watch, default_max_tokens=max_tokens)
     Server(cfg).run()

@@ -7,34 +7,27 @@ seen the same shared preamble. For skills s1..sk in this order the composed KV i
     [s2] [s3] ... [sk]        each skill's snapshot rows after the preamble, keys re-rotated by the position
                               delta (new start - compiled start), values as stored (values carry no position)
 
-Re-rotation (`rerotate`). Keys are stored after RoPE: k_p = s * R(p * f) k, with R a rotation per frequency pair,
-f the fixed inverse frequencies and s the cos/sin scaling (`attention_scaling`, 1 except for YaRN-like types).
-Rotations of one plane compose, R(a) R(b) = R(a + b), so R(delta * f) k_p = s * R((p + delta) * f) k is exactly
-the key the model computes at position p + delta. This holds whenever f does not depend on the position or the
-sequence length: RoPE types default, linear, llama3 (the 8B shape's scaling) and yarn. Dynamic NTK and longrope
-change f with the length and are refused. The cos/sin of the delta come from the model's own rotary module,
-computed in float32 on the keys' device (CPU or CUDA alike).
-
-Models with one RoPE table per layer type (Gemma 3: sliding-window layers with base 10,000, global layers with base
-1,000,000, `rope_parameters` keyed by `layer_types`) re-rotate every layer with its own type's table. Sliding-window
-layers need nothing else from placement: the runner's caches keep every token at every layer (skillkv.engine.
-hf_runner), so a snapshot holds every row, and the model's window mask, built from positions, decides what a query
-sees. The repair passes below run layers or the model with explicit masks, so they apply each layer's window
-themselves (`_layer_masks`).
+Re-rotation is exact RoPE arithmetic (engine/rope.py: which RoPE types allow it, one table per layer type for
+Gemma 3); each runner places the rows its own way (Runner.open_composed: contiguous on hf, pool pages on paged), bit
+for bit the same rows. Sliding-window layers need nothing else from placement: the hf runner's caches keep every
+token at every layer, so a snapshot holds every row, and the model's window mask, built from positions, decides
+what a query sees; the repair passes apply each layer's window themselves (runners/hf_masks.py).
 
 Neighbour snapshots (the default). A later skill's single-skill snapshot was computed with the preamble as its only
 context: its first tokens form their own attention sink and nothing in it has ever had a skill before it. Compose
 therefore places later skills from a second snapshot, compiled once per skill after the preamble and a fixed
 stand-in skill (`NEIGHBOUR`, ~450 tokens): [preamble][neighbour][skill], its skill rows
 re-rotated from their compiled start (preamble + neighbour) like any other. It is the chain piece of [neighbour,
-skill] in the store (compiled on first use, verified and collected like every snapshot). The first skill still
+skill] in the store (made by `skillkv compile` where compose may be used, else on first use; verified and
+collected like every snapshot). The first skill still
 comes from its exact single-skill snapshot. On the evaluation (docs/EVAL.md, labelled / reversed skill order) it
 cuts the first-token KL to full prefill about 4x (no repair 0.025 / 0.028 -> 0.007 / 0.009; 15% front tokens
 0.011 / 0.011 -> 0.003 / 0.002) and lifts top-1 agreement (no repair 0.943 / 0.960 -> 0.965 / 0.973; 15% front
 0.975 / 0.973 -> 0.982 / 0.988, the setting that meets the bar).
 
 What re-rotation cannot fix: a later skill's tokens never attended to the skills placed before them. `Repair`
-recomputes chosen tokens given the real preceding context, in one forward pass over the composed cache:
+recomputes chosen tokens given the real preceding context, in one pass over the composed prefix
+(Runner.recompute):
   lead N       the first N tokens of every later skill (EPIC: the attention sink a segment start forms);
   recompute F  F of all skill tokens (F x skill tokens in total, lead included), chosen by `select`:
     front      the leading tokens of the later skills, spread evenly over them (rank within the skill, then skill
@@ -58,11 +51,12 @@ import torch
 
 from skillkv.engine.rope import check_composable, place, rope_layer_types
 from skillkv.errors import SkillkvError
-from skillkv.model import layer_windows
+from skillkv.runners.hf_masks import layer_masks, recompute_rows
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 SELECTIONS = ("front", "deviation")
+
 
 @dataclass(frozen=True)
 class Repair:
@@ -128,34 +122,6 @@ def _model_parts(model):
     return inner, inner.layers, inner.rotary_emb
 
 
-def _layer_masks(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list:
-    """Each layer's boolean attention mask [1, 1, m, n] (True = attend): `allowed` [m, n] (queries at positions
-    `q_pos` [m], keys at `k_pos` [n]) limited to the layer's window (a key is seen if k > q - window), or None
-    for a full-attention layer when `allowed` is None (plain causal)."""
-    out = []
-    for w in layer_windows(config):
-        if w is None:
-            out.append(None if allowed is None else allowed[None, None])
-            continue
-        inside = k_pos[None, :] > q_pos[:, None] - w
-        base = allowed if allowed is not None else k_pos[None, :] <= q_pos[:, None]
-        out.append((base & inside)[None, None])
-    return out
-
-
-def _model_mask(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
-    """The `attention_mask` argument of a whole-model forward: one 4D mask, or where layers of different types
-    need different masks, {layer type: mask} (the form Gemma 3's model accepts)."""
-    masks = _layer_masks(config, allowed, q_pos, k_pos)
-    windows = layer_windows(config)
-    if len(set(windows)) == 1:
-        return masks[0]
-    by_type = {}
-    for t, m in zip(config.layer_types, masks):
-        by_type.setdefault(t, m)
-    return by_type
-
-
 @torch.inference_mode()
 def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
     """Per-token relative deviation [tokens] of `kv`'s values at `layer` from those of a true causal prefill of
@@ -168,7 +134,7 @@ def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
     h = inner.embed_tokens(x)  # Gemma 3's embedding module applies its embed_scale itself
     types = rope_layer_types(model.config)
     pes = [rotary(h, pos, t) for t in types] if types else [rotary(h, pos)] * len(layers)
-    masks = _layer_masks(model.config, None, pos[0], pos[0])
+    masks = layer_masks(model.config, None, pos[0], pos[0])
     for blk, pe, mask in zip(layers[:layer], pes, masks):
         h = blk(h, attention_mask=mask, position_ids=pos, use_cache=False, position_embeddings=pe)
         h = h[0] if isinstance(h, tuple) else h
@@ -179,41 +145,20 @@ def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def recompute_rows(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
-    """The recomputed rows only: per layer (keys, values) [len(positions), kv_heads, head_dim] for the sorted,
-    distinct `positions`, each computed given everything before it (one forward pass): a chosen token attends to
-    the earlier unchosen tokens' rows of `kv` and to the recomputed rows of earlier chosen tokens (and itself), at
-    its true position. `kv` is not modified; the rows have its dtype and device."""
-    model, dev = runner.model, runner.device
-    n, sel = len(ids), sorted(set(positions))
-    p = torch.tensor(sel, dtype=torch.long, device=dev)
-    chosen = torch.zeros(n, dtype=torch.bool, device=dev)
-    chosen[p] = True
-    cols = torch.arange(n, device=dev)
-    old = (cols[None, :] < p[:, None]) & ~chosen[None, :]  # [m, n]
-    new = p[None, :] <= p[:, None]  # [m, m]
-    mask = _model_mask(model.config, torch.cat([old, new], 1), p, torch.cat([cols, p]))
-    cache = runner.new_cache(kv)
-    x = torch.tensor([[ids[i] for i in sel]], dtype=torch.long, device=dev)
-    model(input_ids=x, position_ids=p[None], attention_mask=mask, use_cache=True, logits_to_keep=1,
-          **{runner._cache_kw: cache})
-    return [(layer.keys[0, :, n:].transpose(0, 1).to(k.dtype).to(k.device),
-             layer.values[0, :, n:].transpose(0, 1).to(v.dtype).to(v.device))
-            for (k, v), layer in zip(kv, cache.layers)]
-
-
-@torch.inference_mode()
-def recompute(runner, ids: list[int], kv: KV, positions: list[int]) -> KV:
-    """`kv` with the rows at `positions` recomputed given everything before them (`recompute_rows`).
-    Returns new tensors; `kv` is not modified."""
+def recompute(model, ids: list[int], kv: KV, positions: list[int]) -> KV:
+    """`kv` (contiguous, the prefix of `ids`) with the rows at `positions` recomputed given everything before them
+    (runners/hf_masks.recompute_rows, on the transformers `model`). Returns new tensors; `kv` is not modified."""
     if not positions:
         return kv
-    rows = recompute_rows(runner, ids, kv, positions)
+    from skillkv.runners.hf import HFRunner
+
+    runner = HFRunner(model)
+    rows = recompute_rows(model, runner.cache_of(kv), len(ids), ids, positions, runner.cache_kw)
     p = torch.tensor(sorted(set(positions)), dtype=torch.long, device=kv[0][0].device)
     out = []
     for (k, v), (rk, rv) in zip(kv, rows):
         k2, v2 = k.clone(), v.clone()
-        k2[p], v2[p] = rk, rv
+        k2[p], v2[p] = rk.to(k.device, k.dtype), rv.to(v.device, v.dtype)
         out.append((k2, v2))
     return out
 
@@ -243,27 +188,33 @@ def choose_positions(repair: Repair, starts: list[int], end: int, deviation: tor
     return sorted(chosen)
 
 
-def compose(runner, snapshots: list[KV], segments: list[list[int]], repair: Repair = Repair(),
+def compose(model, snapshots: list[KV], segments: list[list[int]], repair: Repair = Repair(),
             context: list[int] | None = None) -> Composed:
-    """The composed KV of `segments` = [preamble, skill 1, ..., skill k] from `snapshots`: snapshot i holds
-    `context[i]` rows of context then skill i (default: the preamble, single-skill snapshots; see `place`), with
-    `repair` applied (its positions and rows; which snapshots to pass is the caller's choice)."""
-    check_composable(runner.model.config)
-    rotary = _model_parts(runner.model)[2]
-    kv, starts = place(snapshots, len(segments[0]), rotary, context, rope_layer_types(runner.model.config))
+    """The composed KV of `segments` = [preamble, skill 1, ..., skill k] from `snapshots` as one contiguous KV, on
+    the transformers `model` (the reference the runners' composed sequences are tested against): snapshot i holds
+    `context[i]` rows of context then skill i (default: the preamble, single-skill snapshots; see
+    engine.rope.place), with `repair` applied."""
+    check_composable(model.config)
+    rotary = _model_parts(model)[2]
+    kv, starts = place(snapshots, len(segments[0]), rotary, context, rope_layer_types(model.config))
     ids = [t for seg in segments for t in seg]
     if kv[0][0].shape[0] != len(ids):
         raise SkillkvError(f"composed KV has {kv[0][0].shape[0]} rows for {len(ids)} tokens")
-    positions = select_positions(runner, ids, kv, starts, repair)
-    kv = recompute(runner, ids, kv, positions)
+    positions = select_positions(model, ids, kv, starts, repair)
+    kv = recompute(model, ids, kv, positions)
     return Composed(kv, starts, positions, len(ids) - starts[1])
 
 
-def select_positions(runner, ids: list[int], kv: KV, starts: list[int], repair: Repair) -> list[int]:
+def select_positions(model, ids: list[int], kv: KV | None, starts: list[int], repair: Repair) -> list[int]:
     """The positions `repair` recomputes in the placed (unrepaired) KV `kv` of `ids` whose segments begin at
-    `starts` (preamble first): sorted, all in later skills. Shared by every engine (the paged engine gathers its
-    composed pages into `kv` for it)."""
+    `starts` (preamble first): sorted, all in later skills. Only deviation selection reads `kv` (and probes the
+    transformers `model`); front selection and lead need neither (pass None)."""
     deviation = None
-    if repair.recompute > 0 and repair.select == "deviation" and len(starts) > 2:
-        deviation = value_deviation(runner.model, ids, kv, repair.probe_layer)
+    if needs_probe(repair, starts):
+        deviation = value_deviation(model, ids, kv, repair.probe_layer)
     return choose_positions(repair, starts, len(ids), deviation)
+
+
+def needs_probe(repair: Repair, starts: list[int]) -> bool:
+    """Whether `select_positions` reads the placed KV (deviation selection over 2+ skills)."""
+    return repair.recompute > 0 and repair.select == "deviation" and len(starts) > 2

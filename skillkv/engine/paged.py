@@ -120,15 +120,16 @@ class PagedEngine:
         if need > 0:
             req.private.extend(self.table.alloc(need))
 
-    def prefill(self, reqs: list[Request], ids: list[list[int]], layer_ready=None) -> torch.Tensor:
-        """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token.
-        `layer_ready(i)`, if given, is called before layer i's KV is written or read (layer-pipelined paging)."""
+    def prefill(self, reqs: list[Request], ids: list[list[int]], layer_ready=None, every: bool = False) -> torch.Tensor:
+        """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token, or
+        with `every` [total new tokens, vocab] of every new token. `layer_ready(i)`, if given, is called before
+        layer i's KV is written or read (layer-pipelined paging)."""
         for r, t in zip(reqs, ids):
             self._grow(r, len(t))
         seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
-        last = [n - 1 for n in accumulate(len(t) for t in ids)]
+        last = list(range(sum(map(len, ids)))) if every else [n - 1 for n in accumulate(len(t) for t in ids)]
         logits = None
-        if self.graphs is not None:
+        if self.graphs is not None and not every:
             flat = [t for seq in ids for t in seq]
             positions = [p for r, t in zip(reqs, ids) for p in range(r.length, r.length + len(t))]
             ps = self.pool.page_size

@@ -19,19 +19,17 @@ is a private page whose slots are copied from each neighbour (one slot-range cop
 once); so is the prefix's partly filled last page (the question is appended there). So [A,B,C] and [A,B,D] list the
 same pages for A and for B's interior.
 
-Repair. Every page holding a recomputed row becomes a private copy first (copy-on-write of the whole page); the
-others stay shared. The positions come from skillkv.compose. Front selection (and lead alone) picks a run of
-leading tokens per later skill, which needs no probe: each run is prefilled by the engine itself, all runs in one
-batch, as a sequence over the request's pages that ends where the run ends (so it attends to everything before it,
-causally to itself). A layer writes every run's KV before any run attends, so a later skill's run sees the
-recomputed rows of earlier runs: the same semantics as compose.recompute's masked pass, on the engine's kernels
-(FlashInfer on the GPU, CUDA graphs for short batches). Deviation selection probes the request's pages gathered
-into contiguous KV (`select_positions`) and takes the rows from `recompute_rows` (transformers, as on the hf
-engine).
+Repair (`prefill_runs`). Every page holding a recomputed row becomes a private copy first (copy-on-write of the
+whole page); the others stay shared. The positions come from the compose stage (skillkv.compose): front selection
+gives a run of leading tokens per later skill, deviation selection any positions (runs of one or more). Each run is
+prefilled by the engine itself, all runs in one batch, as a sequence over the request's pages that ends where the
+run ends (so it attends to everything before it, causally to itself). A layer writes every run's KV before any run
+attends, so a later run sees the recomputed rows of earlier runs: the same semantics as the hf runner's masked pass
+(runners/hf_masks.recompute_rows), on the engine's kernels (FlashInfer on the GPU, CUDA graphs for short batches).
 
-Contract: the KV a composed request reads equals skillkv.compose.place's (bit for bit: the same rotation on the same
-rows), plus the same recomputed rows as skillkv.compose.compose for the same positions; on finish the engine frees
-its private pages and releases every entry it references (PageTable invariants hold).
+Contract: the KV a composed request reads equals engine.rope.place's (bit for bit: the same rotation on the same
+rows), plus the recomputed rows; on finish the engine frees its private pages and releases every entry it
+references (PageTable invariants hold).
 """
 
 from __future__ import annotations
@@ -41,11 +39,9 @@ from typing import Callable
 
 import torch
 
-from skillkv.engine.rope import rerotate, rope_delta
-
-from skillkv.compose.repair import Repair, choose_positions, recompute_rows, select_positions
 from skillkv.engine.paged import PagedEngine, Request
 from skillkv.engine.pool import KV
+from skillkv.engine.rope import rerotate, rope_delta
 from skillkv.errors import SkillkvError
 
 
@@ -54,17 +50,23 @@ def placed_key(chain_key: str, offset: int) -> str:
     return f"place:{chain_key}@{offset}"
 
 
+def placed_source(key: str) -> str | None:
+    """The chain key a placed entry's rows come from (inverse of `placed_key`); None for another key."""
+    return key[len("place:"):].rsplit("@", 1)[0] if key.startswith("place:") else None
+
+
 @dataclass
 class Part:
-    """One skill of a composed prefix: the chain key of the snapshot it is placed from, that snapshot's tokens
-    ([preamble][skill], or [preamble][neighbour][skill] with `context` = preamble + neighbour, skillkv.compose.repair),
-    and `load()`, which supplies that snapshot's KV (per layer [tokens, kv_heads, head_dim], any device) when the
-    pool holds neither the needed placed entry nor the snapshot's own entry."""
+    """One skill of a composed prefix: `key` is the chain key of the snapshot it is placed from, holding `tokens`
+    rows of which the first `context` are context (the preamble, or preamble + the compose neighbour; see
+    skillkv.compose.repair) and the rest the skill's own; `load()` supplies that snapshot's KV (per layer [tokens,
+    kv_heads, head_dim], any device) when the pool holds neither the needed placed entry nor the snapshot's own
+    entry."""
 
     key: str
     tokens: int
+    context: int
     load: Callable[[], KV]
-    context: int | None = None  # rows before the skill's own (None: the preamble; a neighbour snapshot has more)
 
 
 class PagedComposer:
@@ -146,12 +148,12 @@ class PagedComposer:
             held.append(first.key)
             layout, offset = [(first.key, 0)], first.tokens
             for part in parts[1:]:
-                where.append(self.place(part, part.context or preamble, offset))
+                where.append(self.place(part, part.context, offset))
                 key = placed_key(part.key, offset)
                 table.acquire(key)
                 held.append(key)
                 layout.append((key, offset))
-                offset += part.tokens - (part.context or preamble)
+                offset += part.tokens - (part.context)
             req = self._request(layout, offset)
         except BaseException:
             for key in held:
@@ -235,6 +237,8 @@ class PagedComposer:
         """Recompute the rows at `positions` (sorted, distinct, inside the prefix) of the request whose prefix
         tokens are `ids`, with the engine: one batch of sequences, one per contiguous run of positions, each over
         the request's pages up to the run's end (see the module docstring). Touched pages are made private first."""
+        if not positions:
+            return
         ps = self.engine.pool.page_size
         self._own_pages(req, positions)
         runs: list[list[int]] = []
@@ -246,22 +250,3 @@ class PagedComposer:
         pages = req.pages
         views = [Request(None, 0, pages[:-(-b // ps)], length=a) for a, b in runs]
         self.engine.prefill(views, [ids[a:b] for a, b in runs])
-
-    def repair(self, req: Request, runner, ids: list[int], starts: list[int], repair: Repair) -> list[int]:
-        """Apply `repair` to the composed request `req` of prefix tokens `ids` (segments begin at `starts`,
-        preamble first). Front selection and lead: the runs of leading tokens prefilled by the engine
-        (`prefill_runs`). Deviation: positions chosen by skillkv.compose.repair over the gathered prefix, rows recomputed
-        by `runner` (an HFRunner over the same model), written with `write_rows`. Returns the positions."""
-        if len(ids) != req.prefix_tokens:
-            raise SkillkvError(f"{len(ids)} token ids for a composed prefix of {req.prefix_tokens} tokens")
-        if not (repair.lead or repair.recompute) or len(starts) <= 2:
-            return []
-        if repair.select == "front" or not repair.recompute:
-            positions = choose_positions(repair, starts, len(ids), None)
-            self.prefill_runs(req, ids, positions)
-            return positions
-        kv = self.gather(req)
-        positions = select_positions(runner, ids, kv, starts, repair)
-        if positions:
-            self.write_rows(req, positions, recompute_rows(runner, ids, kv, positions))
-        return positions

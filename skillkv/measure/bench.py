@@ -65,7 +65,7 @@ def bench_zstd(kv) -> dict:
     from skillkv.snapshot import decode, encode
 
     skill = kv.pick([SIZES["~2000"]])[0]
-    key = kv.chain_keys([skill])[0]
+    key = kv.compiler.keys([skill])[0]
     snap = kv.snapshots.get(key)
     raw = encode(snap, "none")
     t0 = time.perf_counter()
@@ -99,7 +99,7 @@ def bench_ttft(kv, reps: int) -> list[dict]:
         kv.ask(QUESTION, [name], mode="full", params=params)
         ex, fu, same = [], [], True
         for _ in range(reps):
-            kv._memo.clear()  # every exact run reads and verifies its snapshot from the store
+            kv.forget_resident()  # every exact run reads and verifies its snapshot from the store
             a = kv.ask(QUESTION, [name], mode="exact", params=params)
             b = kv.ask(QUESTION, [name], mode="full", params=params)
             ex.append(a.timings_ms["ttft"] / 1e3)
@@ -147,7 +147,7 @@ def bench_batch(kv, n: int) -> dict:
     out = {}
     answers = {}
     for mode in ("exact", "full"):
-        kv._memo.clear()
+        kv.forget_resident()
         t0 = time.perf_counter()
         prefill = 0
         answers[mode] = []

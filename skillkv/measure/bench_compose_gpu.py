@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from skillkv.measure.bench_gpu import _sync, kv_bytes_per_token, load_model, rel_err, timed_ms
+from skillkv.measure.timing import sync, kv_bytes_per_token, load_model, rel_err, timed_ms
 
 
 def timed_setup_ms(fn, setup, reps: int, warmup: int, device) -> tuple[float, list[float]]:
@@ -46,10 +46,10 @@ def timed_setup_ms(fn, setup, reps: int, warmup: int, device) -> tuple[float, li
     times = []
     for _ in range(warmup + reps):
         setup()
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times[warmup:]), times
 
@@ -82,12 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import transformers
 
-    from skillkv.engine.rope import check_composable, place
-
-    from skillkv.compose.repair import Repair
-    from skillkv.engine.placed import Part, PagedComposer, placed_key
-    from skillkv.runners.hf import HFRunner
+    from skillkv.compose.repair import Repair, needs_probe, select_positions
     from skillkv.engine.paged import PagedEngine
+    from skillkv.engine.placed import PagedComposer, Part, placed_key
+    from skillkv.engine.rope import check_composable, place
 
     dtype = getattr(torch, args.dtype)
     h, model = load_model(args.model, args.device, dtype)
@@ -100,7 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
     budget = int((K * (P + S) + (K - 1) * S + 2 * chain + 64 * args.page_size * K) * kv_bytes_tok * 1.1) + (256 << 20)
     eng = PagedEngine(model, budget_bytes=budget, attention=args.attention, page_size=args.page_size)
     comp = PagedComposer(eng, model.model.rotary_emb)
-    hf = HFRunner(model)
     fi_version = "-"
     if cuda:
         try:
@@ -136,12 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
     exact_kv = engine_kv([pre + skills[0]] + skills[1:])
     eng.make_resident("exact", chain, lambda: exact_kv, pin=True)
     del exact_kv
-    _sync(dev)
+    sync(dev)
     res["setup_s"] = time.perf_counter() - t0
 
     def never():
         raise RuntimeError("the benchmark keeps every single-skill entry resident")
-    parts = [Part(f"skill{i}", P + S, never) for i in range(K)]
+    parts = [Part(f"skill{i}", P + S, P, never) for i in range(K)]
     ids = pre + [t for s in skills for t in s]
     starts = [0, P] + [P + i * S for i in range(1, K)]
     placed = [placed_key(f"skill{i}", P + i * S) for i in range(1, K)]
@@ -154,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def composed(repair: Repair | None = None):
         r, _ = comp.open(parts, P)
-        if repair is not None:
-            comp.repair(r, hf, ids, starts, repair)
+        if repair is not None:  # as the compose stage does (skillkv.compose.stage)
+            kv = comp.gather(r) if needs_probe(repair, starts) else None
+            comp.prefill_runs(r, ids, select_positions(model, ids, kv, starts, repair))
         out = eng.prefill([r], [q])[0]
         eng.finish(r)
         return out

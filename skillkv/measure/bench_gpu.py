@@ -11,12 +11,12 @@ all in one process and one run:
   engine_full     the engine's own full prefill of S+100 tokens: what a tier must beat ("recompute")
   l1              skillkv: prefix resident in the pool, question prefilled by the lean runner + attention backend
   host            host tier hit: snapshot in the pinned host cache -> pool, copies pipelined layer by layer with
-                  the question's prefill (engine/tiers.py); host_transfer: the same without the question
+                  the question's prefill (tiers/tiers.py, engine/page_in.py); host_transfer: the same without the question
   l2_none         L2 cold hit (page cache dropped with posix_fadvise): file -> pinned host buffer (reader threads,
                   crc per tensor) -> pool, pipelined with the question; l2_none_load: the same without the question
   l2_zstd         the same from a zstd snapshot (frames decompressed in the reader threads)
 plus the raw disk read bandwidth of the same file (one thread, 64 MiB reads, as before; and with the reader
-threads), the tier policy's measurements and crossovers (engine/tier_policy.py), correctness checks (lean vs
+threads), the tier policy's measurements and crossovers (tiers/policy.py), correctness checks (lean vs
 transformers logits, every tier vs a full prefill on the engine), and a batch of 1000 questions over a shared
 prefix. Writes JSON and prints a table.
 """
@@ -33,71 +33,7 @@ from pathlib import Path
 
 import torch
 
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed_ms(fn, reps: int, warmup: int = 2, device="cuda") -> tuple[float, list[float]]:
-    """Median wall milliseconds of `fn` (device synchronized around each run) and every run, warm-up first."""
-    times = []
-    for i in range(warmup + reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[warmup:]), times
-
-
-def cuda_ms(fn, reps: int, warmup: int = 2) -> tuple[float, list[float]]:
-    return timed_ms(fn, reps, warmup, "cuda")
-
-
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def disk_read_gbs(path: Path) -> float:
-    drop_cache(path)
-    buf = bytearray(1 << 26)
-    t0 = time.perf_counter()
-    n = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            k = f.readinto(buf)
-            if not k:
-                break
-            n += k
-    return n / (time.perf_counter() - t0) / 1e9
-
-
-def load_model(spec: str, device: str, dtype: torch.dtype):
-    """(handle, loaded model) of `spec`, the load time printed to stderr."""
-    from skillkv.model import resolve_model
-
-    h = resolve_model(spec, device=device, dtype=dtype)
-    t0 = time.perf_counter()
-    model = h.load()
-    _sync(torch.device(device))
-    print(f"model {h.name} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return h, model
-
-
-def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:
-    """Bytes of K and V over all layers for one token of a model with config `cfg`, in `dtype`."""
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
+from skillkv.measure.timing import disk_read_gbs, drop_cache, kv_bytes_per_token, load_model, rel_err, timed_ms
 
 
 def main() -> None:
@@ -118,7 +54,7 @@ def main() -> None:
 
     from transformers import DynamicCache
 
-    from skillkv.engine.paged import PagedEngine
+    from skillkv.runners.paged import PagedRunner
     from skillkv.tiers.policy import Measurements, TierPolicy, disk_gbs, zstd_gbs
     from skillkv.tiers.tiers import Tiers
     from skillkv.snapshot import Snapshot
@@ -132,7 +68,8 @@ def main() -> None:
     vocab = cfg.vocab_size
     kv_bytes_tok = kv_bytes_per_token(cfg, dtype)
     budget = int(sum(sizes) * kv_bytes_tok * 1.2 + (args.batch // 10 + 8) * 128 * kv_bytes_tok + (1 << 30))
-    eng = PagedEngine(model, budget_bytes=budget, attention=args.attention, page_size=16)
+    runner = PagedRunner(model, budget, attention=args.attention)
+    eng = runner.engine  # L1 rows time the engine itself; the tier rows go through the runner and the tiers
     import inspect
 
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -158,7 +95,7 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     store = Store(tmp / "store", h.tag, h.fingerprint)
     host_budget = int(max(sizes) * kv_bytes_tok * 1.1) + (1 << 20)
-    tiers = Tiers(eng, store, host_budget=host_budget, reader_threads=args.reader_threads)
+    tiers = Tiers(store, host_budget, lambda: runner, reader_threads=args.reader_threads)
     ms = lambda fn, reps, warmup=2: timed_ms(fn, reps, warmup, dev)  # noqa: E731
 
     for S in sizes:
@@ -235,16 +172,16 @@ def main() -> None:
         def hit(pieces, question=True):
             tiers.make_resident(key, pieces)
             if not question:
-                tiers.wait(key)
+                runner.settle(key)
                 return None
-            req = tiers.start(key)
-            out = tiers.prefill([req], [q])
-            tiers.finish(req)
+            seq = runner.open(key)
+            out = runner.prefill([seq], [q])
+            runner.release(seq)
             return out
 
         def unload():
-            tiers.wait(key)
-            eng.table.evict(key)
+            runner.settle(key)
+            runner.retire(lambda k: k != key)
 
         # host tier: the snapshot in the pinned host cache (read once from L2), pipelined into the pool
         pieces = [(skeys["none"], prefix)]

@@ -77,8 +77,8 @@ def main() -> None:
     import zstandard
 
     from skillkv.tiers.l2_reader import L2Reader
-    from skillkv.tiers.policy import _cold, disk_gbs
-    from skillkv.snapshot import Snapshot, _shuffle, decode, unzstd_into, write_snapshot
+    from skillkv.tiers.policy import drop_page_cache, disk_gbs
+    from skillkv.snapshot import Snapshot, shuffle_bytes, decode, unzstd_into, write_snapshot
 
     if args.real:
         ks, vs = _real_kv(args.tokens)
@@ -120,7 +120,7 @@ def main() -> None:
             o.fill_(0)
         for level in [int(x) for x in args.levels.split(",")]:
             cctx = zstandard.ZstdCompressor(level=level)
-            frames = [cctx.compress(_shuffle(t)) for t in ks + vs]
+            frames = [cctx.compress(shuffle_bytes(t)) for t in ks + vs]
             plain = [cctx.compress(t.view(torch.uint8).numpy().tobytes()) for t in ks + vs]
             rows[f"zstd L{level} ratio"] = sum(map(len, frames)) / kv_bytes
             rows[f"zstd L{level} ratio, no shuffle"] = sum(map(len, plain)) / kv_bytes
@@ -153,7 +153,7 @@ def main() -> None:
             for c, p in paths.items():
                 for buf in ("reused", "fresh"):
                     def l2():
-                        _cold(p)
+                        drop_page_cache(p)
                         t0 = time.perf_counter()
                         kv = reader.read(p, fingerprint="bench",
                                          alloc=(lambda n: reused[:n]) if buf == "reused" else None).wait_all()
@@ -168,7 +168,7 @@ def main() -> None:
             reader.close()
         for c, p in paths.items():
             def old():
-                _cold(p)
+                drop_page_cache(p)
                 t0 = time.perf_counter()
                 decode(p.read_bytes(), p.name)
                 return time.perf_counter() - t0

@@ -126,56 +126,56 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 
 class Evaluator:
-    """Runs the modes of one question on one SkillKV (its runner and snapshots)."""
+    """Runs the modes of one question on one SkillKV (its runner and snapshots): every mode opens its prefix with
+    SkillKV.open, so full mode is cut into the same pieces exact mode caches (the two agree bit for bit)."""
 
     def __init__(self, kv, max_tokens: int = 32):
         self.kv, self.runner, self.max_tokens = kv, kv.runner, max_tokens
 
-    def _tf_logits(self, cache, answer: list[int]) -> torch.Tensor:
-        """Logits after each token of `answer` fed over `cache` [len(answer), vocab]."""
-        x = torch.tensor([answer], dtype=torch.long, device=self.runner.device)
-        with torch.inference_mode():
-            out = self.runner.model(input_ids=x, use_cache=True, logits_to_keep=len(answer),
-                                    **{self.runner._cache_kw: cache})
-        return out.logits[0].float()
-
-    def _decode(self, cache, first: torch.Tensor, record: list | None = None):
+    def _decode(self, seq, first: torch.Tensor, record: list | None = None):
         def step(t):
-            lg = self.runner.forward([t], cache)
+            lg = self.runner.prefill([seq], [[t]])[0]
             if record is not None:
                 record.append(lg)
             return lg
         return decode_loop(step, first, SamplingParams(max_tokens=self.max_tokens), self.kv.handle.stop_ids,
                            self.kv.handle.tokenizer)
 
-    def full(self, ids: list[int]) -> dict:
+    def full(self, chosen: list, q_ids: list[int]) -> dict:
         t0 = time.perf_counter()
-        cache = self.runner.new_cache()
-        first = self.runner.forward(ids, cache)
-        ttft = time.perf_counter() - t0
-        steps: list[torch.Tensor] = []
-        gen = self._decode(cache, first, steps)
+        seq = self.kv.open(chosen, "full").seq
+        try:
+            first = self.runner.prefill([seq], [q_ids])[0]
+            ttft = time.perf_counter() - t0
+            steps: list[torch.Tensor] = []
+            gen = self._decode(seq, first, steps)
+        finally:
+            self.runner.release(seq)
         logits = torch.stack([first] + steps)[: len(gen.token_ids) + (gen.finish_reason == "stop")]
         return {"answer": gen.token_ids, "text": gen.text, "logits": logits, "ttft": ttft}
 
-    def mode(self, ref: dict, build: Callable[[], tuple[list, list[int], dict]]) -> dict:
-        """`build()` -> (prefix kv, ids to prefill, info); timed together with the question's prefill."""
+    def mode(self, ref: dict, q_ids: list[int], open_: Callable[[], tuple[object, dict]]) -> dict:
+        """`open_()` -> (sequence over the mode's prefix, info); timed together with the question's prefill."""
         t0 = time.perf_counter()
-        kv, q_ids, info = build()
-        cache = self.runner.new_cache(kv or None)
-        first = self.runner.forward(q_ids, cache)
-        ttft = time.perf_counter() - t0
-        a = ref["answer"]
-        n = ref["logits"].shape[0]
-        logits = torch.cat([first[None], self._tf_logits(cache, a)])[:n] if a else first[None]
+        seq, info = open_()
+        try:
+            first = self.runner.prefill([seq], [q_ids])[0]
+            ttft = time.perf_counter() - t0
+            a, n = ref["answer"], ref["logits"].shape[0]
+            tf = self.runner.prefill([seq], [a], every=True) if a else first[None][:0]
+            logits = torch.cat([first[None], tf])[:n]
+        finally:
+            self.runner.release(seq)
         agree = logits.argmax(-1) == ref["logits"].argmax(-1)
         kl = _kl(ref["logits"], logits)
         identical = bool(agree.all())
-        if identical:
-            text = ref["text"]
-        else:
-            cache = self.runner.new_cache(kv or None)
-            text = self._decode(cache, self.runner.forward(q_ids, cache)).text
+        text = ref["text"]
+        if not identical:
+            seq, _ = open_()
+            try:
+                text = self._decode(seq, self.runner.prefill([seq], [q_ids])[0]).text
+            finally:
+                self.runner.release(seq)
         return {"kl_first": float(kl[0]), "kl_mean": float(kl.mean()), "agree": int(agree.sum()), "positions": n,
                 "identical": identical, "text": text, "ttft": ttft, **info}
 
@@ -206,24 +206,23 @@ def run_eval(kv_factory: Callable[[Path], object], eval_set: Path = DEFAULT_SET,
         kv.compile()
         ev = Evaluator(kv, max_tokens)
         rows = []
-        pre = kv.builder.preamble_ids()
         for n, it in enumerate(items, 1):
             chosen = kv.pick(it.skills)
             layout = kv.builder.layout(chosen, it.q)
             q_ids = layout.segments[-1]
             kv.check_fits(len(layout.ids), max_tokens, len(q_ids))
-            kv.prefix(chosen)  # exact chain resident (computed and stored once)
-            ref = ev.full(layout.ids)
+            kv.runner.release(kv.open(chosen, "exact").seq)  # exact chain resident (computed and stored once)
+            ref = ev.full(chosen, q_ids)
             group = ("multi-reversed" if it.id.endswith("-rev") else "multi") if len(chosen) > 1 else "single"
             modes: dict[str, Callable] = {
-                "exact": lambda: (kv.prefix(chosen)[0], q_ids, {}),
-                "none": lambda: ([], pre + q_ids, {}),
+                "exact": lambda: (kv.open(chosen, "exact").seq, {}),
+                "none": lambda: (kv.open([], "exact").seq, {}),
             }
             if len(chosen) > 1:
                 for r in settings:
                     def build(r=r):
-                        pkv, info = kv.composed(chosen, r)
-                        return pkv, q_ids, {"recomputed": len(info["recomputed"]) / info["skill_tokens"]}
+                        o = kv.open(chosen, "compose", r)
+                        return o.seq, {"recomputed": len(o.info["recomputed"]) / o.info["skill_tokens"]}
                     modes[r.label] = build
             if group == "multi-reversed":
                 modes.pop("exact"), modes.pop("none")
@@ -231,7 +230,7 @@ def run_eval(kv_factory: Callable[[Path], object], eval_set: Path = DEFAULT_SET,
                             "positions": ref["logits"].shape[0], "identical": True, "text": ref["text"],
                             "ttft": ref["ttft"]}}
             for name, build in modes.items():
-                out[name] = ev.mode(ref, build)
+                out[name] = ev.mode(ref, q_ids, build)
             for name, r in out.items():
                 r["fact"] = all(has_fact(r["text"], f) for f in it.expect)
                 rows.append({"id": it.id, "group": group, "mode": name, "skills": it.skills, "expect": it.expect,

@@ -1,6 +1,6 @@
 """The serve load test: many concurrent streaming clients over loopback, every answer checked against its solo answer.
 
-    python -m skillkv.measure.loadtest                      # = skillkv loadtest: starts its own server (CPU default)
+    skillkv loadtest                                        # starts its own server (CPU default)
     skillkv loadtest --url http://127.0.0.1:8321          # against a running server
     skillkv loadtest --model dummy:llama-3.1-8b --device cuda --attention flashinfer   # the GPU shape
 
@@ -218,21 +218,22 @@ def run(url: str | None = None, clients: int = 64, requests: int = 128, distinct
         cfg = ServeConfig(port=0, max_batch=max(clients, 1), watch=False, **(server_args or {}))
         srv = Server(cfg, log=lambda s: log(f"server: {s}")).start_background(timeout=timeout)
         url = srv.url
-        eng = srv.worker.engine
-        dev = eng.device
+        runner = srv.worker.runner
+        dev = runner.device
         if dev.type == "cuda":
             import torch
 
             meta["device"], meta["gpu"] = torch.cuda.get_device_name(dev), True
-            meta["command"] = ("python -m skillkv.measure.loadtest --model dummy:llama-3.1-8b --device cuda "
+            meta["command"] = ("skillkv loadtest --model dummy:llama-3.1-8b --device cuda "
                                "--attention flashinfer --doc docs/BENCHMARKS.md")
         else:
             from skillkv.measure.bench import machine
 
             mc = machine()
             meta["device"] = f"{mc['cpu']} ({mc['cores']} cores, {mc['torch_threads']} torch threads)"
+        use = runner.usage()
         meta.update(model=srv.kv.handle.name, dtype=str(srv.kv.handle.dtype).replace("torch.", ""),
-                    attention=eng.backend.name, pool_gib=round(eng.pool.nbytes / 2**30, 2))
+                    attention=use.get("attention", "transformers"), pool_gib=round(use["bytes"] / 2**30, 2))
     else:
         meta.update(device=platform.node(), model="(remote)", dtype="?", attention="?", pool_gib="?")
     try:
@@ -252,9 +253,3 @@ def run(url: str | None = None, clients: int = 64, requests: int = 128, distinct
         update_doc(doc, section or ("serve-gpu" if meta["gpu"] else "serve"), md)
     return r
 
-
-if __name__ == "__main__":
-    from skillkv.cli import main
-
-    sys.argv = ["skillkv", "loadtest", *sys.argv[1:]]
-    main()

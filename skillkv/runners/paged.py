@@ -1,22 +1,31 @@
-"""The paged engine behind the runner interface that SkillKV uses (the same four calls as `HFRunner`).
+"""The paged runner: the lean Llama-family runner over the KV pool (engine/), behind the Runner contract.
 
-A "cache" here is a `Request` of the engine: `new_cache(prefix, key)` starts one over the resident prefix `key`
-(an L1 hit when it is already in the pool; otherwise `prefix` is loaded into the pool first and stays resident for
-the next question), `forward` appends tokens, `slice_kv` copies rows out of its pages, and `release` frees its
-private pages. `open_stored(key, pieces)` goes through the tiers instead (engine/tiers.py): stored snapshots are
-paged L2 -> host -> pool layer by layer while the question's first layers already compute, when the tier policy
-says loading beats recomputing (on CUDA, measured once per model and store; on the CPU loading always wins: a
-CPU prefills hundreds of tokens per second and reads snapshots at GB/s). `composer` opens compose mode's requests
-over placed entries (engine/compose_paged.py). Every piece of a chain is computed by this same engine (compile, exact and full mode alike), so
-exact mode equals a from-scratch prefill cut at the same segment boundaries bit for bit, on any device and dtype.
+A sequence is an engine `Request`: it lists the resident prefix's full pages in place (shared, never written) and
+appends to private pages (copy-on-write of a partly filled last page). Resident prefixes are pool entries keyed by
+their chain key; compose's placed entries are pool entries too (engine/placed.py), keyed `place:...`.
+
+`admit` allocates the entry's pages at once and pages its sources in layer by layer on a copier thread
+(engine/page_in.py): a prefill over the entry waits per layer, so the question's first layers compute while later
+ones still land. The entry is held by the page-in until its last copy landed (never evicted, its pages never reused
+meanwhile); a damaged source fails the page-in, the waiting prefill raises SnapshotError and the entry is dropped
+as soon as no sequence holds it.
+
+Attention: torch (SDPA over gathered pages) on the CPU, FlashInfer on CUDA (engine/attention.py), with CUDA graphs
+of short batches. `batch_invariant` pads every step's rows (serve: an answer is the same alone or among 64); steps
+of 8 rows or more are padded in either mode, so a skill's KV is the same bits whoever computes it (engine/llama.py).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
-from skillkv.runners.hf import KV
+from skillkv.engine.page_in import PageIn
 from skillkv.engine.paged import PagedEngine, Request
+from skillkv.engine.placed import PagedComposer, placed_source
+from skillkv.errors import SnapshotError
+from skillkv.runners.base import KV, KVSource, Part, Runner
 
 
 def default_budget(device: torch.device) -> int:
@@ -27,85 +36,156 @@ def default_budget(device: torch.device) -> int:
     return 2 << 30
 
 
-class PagedRunner:
+class PagedRunner(Runner):
+    """Sequences are engine `Request`s."""
+
     name = "paged"
 
-    def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto", store=None,
-                 host_budget: int | None = None):
-        device = next(model.parameters()).device
-        self.engine = PagedEngine(model, budget_bytes or default_budget(device), attention=attention)
-        self.device = device
-        self.store, self.host_budget = store, host_budget
-        self._tiers = None
-        self._composer = None
-        self._rotary = model.model.rotary_emb
+    def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto",
+                 batch_invariant: bool = False, page_size: int = 16, cuda_graphs: bool = True):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.engine = PagedEngine(model, budget_bytes or default_budget(self.device), attention=attention,
+                                  page_size=page_size, cuda_graphs=cuda_graphs, row_block=8 if batch_invariant else 0)
+        self.batch_invariant = batch_invariant
+        self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
+        self.composer = PagedComposer(self.engine, model.model.rotary_emb, settle=self.settle)
+        self._pending: dict[str, PageIn] = {}
+        self._retired: set[str] = set()  # entries to evict once no sequence holds them
+        self._errors: dict[str, BaseException] = {}  # key -> why its page-in failed (until the next open)
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="skillkv-copy")
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
-    def tiers(self):
-        if self._tiers is None:
-            from skillkv.tiers.policy import policy_for
-            from skillkv.tiers.tiers import Tiers
+    def table(self):
+        return self.engine.table
 
-            policy = policy_for(self.engine, self.store) if self.device.type == "cuda" else None
-            self._tiers = Tiers(self.engine, self.store, self.host_budget or (4 << 30), policy=policy)
-        return self._tiers
+    # ------------------------------------------------------------------ residency
 
-    @property
-    def composer(self):
-        """Compose mode over this engine (engine/compose_paged.py); entries still being paged in by the tiers
-        are waited for before their pages are read."""
-        if self._composer is None:
-            from skillkv.engine.placed import PagedComposer
+    def _reap(self) -> None:
+        """Retire finished page-ins (dropping the hold that kept their pages from being reused while copies were in
+        flight); drop failed entries from the pool once no sequence holds them."""
+        for key, p in list(self._pending.items()):
+            if not p.finished.is_set():
+                continue
+            if not p.released:
+                self.table.release(key)
+                p.released = True
+            if p.error is not None:
+                self._errors[key] = p.error  # raised by the next open(key), even after the entry is gone
+                if self.table.entries[key].refs:
+                    continue
+                self.table.evict(key)
+            del self._pending[key]
+        for key in list(self._retired):
+            e = self.table.entries.get(key)
+            if e is None or (not e.refs and key not in self._pending):
+                if e is not None:
+                    self.table.evict(key)
+                self._retired.discard(key)
 
-            self._composer = PagedComposer(self.engine, self._rotary, settle=self._settle)
-        return self._composer
-
-    def _settle(self, key: str) -> None:
-        if self._tiers is not None:
-            self._tiers.wait(key)
-
-    def prefetch(self, pieces) -> None:
-        """Start reading the stored snapshots of `pieces` [(key, ids)] into the host tier in the background."""
-        if self.store is not None:
-            self.tiers.prefetch(pieces)
-
-    def open_stored(self, key: str, pieces) -> tuple[Request, str] | None:
-        """A request over the prefix `key` made of the stored snapshots `pieces`, paged in through the tiers, and
-        the tier it came from (l1 | host | l2); None when the policy says recomputing is faster. Raises
-        SnapshotError for a damaged, foreign or stale snapshot (nothing is left resident)."""
-        if self.store is None:
-            return None
-        tiers = self.tiers
-        where = tiers.choose(key, pieces)
-        if where == "recompute":
-            return None
-        where = tiers.make_resident(key, pieces)
-        return tiers.start(key), where
+    def _failed(self, key: str | None) -> None:
+        """Raise SnapshotError if the page-in of `key` failed (forgetting the failure)."""
+        self._reap()
+        err = self._errors.pop(key, None) if key is not None else None
+        if err is not None:
+            raise err if isinstance(err, SnapshotError) else SnapshotError(f"{key[:12]}: paging failed ({err})")
 
     def resident(self, key: str) -> bool:
-        return self.engine.resident(key)
+        self._reap()
+        return self.table.lookup(key) is not None
 
-    def pin(self, key: str, tokens: int, load) -> None:
-        self.engine.make_resident(key, tokens, load, pin=True)
+    def admit(self, key: str, sources: list[KVSource], pin: bool = False) -> None:
+        self._reap()
+        self._errors.pop(key, None)
+        offsets, n = [], 0
+        for s in sources:
+            offsets.append(n)
+            n += s.tokens
+        pages = self.table.alloc(self.table.pages_for(n))
+        self.table.add(key, pages, n, pinned=pin)
+        self.table.acquire(key)  # held by the page-in until its copies landed
+        p = PageIn(key, list(sources), offsets, pages, self.engine.pool.layers, self.device)
+        self._pending[key] = p
+        self._copier.submit(p.run, self.engine.pool, self._stream)
 
-    def new_cache(self, prefix: KV | None = None, key: str | None = None) -> Request:
-        if key is None:
-            return self.engine.start(None)
-        tokens = prefix[0][0].shape[0] if prefix else 0
-        self.engine.make_resident(key, tokens, lambda: prefix)
-        return self.engine.start(key)
+    def settle(self, key: str) -> None:
+        p = self._pending.get(key)
+        if p is not None:
+            p.finished.wait()
+        self._failed(key)
 
-    def forward(self, ids: list[int], cache: Request) -> torch.Tensor:
-        if self._tiers is not None:  # waits per layer for a prefix still being paged in
-            return self._tiers.prefill([cache], [ids])[0]
-        return self.engine.prefill([cache], [ids])[0]
+    def pin(self, key: str, pinned: bool = True) -> None:
+        self.table.pin(key, pinned)
 
-    def slice_kv(self, cache: Request, start: int, end: int) -> KV:
+    def retire(self, live) -> None:
+        self._retired |= {k for k in self.table.entries if not live(placed_source(k) or k)}
+        self._reap()
+
+    # ------------------------------------------------------------------ sequences
+
+    def open(self, key: str | None) -> Request:
+        self._failed(key)
+        return self.engine.start(key, defer_copy=key in self._pending)
+
+    def open_composed(self, parts: list[Part], preamble: int) -> Request:
+        req, _ = self.composer.open(parts, preamble)
+        return req
+
+    def prefill(self, seqs: list[Request], ids: list[list[int]], every: bool = False) -> torch.Tensor:
+        loads = {r.prefix_key: self._pending[r.prefix_key] for r in seqs
+                 if r.prefix_key is not None and r.prefix_key in self._pending}
+        cows = [r for r in seqs if r.cow is not None]
+        if not loads and not cows:
+            return self.engine.prefill(seqs, ids, every=every)
         pool = self.engine.pool
-        return [tuple(t[start:end].clone() for t in pool.gather(i, cache.pages, end)) for i in range(pool.layers)]
 
-    def release(self, cache: Request) -> None:
-        if self._tiers is not None:
-            self._tiers.finish(cache)
+        def layer_ready(i: int) -> None:
+            for p in loads.values():
+                p.wait(i)
+            for r in cows:
+                pool.copy_page_prefix(*r.cow, layer=i)
+        out = self.engine.prefill(seqs, ids, layer_ready=layer_ready, every=every)
+        for r in cows:
+            r.cow = None
+        return out
+
+    def recompute(self, seq: Request, ids: list[int], positions: list[int]) -> None:
+        if positions:
+            self.composer.prefill_runs(seq, ids, positions)
+
+    def read(self, seq: Request, start: int, end: int) -> KV:
+        pool = self.engine.pool
+        return [tuple(t[start:end].clone() for t in pool.gather(i, seq.pages, end)) for i in range(pool.layers)]
+
+    def release(self, seq: Request) -> None:
+        self.engine.finish(seq)
+        self._reap()
+
+    # ------------------------------------------------------------------ capacity
+
+    def can_alloc(self, pages: int) -> bool:
+        self._reap()
+        return self.table.can_alloc(pages)
+
+    def held_pages(self, seq: Request) -> int:
+        return len(seq.private) + len(seq.owned)
+
+    def usage(self) -> dict:
+        t = self.table
+        for _ in range(5):  # read from another thread (/health) while the engine thread may change entries
+            try:
+                resident_pages = sum(len(e.pages) for e in list(t.entries.values()))
+                break
+            except RuntimeError:
+                continue
         else:
-            self.engine.finish(cache)
+            resident_pages = None
+        return {"pages": t.num_pages, "page_size": t.page_size, "free": len(t.free), "private": len(t.private),
+                "resident": len(t.entries), "resident_pages": resident_pages, "evictions": t.evictions,
+                "bytes": self.engine.pool.nbytes, "attention": self.engine.backend.name}
+
+    def close(self) -> None:
+        for p in list(self._pending.values()):
+            p.finished.wait()
+        self._copier.shutdown(wait=True)

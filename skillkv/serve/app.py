@@ -3,7 +3,8 @@
 Routes
   POST /v1/chat/completions  streaming (SSE, `data: {chunk}` ... `data: [DONE]`) and not; see serve/protocol.py
   GET  /v1/models            the one served model
-  GET  /skills               name, description, snapshot state (current | stale | missing), tokens, resident
+  GET  /skills               name, description, state (current | stale | missing | skipped, with the reason:
+                             malformed, longer than the context...), tokens, resident, pinned
   GET  /stats                what `skillkv stats --json` prints
   GET  /health               status, model, running / waiting requests, pool pages
 
@@ -81,20 +82,24 @@ def create_app(worker: Worker) -> FastAPI:
     @app.get("/skills")
     async def skills():
         def rows():
-            kv, table = worker.kv, worker.engine.table
+            kv, runner = worker.kv, worker.runner
             out = []
             for st in kv.status():
-                key = kv.chain_keys([st.skill])[0]
-                e = table.entries.get(key)
-                out.append({"name": st.skill.name, "description": st.skill.description, "state": st.state,
-                            "tokens": st.tokens, "bytes": st.bytes, "resident": e is not None,
-                            "pinned": bool(e and e.pinned)})
+                why = worker.skipped.get(st.skill.name, "")
+                out.append({"name": st.skill.name, "description": st.skill.description,
+                            "state": "skipped" if why else st.state,
+                            "tokens": st.tokens, "bytes": st.bytes,
+                            "resident": runner.resident(kv.compiler.keys([st.skill])[0]),
+                            "pinned": st.skill.name in kv.pin, "reason": why})
+            served = {st["name"] for st in out}
+            out += [{"name": name, "description": "", "state": "skipped", "tokens": 0, "bytes": 0, "resident": False,
+                     "pinned": False, "reason": why} for name, why in worker.skipped.items() if name not in served]
             return {"object": "list", "data": out, "problems": kv.load_skills().problems}
         return await on_engine(rows)
 
     @app.get("/stats")
     async def stats():
-        from skillkv.cli.stats import collect
+        from skillkv.report import collect
 
         await asyncio.wrap_future(worker.stats_written())  # answers finished before this request are counted
         return await on_engine(lambda: collect(worker.kv, None)[0])

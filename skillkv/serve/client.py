@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Callable
 
-from skillkv.api import Answer
+from skillkv.answer import Answer
 from skillkv.generate import SamplingParams
 from skillkv.errors import SkillkvError
 

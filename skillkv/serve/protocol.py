@@ -6,9 +6,10 @@ OpenAI-compatible servers do (clients send `user`, `presence_penalty`, ... routi
 
 skillkv extensions
   request   `skills: [name, ...]`  use these skills in this order ([] = none); omitted: chosen from the messages
+            `mode: auto | exact | full | compose`  as `skillkv ask --mode` (default auto)
   response  `usage.prompt_tokens_details.cached_tokens` (as OpenAI) and `usage.skillkv` = {cached_tokens,
-            computed_tokens}; a top-level `skillkv` object: skills, tiers (l1 | memory | l2 | computed, where each
-            skill's KV came from), output_token_ids, timings_ms (queue, ttft, total; measured in the server)
+            computed_tokens}; a top-level `skillkv` object: skills, mode, tiers (l1 | host | l2 | computed, where
+            each skill's KV came from), output_token_ids, timings_ms (queue, ttft, total; measured in the server)
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class ChatRequest(BaseModel):
     stop: Union[str, list[str], None] = None
     logprobs: Optional[bool] = None
     tools: Optional[list] = None
-    skills: Optional[list[str]] = None  # skillkv extension
+    skills: Optional[list[str]] = None  # skillkv extension: these skills, in this order
+    mode: Literal["auto", "exact", "full", "compose"] = "auto"  # skillkv extension: as `skillkv ask --mode`
 
     @field_validator("stop")
     @classmethod

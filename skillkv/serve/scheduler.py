@@ -29,20 +29,20 @@ class Seq:
     rid: str
     prompt: list[int]  # ids to prefill on top of the prefix
     max_new: int  # answer token limit
-    prefix_tokens: int = 0  # tokens of its resident prefix (skills)
+    prefix_tokens: int = 0  # tokens of its prefix (preamble and skills)
     output: list[int] = field(default_factory=list)
     state: str = "waiting"  # waiting | running | done
     cancelled: bool = False
     req: object = None  # the engine's Request once started
     data: object = None  # the owner's per-request state
+    shared_prefix: bool = True  # the prefix's full pages are a resident entry's (else the sequence's own)
 
     def worst_pages(self, page_size: int) -> int:
-        """Private pages the sequence may need: its share of the prefix's partial page, prompt and answer."""
+        """Private pages the sequence may need: its share of the prefix's partial page (or the whole prefix when
+        it is not shared), prompt and answer."""
         total = self.prefix_tokens + len(self.prompt) + self.max_new
-        return -(-total // page_size) - self.prefix_tokens // page_size
+        return -(-total // page_size) - (self.prefix_tokens // page_size if self.shared_prefix else 0)
 
-    def held_pages(self) -> int:
-        return len(self.req.private) if self.req is not None else 0
 
 
 @dataclass
@@ -59,8 +59,10 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int = 64, max_step_tokens: int = 4096, page_size: int = 16):
-        self.max_batch, self.max_step_tokens, self.page_size = max_batch, max_step_tokens, page_size
+    def __init__(self, max_batch: int = 64, max_step_tokens: int = 4096, page_size: int = 16,
+                 held: Callable[[Seq], int] = lambda seq: 0):
+        """`held(seq)`: the pages a running sequence holds now (the runner's count)."""
+        self.max_batch, self.max_step_tokens, self.page_size, self.held = max_batch, max_step_tokens, page_size, held
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
 
@@ -72,7 +74,7 @@ class Scheduler:
 
     def reserved_pages(self) -> int:
         """Pages the running sequences may still allocate."""
-        return sum(max(0, s.worst_pages(self.page_size) - s.held_pages()) for s in self.running)
+        return sum(max(0, s.worst_pages(self.page_size) - self.held(s)) for s in self.running)
 
     def drop_cancelled(self) -> list[Seq]:
         """Remove cancelled sequences (waiting or running) and return them (the caller frees their pages)."""

@@ -1,4 +1,4 @@
-"""Building and running the server: SkillKV + PagedEngine + Worker + FastAPI app under uvicorn.
+"""Building and running the server: one SkillKV (runner, tiers, store) + Worker + FastAPI app under uvicorn.
 
     srv = Server(ServeConfig(model="default", skills="skills"))
     srv.start_background()          # tests, load test: an ephemeral port on 127.0.0.1, in a thread
@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import sys
 import threading
@@ -18,22 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from skillkv.errors import SkillkvError
-
-DEFAULT_CPU_BUDGET = 2 << 30
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512M', '1.5gb', '1000000' -> bytes (k/m/g alone are binary)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise SkillkvError(f"cannot read {text!r} as a size (e.g. 2GiB, 512M, 1000000)")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise SkillkvError(f"size {text!r} must be positive")
-    return n
-
 
 @dataclass
 class ServeConfig:
@@ -44,6 +27,8 @@ class ServeConfig:
     store: str | Path | None = None
     device: str | None = None
     kv_budget: int | None = None  # bytes; None: 2 GiB on the CPU, half the free GPU memory on CUDA
+    host_budget: int | None = None  # bytes of the host tier (default 4 GiB)
+    engine: str = "auto"
     pins: list[str] = field(default_factory=list)
     max_batch: int = 64
     max_step_tokens: int = 4096
@@ -54,17 +39,6 @@ class ServeConfig:
     log_level: str = "warning"
 
 
-def _budget(cfg: ServeConfig, device) -> int:
-    if cfg.kv_budget:
-        return cfg.kv_budget
-    if device.type == "cuda":
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    return DEFAULT_CPU_BUDGET
-
-
 class Server:
     def __init__(self, cfg: ServeConfig, kv=None, log=None):
         from skillkv.api import SkillKV
@@ -73,21 +47,13 @@ class Server:
 
         self.cfg = cfg
         self.log = log or (lambda s: print(f"skillkv serve: {s}", file=sys.stderr, flush=True))
-        # the worker owns its own PagedEngine; SkillKV supplies skills, selection and the snapshots (hf engine)
+        # the same SkillKV as `skillkv ask` builds: one runner, its fingerprint and store, tiers, compose, pins
         self.kv = kv or SkillKV(model=cfg.model, store=cfg.store, skills=cfg.skills, device=cfg.device,
-                                on_warning=lambda m: self.log(f"warning: {m}"), engine="hf")
-
-        def engine():
-            from skillkv.engine.paged import PagedEngine
-
-            model = self.kv.handle.load()
-            device = next(model.parameters()).device
-            return PagedEngine(model, _budget(cfg, device), attention=cfg.attention, page_size=16,
-                               row_block=8 if cfg.batch_invariant else 0)
-
-        self.worker = Worker(self.kv, engine, max_batch=cfg.max_batch, max_step_tokens=cfg.max_step_tokens,
-                             pins=cfg.pins, watch=cfg.watch, default_max_tokens=cfg.default_max_tokens,
-                             on_log=self.log)
+                                on_warning=lambda m: self.log(f"warning: {m}"), engine=cfg.engine,
+                                kv_budget=cfg.kv_budget, host_budget=cfg.host_budget, pin=list(cfg.pins),
+                                batch_invariant=cfg.batch_invariant, attention=cfg.attention)
+        self.worker = Worker(self.kv, max_batch=cfg.max_batch, max_step_tokens=cfg.max_step_tokens, watch=cfg.watch,
+                             default_max_tokens=cfg.default_max_tokens, on_log=self.log)
         self.app = create_app(self.worker)
         self._uvicorn = None
         self._thread: threading.Thread | None = None
@@ -113,9 +79,11 @@ class Server:
         sock = self._bind()
         t0 = time.perf_counter()
         self.worker.start()
-        self.log(f"{self.kv.handle.name} ready in {time.perf_counter() - t0:.1f} s "
-                 f"(KV pool {self.worker.engine.pool.nbytes / 2**30:.2f} GiB, {self.worker.engine.backend.name} "
-                 f"attention, batch-invariant {'on' if self.cfg.batch_invariant else 'off'})")
+        use = self.worker.runner.usage()
+        pool = f"KV pool {use['bytes'] / 2**30:.2f} GiB, {use.get('attention', 'transformers')} attention, " \
+            if "attention" in use else ""
+        self.log(f"{self.kv.handle.name} ready in {time.perf_counter() - t0:.1f} s ({self.kv.engine} runner, {pool}"
+                 f"batch-invariant {'on' if self.worker.runner.batch_invariant else 'off'})")
         config = uvicorn.Config(self.app, log_level=self.cfg.log_level, timeout_graceful_shutdown=3,
                                 access_log=False)
         self._uvicorn = uvicorn.Server(config)

@@ -1,4 +1,4 @@
-"""The engine thread of `skillkv serve`: it alone touches the SkillKV, the PagedEngine and the skill watcher.
+"""The engine thread of `skillkv serve`: it alone touches the SkillKV (its runner, tiers, store) and the watcher.
 
 HTTP handlers talk to it through a queue (`submit`, `call`, `cancel`) and get events back on their own asyncio
 queue: ("accepted", info) or ("error", ApiError) first, then ("text", delta)..., then ("done", result) or
@@ -6,9 +6,11 @@ queue: ("accepted", info) or ("error", ApiError) first, then ("text", delta)...,
 drop cancelled sequences (their pages are freed at once), then run one batched step planned by the Scheduler
 and sample every sequence's next token.
 
-Skill prefixes live in the pool as resident entries keyed by their chain key (skillkv.api.SkillKV.chain_keys),
-shared by every request that uses the same skills in the same order. When the watcher recompiles a skill, the
-entries whose chain is no longer current are evicted as soon as no running request references them (a request
+A request is opened exactly as `skillkv ask` opens one (SkillKV.open: the same mode choice, L1 / host / L2 paging
+through the tiers, compose, pins, the same snapshots and fingerprint); continuous batching is the runner's batched
+prefill (a decode step is a 1-token prefill). Skill prefixes are resident entries of the runner keyed by their
+chain key, shared by every request that uses the same skills in the same order. When the watcher recompiles a
+skill, the entries whose chain is no longer current are retired as soon as no running request holds them (a request
 that started on the old version finishes on it), and pinned skills are warmed again.
 """
 
@@ -24,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from skillkv.generate import SamplingParams, TextStream, sample
+from skillkv.generate import SamplingParams, StopText, TextStream, sample
 from skillkv.engine.pages import PoolFull
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError
 from skillkv.serve.messages import question_ids
@@ -32,38 +34,6 @@ from skillkv.serve.protocol import ApiError, ChatRequest, usage
 from skillkv.serve.scheduler import Scheduler, Seq, Step
 
 CHANGES = {"compiled", "recompiled", "deleted", "renamed"}
-
-
-class StopText:
-    """Streams text deltas, holding back what could be the start of a stop string; cuts at the first stop."""
-
-    def __init__(self, stops: list[str], emit: Callable[[str], None]):
-        self.stops, self.emit, self.buf, self.text, self.hit = stops, emit, "", "", False
-        self.hold = max((len(s) for s in stops), default=1) - 1  # held back
-
-    def push(self, delta: str) -> None:
-        if self.hit:
-            return
-        self.buf += delta
-        # every stop occurrence starts inside buf: what was sent was checked with `hold` characters after it
-        found = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.buf, self.hit = self.buf[:min(found)], True
-            self.flush()
-            return
-        keep = len(self.buf) - self.hold
-        if keep > 0:
-            self._send(self.buf[:keep])
-            self.buf = self.buf[keep:]
-
-    def flush(self) -> None:
-        if self.buf:
-            self._send(self.buf)
-            self.buf = ""
-
-    def _send(self, s: str) -> None:
-        self.text += s
-        self.emit(s)
 
 
 @dataclass(eq=False)
@@ -77,7 +47,8 @@ class Job:
     t_submit: float = field(default_factory=time.perf_counter)
     seq: Seq | None = None
     chosen: list = field(default_factory=list)
-    key: str | None = None
+    key: str | None = None  # the exact prefix's chain key (None: no skills)
+    mode: str = "auto"
     select_on: str = ""
     params: SamplingParams | None = None
     gen: torch.Generator | None = None
@@ -91,18 +62,19 @@ class Job:
 
 
 class Worker:
-    def __init__(self, kv, engine_factory: Callable[[], object], max_batch: int = 64, max_step_tokens: int = 4096,
-                 pins: list[str] | None = None, watch: bool = True, default_max_tokens: int = 256,
-                 on_log: Callable[[str], None] = print):
-        self.kv, self.engine_factory = kv, engine_factory
+    """`kv` is the server's SkillKV (its pins are warmed at start)."""
+
+    def __init__(self, kv, max_batch: int = 64, max_step_tokens: int = 4096, watch: bool = True,
+                 default_max_tokens: int = 256, on_log: Callable[[str], None] = print):
+        self.kv = kv
         self.max_batch, self.max_step_tokens = max_batch, max_step_tokens
-        self.pins, self.watch, self.default_max_tokens, self.log = list(pins or []), watch, default_max_tokens, on_log
+        self.watch, self.default_max_tokens, self.log = watch, default_max_tokens, on_log
         self.inbox: queue.Queue = queue.Queue()
-        self.engine = None
+        self.runner = None
         self.sched: Scheduler | None = None
         self.watcher = None
+        self.skipped: dict[str, str] = {}  # skill or folder -> why it is not served (invalid, too long, ...)
         self._pending: dict[str, float] = {}
-        self._stale: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stats = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="skillkv-stats")
@@ -116,17 +88,17 @@ class Worker:
         return self.kv.handle.name
 
     def start(self) -> None:
-        """Compile stale skills, build the engine, warm pinned skills, start the watcher and the thread."""
+        """Compile what is out of date, load the runner, warm pinned skills, start the watcher and the thread."""
         kv = self.kv
         self._compile_all()
         if self.watch:
             from skillkv.watch import Watcher
 
             self.watcher = Watcher(kv, kv.skills_dir, on_line=lambda ln: self.log(f"watch: {ln}"))
-            for s in kv.load_skills().skills:  # which folder holds which skill (as Watcher.initial learns it)
-                self.watcher.names["." if s.path.resolve() == self.watcher.root else s.path.name] = s.name
-        self.engine = self.engine_factory()
-        self.sched = Scheduler(self.max_batch, self.max_step_tokens, self.engine.pool.page_size)
+            self.watcher.learn(kv.load_skills().skills)
+        self.runner = kv.runner
+        self.sched = Scheduler(self.max_batch, self.max_step_tokens, self.runner.page_size,
+                               held=lambda s: self.runner.held_pages(s.req) if s.req is not None else 0)
         self.stop_ids = set(kv.handle.stop_ids)
         self._warm_pins()
         if self.watcher is not None:
@@ -135,18 +107,14 @@ class Worker:
         self._thread.start()
 
     def _compile_all(self) -> None:
-        """Compile stale skills one by one: a skill that cannot compile (too long for the model, ...) is logged
-        and left out of serving, the others still serve."""
-        kv = self.kv
-        for p in kv.load_skills().problems:
-            self.log(f"skipped: {p}")
-        for skill in kv.load_skills().skills:
-            try:
-                [r] = kv.compile([skill.name])
-            except SkillkvError as e:
-                self.log(f"compile: {skill.name}: {e}")
-                continue
-            if r.status != "up to date":
+        """Compile every skill that is out of date: one that cannot (malformed, too long for the model, ...) is
+        logged and left out of serving with its reason (GET /skills), the others serve."""
+        self.skipped = {}
+        for r in self.kv.compile():
+            if r.status == "skipped":
+                self.skipped[r.skill] = r.reason
+                self.log(f"skipped: {r.reason}")
+            elif r.status != "up to date":
                 self.log(f"compile: {r.skill} {r.tokens} tokens {r.seconds:.2f} s {r.status}")
 
     def stats_written(self) -> concurrent.futures.Future:
@@ -185,20 +153,8 @@ class Worker:
 
     def snapshot(self) -> dict:
         """Counters for /health, read without locking (approximate while a step runs)."""
-        t = self.engine.table
-        for _ in range(5):
-            try:
-                resident_pages = sum(len(e.pages) for e in list(t.entries.values()))
-                break
-            except RuntimeError:  # the engine thread changed the entries meanwhile: read again
-                continue
-        else:
-            resident_pages = None
         return {"running": len(self.sched.running), "waiting": len(self.sched.waiting), "steps": self.steps,
-                "served": self.served,
-                "pool": {"pages": t.num_pages, "page_size": t.page_size, "free": len(t.free),
-                         "private": len(t.private), "resident": len(t.entries), "resident_pages": resident_pages,
-                         "evictions": t.evictions, "bytes": self.engine.pool.nbytes}}
+                "served": self.served, "runner": self.runner.name, "pool": self.runner.usage()}
 
     # ------------------------------------------------------------------ the loop (engine thread)
 
@@ -209,7 +165,6 @@ class Worker:
                 self._watch_tick()
                 for s in self.sched.drop_cancelled():
                     self._release(s)
-                self._evict_stale()
                 step = self.sched.plan(self._admit, self._fail)
                 if step is not None:
                     self._step(step)
@@ -261,22 +216,22 @@ class Worker:
                     raise ApiError(400, str(e), param="skills", code="skill_not_found") from None
             else:
                 job.chosen = kv.select(job.select_on)
-            pre = kv.builder.preamble_ids()
-            prefix = len(pre) + sum(len(kv.builder.skill_ids(s)) for s in job.chosen) if job.chosen else 0
-            prompt = q_ids if job.chosen else pre + q_ids
-            total = prefix + len(prompt)
+            prefix = len(kv.builder.preamble_ids()) + sum(len(kv.builder.skill_ids(s)) for s in job.chosen)
+            total = prefix + len(q_ids)
             want = b.answer_limit
             try:
                 kv.check_fits(total, want or 1, len(q_ids))
             except PromptTooLong as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
             max_new = min(want or self.default_max_tokens, kv.handle.max_context - total)
-            job.key = kv.chain_keys(job.chosen)[-1] if job.chosen else None
-            seq = Seq(job.rid, prompt, max_new, prefix, data=job)
-            t = self.engine.table
-            if seq.worst_pages(t.page_size) + t.pages_for(prefix) > t.num_pages:
+            job.key = kv.compiler.keys(job.chosen)[-1] if job.chosen else None
+            job.mode = b.mode
+            # full mode and a prompt without skills prefill their prefix into the request's own pages
+            seq = Seq(job.rid, q_ids, max_new, prefix, data=job, shared_prefix=bool(job.chosen) and b.mode != "full")
+            r = self.runner
+            if seq.worst_pages(r.page_size) + r.pages_for(prefix) > r.num_pages:
                 raise ApiError(400, f"prompt of {total} tokens plus {max_new} answer tokens does not fit the KV pool "
-                               f"({t.num_pages} pages of {t.page_size} tokens; raise --gpu-kv-budget)",
+                               f"({r.num_pages} pages of {r.page_size} tokens; raise --gpu-kv-budget)",
                                param="max_tokens", code="kv_pool_exceeded")
         except ApiError as e:
             job.emit(("error", e))
@@ -296,23 +251,21 @@ class Worker:
         job.emit(("accepted", {"prompt_tokens": total, "skills": [s.name for s in job.chosen]}))
 
     def _admit(self, seq: Seq, reserved: int) -> bool:
-        """Make the sequence's prefix resident and start it, if the pool can hold its worst case now."""
-        job, eng, kv = seq.data, self.engine, self.kv
-        t = eng.table
-        if job.key is not None and not eng.resident(job.key):
-            if not t.can_alloc(t.pages_for(seq.prefix_tokens) + reserved + seq.worst_pages(t.page_size)):
-                return self._wait_or_fail()
-            kvp, info = kv.prefix(job.chosen)
-            eng.make_resident(job.key, seq.prefix_tokens, lambda: kvp)
-            kv._memo.pop(job.key, None)  # the pool holds it now; do not keep a second copy in host memory
-            job.cached, job.tiers, job.snapshot_load = info["cached"], list(info["tiers"]), info["snapshot_load"]
-        elif job.key is not None:
-            job.cached, job.tiers = seq.prefix_tokens, ["l1"] * len(job.chosen)
-        req = eng.start(job.key)
-        if not t.can_alloc(reserved + seq.worst_pages(t.page_size) - len(req.private)):
-            eng.finish(req)
+        """Open the sequence's prefix (SkillKV.open: resident, paged in, composed or computed) and start it, if the
+        pool can hold its worst case now."""
+        job, r = seq.data, self.runner
+        worst = seq.worst_pages(r.page_size)
+        if not (job.key is not None and r.resident(job.key)) and not r.can_alloc(
+                r.pages_for(seq.prefix_tokens) + reserved + worst):
             return self._wait_or_fail()
-        seq.req, job.t_start = req, time.perf_counter()
+        opened = self.kv.open(job.chosen, job.mode, settle=True)
+        if not r.can_alloc(reserved + worst - r.held_pages(opened.seq)):
+            r.release(opened.seq)
+            return self._wait_or_fail()
+        info = opened.info
+        job.mode, job.cached, job.tiers, job.snapshot_load = opened.mode, info["cached"], info["tiers"], \
+            info["snapshot_load"]
+        seq.req, job.t_start = opened.seq, time.perf_counter()
         return True
 
     def _wait_or_fail(self) -> bool:
@@ -334,7 +287,7 @@ class Worker:
 
     def _step(self, step: Step) -> None:
         seqs = step.seqs
-        logits = self.engine.prefill([s.req for s in seqs], step.inputs())
+        logits = self.runner.prefill([s.req for s in seqs], step.inputs())
         self.steps += 1
         greedy = torch.argmax(logits, dim=-1).tolist()
         now = time.perf_counter()
@@ -355,7 +308,7 @@ class Worker:
 
     def _release(self, s: Seq) -> None:
         if s.req is not None:
-            self.engine.finish(s.req)
+            self.runner.release(s.req)
             s.req = None
 
     def _complete(self, s: Seq, finish: str) -> None:
@@ -370,38 +323,32 @@ class Worker:
                    "snapshot_load": round(job.snapshot_load * 1e3, 1),
                    "ttft": round((job.t_first - job.t_submit) * 1e3, 1),
                    "total": round((end - job.t_submit) * 1e3, 1)}
-        ext = {"skills": [x.name for x in job.chosen], "tiers": job.tiers, "output_token_ids": list(s.output),
-               "timings_ms": timings}
-        job.emit(("done", {"text": job.stop.text, "finish": finish, "usage": usage(prompt, len(s.output), job.cached),
-                           "ext": ext}))
-        try:
+        ext = {"skills": [x.name for x in job.chosen], "mode": job.mode, "tiers": job.tiers,
+               "output_token_ids": list(s.output), "timings_ms": timings}
+        try:  # queued before the answer is out, so a /stats after it waits for this record
             self._stats.submit(self._record, job, s, prompt, finish, timings)
         except RuntimeError:  # shutting down: statistics are never worth a failed request
             pass
+        job.emit(("done", {"text": job.stop.text, "finish": finish, "usage": usage(prompt, len(s.output), job.cached),
+                           "ext": ext}))
 
     def _record(self, job: Job, s: Seq, prompt: int, finish: str, timings: dict) -> None:
         """Record the request in the store's statistics (a background thread; never fails a request)."""
-        from skillkv.api import Answer
+        from skillkv.answer import Answer
 
         ans = Answer(question=job.select_on, answer=job.stop.text, output_token_ids=list(s.output),
-                     skills=[x.name for x in job.chosen], mode="exact",
+                     skills=[x.name for x in job.chosen], mode=job.mode,
                      tokens={"prompt": prompt, "cached": job.cached, "computed": prompt - job.cached},
                      timings_ms={"model_load": 0.0, "snapshot_load": timings["snapshot_load"],
                                  "ttft": timings["ttft"], "total": timings["total"]},
-                     model=self.model_name, finish_reason=finish,
-                     tiers=["memory" if t == "l1" else t for t in job.tiers])
-        self.kv._record_stats(ans, job.chosen)
+                     model=self.model_name, finish_reason=finish, tiers=job.tiers)
+        self.kv.record(ans, job.chosen)
 
     # ------------------------------------------------------------------ skills: pins and live edits
 
-    def _warm_pins(self) -> None:
-        for name in self.pins:
-            chosen = self.kv.pick([name])
-            key = self.kv.chain_keys(chosen)[-1]
-            n = len(self.kv.piece_ids(chosen, 0))
-            got = self.engine.make_resident(key, n, lambda: self.kv.prefix(chosen)[0], pin=True)
-            self.kv._memo.pop(key, None)
-            self.log(f"pin: {name} ({n} tokens) {'already resident' if got == 'l1' else 'warmed'}")
+    def _warm_pins(self, again: bool = False) -> None:
+        for name, tiers in self.kv.warm_pins(again):
+            self.log(f"pin: {name} {'already resident' if tiers == ['l1'] else 'warmed'}")
 
     def _watch_tick(self) -> None:
         if self.watcher is None:
@@ -417,25 +364,13 @@ class Worker:
             self._invalidate()
 
     def _invalidate(self) -> None:
-        """After a skill changed: forget parsed skills and memoized prefixes, retire resident prefixes that are no
-        longer current, warm pinned skills again."""
+        """After a skill changed: forget parsed skills, retire resident prefixes that are no longer current (once
+        no running request holds them), warm pinned skills again."""
         kv = self.kv
-        kv._skills = None
-        kv._memo.clear()
+        kv.reload()
         live = kv.live_keys()
-        self._stale |= {k for k in self.engine.table.entries if k not in live}
-        self._evict_stale()
+        self.runner.retire(lambda key: key in live)
         try:
-            self._warm_pins()
+            self._warm_pins(again=True)
         except SkillkvError as e:
             self.log(f"pin: {e}")
-
-    def _evict_stale(self) -> None:
-        t = self.engine.table
-        for key in list(self._stale):
-            e = t.entries.get(key)
-            if e is None:
-                self._stale.discard(key)
-            elif e.refs == 0:
-                t.evict(key)
-                self._stale.discard(key)

@@ -32,7 +32,7 @@ import torch
 
 from skillkv.tiers.host_cache import HostKV, host_buffer
 from skillkv.errors import SnapshotError
-from skillkv.snapshot import (Layout, _scratch, check_identity, check_tensor, header_length, parse_layout,
+from skillkv.snapshot import (Layout, scratch_buffer, check_identity, check_tensor, header_length, parse_layout,
                               unzstd_into)
 
 CHUNK_BYTES = 16 << 20
@@ -122,7 +122,7 @@ class L2Reader:
                     dst = memoryview(out.view(torch.uint8).numpy()) if sp.nbytes else memoryview(b"")
                     check_tensor(lay, tname, _pread_into(job.fd, dst, sp.lo, self.chunk_bytes, job.name), job.name)
                 else:
-                    frame = _scratch("frame", sp.nbytes)
+                    frame = scratch_buffer("frame", sp.nbytes)
                     crc = _pread_into(job.fd, memoryview(frame), sp.lo, self.chunk_bytes, job.name)
                     check_tensor(lay, tname, crc, job.name)
                     unzstd_into(frame, out, job.name)

@@ -104,7 +104,7 @@ class TierPolicy:
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-def _cold(path: Path) -> None:
+def drop_page_cache(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -122,7 +122,7 @@ def disk_gbs(path: Path, threads: int = 4, chunk: int = 16 << 20, reps: int = 3)
     mv = memoryview(buf.numpy())
     out = []
     for _ in range(reps):
-        _cold(path)
+        drop_page_cache(path)
         fd = os.open(path, os.O_RDONLY)
         t0 = time.perf_counter()
 
@@ -164,12 +164,12 @@ def zstd_gbs(dtype: torch.dtype = torch.bfloat16, nbytes: int = 128 << 20, threa
     one frame per tensor) of random-normal data in `dtype`: the L2 reader's decode path."""
     import zstandard
 
-    from skillkv.snapshot import ZSTD_LEVEL, _shuffle, unzstd_into
+    from skillkv.snapshot import ZSTD_LEVEL, shuffle_bytes, unzstd_into
 
     g = torch.Generator().manual_seed(0)
     n = tensor_bytes // torch.empty((), dtype=dtype).element_size()
     t = torch.randn(n, generator=g).to(dtype)
-    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(_shuffle(t))
+    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(shuffle_bytes(t))
     count = max(1, nbytes // tensor_bytes)
     outs = [torch.empty(n, dtype=dtype) for _ in range(min(count, 2 * threads))]
     for o in outs:
@@ -183,9 +183,10 @@ def zstd_gbs(dtype: torch.dtype = torch.bfloat16, nbytes: int = 128 << 20, threa
     return count * tensor_bytes / dt / 1e9, len(frame) / tensor_bytes
 
 
-def prefill_points(engine, sizes: list[int], reps: int = 2, vocab: int = 256) -> list[list[float]]:
-    """[(tokens, median seconds)] of the engine prefilling `sizes` random tokens from an empty prefix."""
-    cuda = engine.device.type == "cuda"
+def prefill_points(runner, sizes: list[int], reps: int = 2, vocab: int = 256) -> list[list[float]]:
+    """[(tokens, median seconds)] of the runner (runners/base.Runner) prefilling `sizes` random tokens from an empty
+    prefix."""
+    cuda = runner.device.type == "cuda"
     g = torch.Generator().manual_seed(0)
     pts = []
     for n in sizes:
@@ -195,22 +196,21 @@ def prefill_points(engine, sizes: list[int], reps: int = 2, vocab: int = 256) ->
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            r = engine.start(None)
-            engine.prefill([r], [ids])
+            seq = runner.open(None)
+            runner.prefill([seq], [ids])
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-            engine.finish(r)
+            runner.release(seq)
         pts.append([float(n), statistics.median(times[1:])])
     return pts
 
 
-def measure(engine, sizes: list[int], tmp_dir: Path | None = None, threads: int = 4,
-            file_bytes: int = 256 << 20, zstd_bytes: int = 128 << 20, vocab: int = 256) -> Measurements:
-    """Measure every number the policy needs, for this engine's model and machine (`file_bytes` of disk reads
+def measure(runner, sizes: list[int], bytes_per_token: int, kv_dtype: torch.dtype, tmp_dir: Path | None = None,
+            threads: int = 4, file_bytes: int = 256 << 20, zstd_bytes: int = 128 << 20,
+            vocab: int = 256) -> Measurements:
+    """Measure every number the policy needs, for this runner's model and machine (`file_bytes` of disk reads
     in `tmp_dir`, which should be on the store's disk; `zstd_bytes` decoded)."""
-    pool = engine.pool
-    bpt = 2 * pool.layers * pool.kv_heads * pool.head_dim * pool.k.element_size()
     with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
         p = Path(d) / "probe.bin"
         with open(p, "wb") as f:
@@ -218,10 +218,14 @@ def measure(engine, sizes: list[int], tmp_dir: Path | None = None, threads: int 
             for _ in range(max(1, file_bytes >> 20)):
                 f.write(block)
         disk = disk_gbs(p, threads)
-    zgbs, _ = zstd_gbs(pool.dtype, nbytes=zstd_bytes, threads=threads, tensor_bytes=min(8 << 20, zstd_bytes))
-    return Measurements(device=torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
-                        bytes_per_token=bpt, disk_gbs=disk, h2d_gbs=h2d_gbs(engine.device), zstd_gbs=zgbs,
-                        prefill=prefill_points(engine, sizes, vocab=vocab), measured_at=time.time())
+    zgbs, _ = zstd_gbs(kv_dtype, nbytes=zstd_bytes, threads=threads, tensor_bytes=min(8 << 20, zstd_bytes))
+    return Measurements(device=device_name(runner.device), bytes_per_token=bytes_per_token, disk_gbs=disk,
+                        h2d_gbs=h2d_gbs(runner.device), zstd_gbs=zgbs,
+                        prefill=prefill_points(runner, sizes, vocab=vocab), measured_at=time.time())
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def load_cached(path: Path, device: str) -> Measurements | None:
@@ -241,15 +245,15 @@ def save(path: Path, m: Measurements) -> None:
     os.replace(tmp, path)
 
 
-def policy_for(engine, store, sizes: list[int] = (512, 2048), remeasure: bool = False, **kw) -> TierPolicy:
-    """The policy for this engine's model, from `<store>/<tag>/tiers.json` (measured and saved when missing,
+def policy_for(runner, store, bytes_per_token: int, kv_dtype: torch.dtype, sizes: list[int] = (512, 2048),
+               remeasure: bool = False, **kw) -> TierPolicy:
+    """The policy for this runner's model, from `<store>/<tag>/tiers.json` (measured and saved when missing,
     taken on another device, or `remeasure`)."""
     path = Path(store.dir) / "tiers.json"
-    dev = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
-    m = None if remeasure else load_cached(path, dev)
+    m = None if remeasure else load_cached(path, device_name(runner.device))
     if m is None:
         kw.setdefault("tmp_dir", Path(store.dir))
         Path(store.dir).mkdir(parents=True, exist_ok=True)
-        m = measure(engine, list(sizes), **kw)
+        m = measure(runner, list(sizes), bytes_per_token, kv_dtype, **kw)
         save(path, m)
     return TierPolicy(m)

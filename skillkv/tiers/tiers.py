@@ -1,145 +1,66 @@
-"""Tiers for one PagedEngine: L1 (the GPU pool), host (pinned LRU cache), L2 (the store on disk).
+"""The tiers stage: L2 (the store on disk) -> host memory -> L1 (the runner's resident prefixes).
 
-    tiers = Tiers(engine, store, host_budget=8 << 30)
+    tiers = Tiers(store, host_budget=8 << 30, runner=lambda: kv.runner)
     tiers.prefetch([(key, ids)])                  # as soon as the skills are chosen: L2 -> host in the background
-    tiers.make_resident(key, [(key, ids)])        # host -> pool, layer by layer on a copy stream; returns at once
-    req = tiers.start(key)
-    logits = tiers.prefill([req], [question])     # layer i computes as soon as layer i's copy has landed
-    tiers.finish(req)
+    where = tiers.make_resident(key, [(key, ids), ...])   # "l1" | "host" | "l2"; the runner pages it in by layer
+    seq = runner.open(key)                        # its prefill waits per layer for the copies still in flight
 
-Paging is pipelined layer by layer: reader threads land and verify layer i of a snapshot in host memory
-(engine/l2_reader.py), a copier thread issues its host -> pool copies on a dedicated CUDA stream and records
-an event per layer (`PageIn`), and the runner's `layer_ready(i)` hook blocks the CPU only until layer i's copy is
-*issued*, then makes the compute stream wait on that layer's event, so earlier layers compute while later ones
-still load. Stream ordering: the copy stream first waits for everything already queued on the compute stream
-(evicted pages may still be read there), and the compute stream waits per layer. Pinned buffers are held by the
-PageIn until its last copy completed (the copier synchronizes on it), whatever the host cache does meanwhile.
+Reader threads land and verify a snapshot in host memory layer by layer (tiers/l2_reader.py); `make_resident`
+hands those host buffers to the runner as KV sources (runners/base.KVSource) at once, so the runner's copies of
+layer i start as soon as layer i is verified, and the question's first layers compute while later ones still load
+(engine/page_in.py on the paged runner). A verified read is kept in the host cache (tiers/host_cache.py, LRU with a
+byte budget) for the next miss in L1. Whether to load at all is the policy's call (tiers/policy.py: measured once
+per model and store on CUDA; on the CPU loading always wins: a CPU prefills hundreds of tokens per second and reads
+snapshots at GB/s).
 
-A snapshot found damaged while it streams in fails its PageIn: every waiter (a running prefill included) raises
-SnapshotError, the entry is dropped from the pool as soon as no request holds it, and it is never put in the
-host cache, so it is never served; the caller recomputes (and removes the file from the store).
-The page table is only touched from the caller's thread; the copier only writes pool pages it was given.
+A snapshot that is missing, foreign or stale raises SnapshotError before anything is admitted; one found damaged
+while it streams in fails the runner's prefill (SnapshotError) and is never put in the host cache, so it is never
+served: the caller removes it from the store and recomputes. Use from one thread (the engine's); the background
+threads (readers, prefetch) never touch the runner.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from typing import Callable
 
-import torch
-
+from skillkv.errors import SnapshotError
+from skillkv.runners.base import Runner
 from skillkv.tiers.host_cache import HostCache, HostKV
 from skillkv.tiers.l2_reader import L2Reader
-from skillkv.engine.paged import PagedEngine, Request
 from skillkv.tiers.policy import TierPolicy
-from skillkv.errors import SnapshotError
 
 Piece = tuple[str, list[int]]  # (snapshot key, the token ids the caller expects it to hold)
 
 
-class PageIn:
-    """A prefix being paged into pool `pages`: `pieces` (HostKV) placed at token `offsets`.
-    `wait(layer)` is the runner's readiness hook: it returns once layer `layer` may be read on the current
-    stream, or raises SnapshotError if a piece is damaged."""
-
-    def __init__(self, key: str, pieces: list[HostKV], offsets: list[int], pages: list[int], layers: int,
-                 device: torch.device):
-        self.key, self.pieces, self.offsets, self.pages, self.layers = key, pieces, offsets, pages, layers
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.issued = [threading.Event() for _ in range(layers)]
-        self.events: list = [None] * layers
-        self.error: BaseException | None = None
-        self.finished = threading.Event()  # every copy completed (or failed): pinned buffers released
-        self.released = False  # the Tiers' own reference on the pool entry, dropped once finished
-        self.start_event = None
-        if self.cuda:  # copies go after everything already queued on the compute stream
-            self.start_event = torch.cuda.Event()
-            self.start_event.record(torch.cuda.current_stream(device))
-
-    def run(self, pool, stream) -> None:
-        """Issue every layer's copies (on the copier thread)."""
-        try:
-            with torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext():
-                if self.cuda:
-                    stream.wait_event(self.start_event)
-                for layer in range(self.layers):
-                    for piece, off in zip(self.pieces, self.offsets):
-                        k, v = piece.wait(layer)
-                        pool.load_layer(layer, self.pages, k, v, off, non_blocking=True)
-                    if self.cuda:
-                        ev = torch.cuda.Event()
-                        ev.record(stream)
-                        self.events[layer] = ev
-                    self.issued[layer].set()
-                if self.cuda and self.layers:
-                    self.events[-1].synchronize()  # host buffers stay referenced until the last copy landed
-                for piece in self.pieces:
-                    piece.complete.wait()  # an L2 read is cached in the host tier before the page-in counts as done
-        except BaseException as e:  # noqa: BLE001 - reported to every waiter
-            if self.cuda:  # copies already issued land before the pages can be freed and reused
-                with contextlib.suppress(Exception):
-                    stream.synchronize()
-            self.error = e
-            for ev in self.issued:
-                ev.set()
-        finally:
-            self.pieces = []  # release the host buffers
-            self.finished.set()
-
-    def wait(self, layer: int) -> None:
-        self.issued[layer].wait()
-        if self.error is not None:
-            raise self.error if isinstance(self.error, SnapshotError) else SnapshotError(
-                f"{self.key[:12]}: paging failed ({type(self.error).__name__}: {self.error})")
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.events[layer])
-
-    def result(self) -> None:
-        """Wait until every layer landed; raise SnapshotError if it failed."""
-        for layer in range(self.layers):
-            self.wait(layer)
-        self.finished.wait()
-
-    @property
-    def failed(self) -> bool:
-        return self.finished.is_set() and self.error is not None
-
-
 class Tiers:
-    """L1 / host / L2 paging for one engine and one store. Use from one thread (the engine's); the background
-    threads (readers, prefetch, copier) never touch the page table."""
+    """L2 -> host -> L1 for one store and one runner. `runner()` returns the runner (the model loads only when
+    something must become resident: prefetching runs before it). `policy()` returns the TierPolicy or None (always
+    load); it is asked once, when a prefix is first not resident."""
 
-    def __init__(self, engine: PagedEngine, store, host_budget: int, reader_threads: int = 4,
-                 chunk_bytes: int | None = None, pin: bool | None = None, policy: TierPolicy | None = None):
-        self.engine, self.store, self.policy = engine, store, policy
+    def __init__(self, store, host_budget: int, runner: Callable[[], Runner],
+                 policy: Callable[[], TierPolicy | None] = lambda: None, reader_threads: int = 4,
+                 chunk_bytes: int | None = None, pin: bool | None = None):
+        self.store, self._runner, self._policy = store, runner, policy
+        self._policy_asked, self._policy_value = False, None
         self.host = HostCache(host_budget, pin=pin)
         kw = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
         self.reader = L2Reader(reader_threads, pin=self.host.pin, **kw)
         self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="skillkv-prefetch")
-        self._copier = ThreadPoolExecutor(1, thread_name_prefix="skillkv-copy")
-        self._stream = torch.cuda.Stream(engine.device) if engine.device.type == "cuda" else None
         self._reading: dict[str, Future] = {}  # snapshot key -> Future[HostKV] of an L2 read in flight
         self._lock = threading.Lock()
-        self.pending: dict[str, PageIn] = {}  # prefix key -> its page-in until finished
         self.sources: dict[str, str] = {}  # prefix key -> "l1" | "host" | "l2": where the last make_resident got it
 
+    def refresh_policy(self) -> None:
+        """Ask the policy again at the next decision (after it was measured anew)."""
+        self._policy_asked = False
+
     def close(self) -> None:
-        for p in list(self.pending.values()):
-            p.finished.wait()
         self._prefetch.shutdown(wait=True)
-        self._copier.shutdown(wait=True)
         self.reader.close()
 
     # ------------------------------------------------------------------ host tier (L2 -> host)
-
-    def _path(self, key: str) -> Path:
-        e = self.store.entries().get(key)
-        if e is None:
-            raise SnapshotError(f"snapshot {key[:12]} is not in the store")
-        return self.store.snap_dir / e.file
 
     def _read(self, key: str, ids: list[int]) -> HostKV:
         def done(kv: HostKV) -> None:
@@ -147,7 +68,7 @@ class Tiers:
                 self.host.put(key, kv)
             with self._lock:
                 self._reading.pop(key, None)
-        kv = self.reader.read(self._path(key), fingerprint=self.store.fingerprint, key=key, token_ids=ids,
+        kv = self.reader.read(self.store.file_path(key), fingerprint=self.store.fingerprint, key=key, token_ids=ids,
                               alloc=self.host.alloc, on_done=done)
         self.store.touch(key)
         return kv
@@ -205,107 +126,40 @@ class Tiers:
         """Where the prefix `key` should come from: "l1" if resident; else "host" or "l2" (the slowest tier its
         pieces are in) when the policy estimates loading faster than recomputing (always, without a policy);
         else "recompute". Changes nothing."""
-        if self.engine.table.entries.get(key) is not None:
+        if self._runner().resident(key):
             return "l1"
         entries = self.store.entries()
         if any(k not in entries and not self.host.contains(k) for k, _ in pieces):
             return "recompute"
         tiers = ["host" if self.host.contains(k) else "l2" for k, _ in pieces]
         where = "l2" if "l2" in tiers else "host"
-        if self.policy is None:
+        if not self._policy_asked:
+            self._policy_value, self._policy_asked = self._policy(), True
+        policy = self._policy_value
+        if policy is None:
             return where
         est = 0.0
         for (k, ids), tier in zip(pieces, tiers):
             e = entries.get(k)
-            est += self.policy.load_seconds(tier, len(ids), e.bytes if e else None, e.compression if e else "none")
+            est += policy.load_seconds(tier, len(ids), e.bytes if e else None, e.compression if e else "none")
         tokens = sum(len(ids) for _, ids in pieces)
-        return where if est * self.policy.margin < self.policy.m.recompute_seconds(tokens) else "recompute"
+        return where if est * policy.margin < policy.m.recompute_seconds(tokens) else "recompute"
 
-    # ------------------------------------------------------------------ L1 (host -> pool)
-
-    def _reap(self) -> None:
-        """Retire finished page-ins (dropping the reference that kept their pages from being evicted and reused
-        while copies were in flight); drop failed entries from the pool once no request holds them."""
-        table = self.engine.table
-        for key, p in list(self.pending.items()):
-            if not p.finished.is_set():
-                continue
-            if not p.released:
-                table.release(key)
-                p.released = True
-            if p.error is not None:
-                if table.entries[key].refs:
-                    continue
-                table.evict(key)
-            del self.pending[key]
+    # ------------------------------------------------------------------ L1 (host -> runner)
 
     def make_resident(self, key: str, pieces: list[Piece], pin: bool = False) -> str:
-        """Ensure the prefix `key` (the concatenation of `pieces`) is in the pool. Returns "l1" if it already
-        was, else "host" or "l2" (the slowest tier a piece came from); the copies then proceed in the background
-        (`tiers.prefill` waits per layer). Raises SnapshotError if a piece is missing, foreign or stale (the pool
-        is left unchanged); a piece found damaged later fails the prefill that waits for it."""
-        self._reap()
-        eng = self.engine
-        p = self.pending.get(key)
-        if p is not None and p.failed:
-            raise p.error if isinstance(p.error, SnapshotError) else SnapshotError(str(p.error))
-        if eng.table.lookup(key) is not None:
+        """Ensure the prefix `key` (the concatenation of `pieces`) is resident in the runner. Returns "l1" if it
+        already was, else "host" or "l2" (the slowest tier a piece came from); the runner then pages it in in the
+        background (its prefill waits per layer). Raises SnapshotError if a piece is missing, foreign or stale
+        (nothing is admitted); a piece found damaged later fails the prefill that waits for it."""
+        runner = self._runner()
+        if runner.resident(key):
             if pin:
-                eng.table.pin(key)
+                runner.pin(key)
             self.sources[key] = "l1"
             return "l1"
         got = [self.fetch(k, ids) for k, ids in pieces]
-        kvs = [kv for kv, _ in got]
+        runner.admit(key, [kv for kv, _ in got], pin=pin)
         where = "l2" if any(t == "l2" for _, t in got) else "host"
-        offsets, n = [], 0
-        for kv in kvs:
-            offsets.append(n)
-            n += kv.tokens
-        pages = eng.table.alloc(eng.table.pages_for(n))
-        eng.table.add(key, pages, n, pinned=pin)
-        eng.table.acquire(key)  # never evicted (its pages reused) while copies into them are in flight
-        p = PageIn(key, kvs, offsets, pages, eng.pool.layers, eng.device)
-        self.pending[key] = p
-        self._copier.submit(p.run, eng.pool, self._stream)
         self.sources[key] = where
         return where
-
-    def start(self, key: str | None) -> Request:
-        """A request over the resident prefix `key` (the copy-on-write of its last page waits per layer too)."""
-        p = self.pending.get(key) if key is not None else None
-        if p is not None and p.failed:
-            self._reap()
-            raise p.error if isinstance(p.error, SnapshotError) else SnapshotError(str(p.error))
-        return self.engine.start(key, defer_copy=p is not None)
-
-    def prefill(self, reqs: list[Request], ids: list[list[int]]) -> torch.Tensor:
-        """engine.prefill, waiting per layer for prefixes still being paged in."""
-        loads = {r.prefix_key: self.pending[r.prefix_key] for r in reqs
-                 if r.prefix_key is not None and r.prefix_key in self.pending}
-        cows = [r for r in reqs if r.cow is not None]
-        if not loads and not cows:
-            return self.engine.prefill(reqs, ids)
-        pool = self.engine.pool
-
-        def layer_ready(i: int) -> None:
-            for p in loads.values():
-                p.wait(i)
-            for r in cows:
-                pool.copy_page_prefix(*r.cow, layer=i)
-        out = self.engine.prefill(reqs, ids, layer_ready=layer_ready)
-        for r in cows:
-            r.cow = None
-        return out
-
-    def finish(self, req: Request) -> None:
-        self.engine.finish(req)
-        self._reap()
-
-    def wait(self, key: str) -> None:
-        """Block until the prefix `key` is fully paged in (raises SnapshotError if it failed)."""
-        p = self.pending.get(key)
-        if p is not None:
-            try:
-                p.result()
-            finally:
-                self._reap()
