@@ -533,3 +533,6 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     assert r["file_zstd_bytes"] < r["file_none_bytes"]
     assert set(res["policy"]["crossover_tokens"]) == {"host", "l2_none", "l2_zstd"}
     assert res["pool_within_budget"]
+    from skillkv.measure.gpu_report import markdown, summary
+
+    assert "| 64 |" in markdown(res) and "batch 2 q" in summary(res)

@@ -1,12 +1,22 @@
-"""Attention over the paged KV pool: an interface, a registry, and two backends.
+"""Attention over the paged KV pool: an interface, a registry, and three backends.
 
 Contract: `plan(seqs)` once per batch (the new tokens of every sequence are already written to the pool before
-`run`), then `run(layer, q)` per layer. q is [total_new_tokens, q_heads, head_dim], ragged by sequence in `seqs`
-order; attention is causal with the new tokens at the *end* of each sequence (lower-right aligned).
+`run`), then `run(layer, q, k, v)` per layer. q is [total_new_tokens, q_heads, head_dim], ragged by sequence in
+`seqs` order; k, v [total_new_tokens, kv_heads, head_dim] are the same new rows as written to the pool (a backend
+may read them instead of the pool, for a batch of one sequence with no cached prefix; the result must not depend on
+where the pool placed the pages). Attention is causal with the new tokens at the *end* of each sequence
+(lower-right aligned). The result depends only on the batch's shapes and contents, never on page placement, so
+the same batch computed twice gives the same bits (exact mode rests on it).
+
+CUDA graphs (engine/cuda_graph.py): `for_graph(batch, tokens, pages)` returns a backend whose `plan` only writes
+device buffers at fixed addresses, so `run` can be captured once and replayed after every new plan; `graph_width`
+says which page-table width a batch needs (part of a graph's key). Backends that cannot be captured return None.
 
   torch       SDPA over pages gathered into contiguous tensors; CPU and CUDA; the reference
   flashinfer  FlashInfer's BatchPrefillWithPagedKVCacheWrapper (CSR page table: kv_indptr, kv_indices,
               kv_last_page_len, int32); CUDA only, imported only when chosen
+  fa3         FlashAttention-3 `flash_attn_with_kvcache` (paged KV, split-KV by its own heuristic, GQA packing);
+              Hopper only, `pip install skillkv[fa3]` (engine/attention_fa3.py)
 """
 
 from __future__ import annotations
@@ -40,7 +50,18 @@ class AttentionBackend(ABC):
     def plan(self, seqs: list[SeqView]) -> None: ...
 
     @abstractmethod
-    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor: ...
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
+            v: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def for_graph(self, batch: int, tokens: int, width: int) -> AttentionBackend | None:
+        """A backend of the same kernels for CUDA-graph capture: every plan has exactly `batch` sequences and
+        `tokens` new tokens, no sequence listing more than `width` pages (when `graph_width` is not 0). None when
+        this backend cannot be captured."""
+        return None
+
+    def graph_width(self, pages: int) -> int:
+        """The page-table width a graph needs for sequences of at most `pages` pages (0: any width)."""
+        return 0
 
 
 class TorchBackend(AttentionBackend):
@@ -56,7 +77,8 @@ class TorchBackend(AttentionBackend):
             qpos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=self.pool.device)
             self.masks.append(torch.arange(s.kv_len, device=self.pool.device)[None, :] <= qpos[:, None])
 
-    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
+            v: torch.Tensor | None = None) -> torch.Tensor:
         outs, off = [], 0
         for s, mask in zip(self.seqs, self.masks):
             k, v = self.pool.gather(layer, s.pages, s.kv_len)
@@ -115,28 +137,62 @@ class FlashInferBackend(AttentionBackend):
                           causal=True, sm_scale=self.scale, q_data_type=self.pool.dtype,
                           kv_data_type=self.pool.dtype)
 
-    def run(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
+            v: torch.Tensor | None = None) -> torch.Tensor:
         return self.wrapper.run(q, (self.pool.k[layer], self.pool.v[layer]))
 
+    def for_graph(self, batch: int, tokens: int, width: int) -> FlashInferBackend:
+        if getattr(self, "_graph_workspace", None) is None:  # one workspace for every captured graph
+            self._graph_workspace = torch.empty(256 << 20, dtype=torch.uint8, device=self.pool.device)
+        max_indices = batch * self.pool.num_pages + self.pool.table.pages_for(tokens) + 1
+        return FlashInferBackend(self.pool, self.q_heads, self.scale, graph_batch=batch, max_indices=max_indices,
+                                 workspace=self._graph_workspace, kernel=self.kernel)
 
-BACKENDS = {"torch": TorchBackend, "flashinfer": FlashInferBackend}
+
+def _fa3_backend(pool: KVPool, q_heads: int, scale: float, **kw) -> AttentionBackend:
+    from skillkv.engine.attention_fa3 import FA3Backend
+
+    return FA3Backend(pool, q_heads, scale, **kw)
+
+
+BACKENDS = {"torch": TorchBackend, "flashinfer": FlashInferBackend, "fa3": _fa3_backend}
 
 
 def make_backend(name: str, pool: KVPool, q_heads: int, scale: float) -> AttentionBackend:
-    """`auto` | `torch` | `flashinfer[:KERNEL]`, KERNEL being FlashInfer's prefill implementation (fa2, the
-    default: it splits long KV across SMs, which a batch of one short question over a long prefix needs; fa3;
-    auto)."""
+    """`auto` | `torch` | `flashinfer[:KERNEL]` | `fa3[:SPLITS]`. KERNEL is FlashInfer's prefill implementation
+    (fa2, the default: it splits long KV across SMs, which a batch of one short question over a long prefix needs;
+    fa3; auto); SPLITS is FA3's num_splits (0, the default: its own heuristic). `auto` picks fa3 on a Hopper GPU
+    with FlashAttention-3 installed (measured fastest there, docs/BENCHMARKS.md), else flashinfer on CUDA when
+    installed, else torch."""
     if name == "auto":
-        name = "flashinfer" if pool.device.type == "cuda" and _has_flashinfer() else "torch"
-    base, _, kernel = name.partition(":")
-    if base not in BACKENDS or (kernel and base != "flashinfer"):
+        name = auto_backend(pool.device, pool.dtype)
+    base, _, arg = name.partition(":")
+    if base not in BACKENDS or (arg and base == "torch"):
         raise SkillkvError(f"unknown attention backend {name!r} (choose from auto, {', '.join(BACKENDS)})")
-    if kernel:
-        return BACKENDS[base](pool, q_heads, scale, kernel=kernel)
+    if base == "flashinfer" and arg:
+        return BACKENDS[base](pool, q_heads, scale, kernel=arg)
+    if base == "fa3" and arg:
+        return BACKENDS[base](pool, q_heads, scale, num_splits=int(arg))
     return BACKENDS[base](pool, q_heads, scale)
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The backend `auto` means for a pool of `dtype` on `device` (see make_backend)."""
+    if device.type != "cuda":
+        return "torch"
+    if (_has_fa3() and dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(device)[0] == 9):
+        return "fa3"
+    return "flashinfer" if _has_flashinfer() else "torch"
 
 
 def _has_flashinfer() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("flashinfer") is not None
+
+
+def _has_fa3() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn_interface") is not None

@@ -2,8 +2,10 @@
 
 It loads the very weights of a transformers model (fused QKV and gate/up matrices), computes the element-wise parts
 through `ops` (engine/ops.py: the model's own RMSNorm and rotary modules, or FlashInfer's fused kernels fed by the
-same rotary module, so RoPE scaling variants match transformers), writes each step's new keys and values into pool
-slots, and computes attention through an `AttentionBackend`. Only the logits of the positions
+same rotary module, so RoPE scaling variants match transformers; engine/triton_ops.py: Triton kernels with RoPE
+fused into the pool write), writes each step's new keys and values into pool slots, and computes attention through
+an `AttentionBackend`. Weight GEMMs go through `gemm` (engine/gemm.py: cuBLAS, or a Triton split-K kernel for
+skinny steps). Only the logits of the positions
 asked for are computed. Checked against transformers in tests (fp32 greedy identical, bf16 relative error).
 
 Batch-invariant mode (`row_block > 0`, used by `skillkv serve`): a request's logits are bitwise the same whether it
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from skillkv.engine.attention import AttentionBackend, SeqView
+from skillkv.engine.gemm import Linear
 from skillkv.engine.pool import KVPool
 from skillkv.errors import SkillkvError
 from skillkv.model import layer_windows
@@ -37,7 +40,8 @@ SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 class LlamaRunner:
-    def __init__(self, hf_model, pool: KVPool, backend: AttentionBackend, ops: str = "auto", row_block: int = 0):
+    def __init__(self, hf_model, pool: KVPool, backend: AttentionBackend, ops: str = "auto", row_block: int = 0,
+                 gemm: str = "auto"):
         cfg = hf_model.config
         self.row_block = row_block
         if cfg.model_type not in SUPPORTED:
@@ -51,7 +55,11 @@ class LlamaRunner:
         self.lm_head = hf_model.lm_head.weight
         self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
-        self.ops = make_ops(ops, inner.rotary_emb, self.head_dim, cfg, pool.device, fixed_rope=True)
+        # the cos/sin table on the CPU (vectorized sin/cos give a scalar tail other bits, module docstring) and in
+        # batch-invariant mode; elsewhere the rotary module per step, which reads no host value (graph capture)
+        self.ops = make_ops(ops, inner.rotary_emb, self.head_dim, cfg, pool.device,
+                            fixed_rope=pool.device.type == "cpu" or row_block > 0, attention=backend.name)
+        self.linear = Linear(gemm, pool.device)
         self.layers = []
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -84,7 +92,8 @@ class LlamaRunner:
                 backend: AttentionBackend | None = None, layer_ready=None) -> torch.Tensor:
         """The forward pass proper, over an already planned `backend` (default: the runner's own). Only device
         work and no host synchronisation, so it can be captured in a CUDA graph (engine/cuda_graph.py)."""
-        backend, ops = backend or self.backend, self.ops
+        backend, ops, lin = backend or self.backend, self.ops, self.linear
+        rope_store = getattr(ops, "rope_store", None)
         n = ids.shape[0]
         pad = self._pad(n)
         if pad:
@@ -96,19 +105,23 @@ class LlamaRunner:
         for i, w in enumerate(self.layers):
             if layer_ready is not None:
                 layer_ready(i)
-            qkv = F.linear(h, w["qkv"], w["qkv_b"])
+            qkv = lin(h, w["qkv"], w["qkv_b"])
             q = qkv[:, :nq].view(-1, self.q_heads, d)
             k = qkv[:, nq:nq + nk].view(-1, self.kv_heads, d)
-            v = qkv[:, nq + nk:].reshape(-1, self.kv_heads, d)
+            v = qkv[:, nq + nk:].view(-1, self.kv_heads, d)
             if w["q_norm"] is not None:
                 q, k = ops.norm(q.contiguous(), w["q_norm"]), ops.norm(k.contiguous(), w["k_norm"])
-            q, k = ops.rope(q, k)
-            self.pool.write(i, slots, k[:n], v[:n])
-            o = backend.run(i, q[:n].contiguous())
+            if rope_store is not None:  # RoPE fused with the pool write (Triton ops)
+                q, k = rope_store(q[:n], k[:n], v[:n], self.pool, i, slots)
+            else:
+                q, k = ops.rope(q, k)
+                q, k = q[:n].contiguous(), k[:n]
+                self.pool.write(i, slots, k, v[:n])
+            o = backend.run(i, q, k, v[:n])
             if pad:
                 o = F.pad(o, (0, 0, 0, 0, 0, pad))
-            h, x = ops.add_norm(F.linear(o.reshape(-1, nq), w["o"]), x, w["ln2"])
-            m = F.linear(ops.silu_mul(F.linear(h, w["gate_up"])), w["down"])
+            h, x = ops.add_norm(lin(o.reshape(-1, nq), w["o"]), x, w["ln2"])
+            m = lin(ops.silu_mul(lin(h, w["gate_up"])), w["down"])
             if i + 1 < len(self.layers):
                 h, x = ops.add_norm(m, x, self.layers[i + 1]["ln1"])
             else:
@@ -118,21 +131,35 @@ class LlamaRunner:
         h = x[logits_at]
         if pad:
             h = F.pad(h, (0, 0, 0, pad))
-        return F.linear(ops.norm(h, self.norm), self.lm_head)[:rows].float()
+        return lin(ops.norm(h, self.norm), self.lm_head)[:rows].float()
 
 
-def make_ops(name: str, rotary, head_dim: int, cfg, device: torch.device, fixed_rope: bool = False):
-    """`auto`: FlashInfer's fused kernels on CUDA when installed, else the transformers modules (engine/ops.py).
-    `fixed_rope`: the torch version reads cos/sin from a table built in fixed chunks (batch-invariant mode)."""
+def make_ops(name: str, rotary, head_dim: int, cfg, device: torch.device, fixed_rope: bool = False,
+             attention: str = ""):
+    """`auto` on CUDA: with the fa3 attention backend the Triton kernels (engine/triton_ops.py: the FA3 set has no
+    FlashInfer, and RoPE fused into the KV store measured faster), else FlashInfer's fused kernels when installed;
+    everywhere else the transformers modules (engine/ops.py). `fixed_rope`: the torch version reads cos/sin from a
+    table built in fixed chunks (batch-invariant mode)."""
+    import importlib.util
+
     from skillkv.engine.attention import _has_flashinfer
     from skillkv.engine.ops import FlashInferOps, TorchOps
 
     if name == "auto":
-        name = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
+        name = "torch"
+        if device.type == "cuda":
+            if attention == "fa3" and importlib.util.find_spec("triton") is not None:
+                name = "triton"
+            elif _has_flashinfer():
+                name = "flashinfer"
     if name == "torch":
         return TorchOps(rotary, head_dim, fixed_rope)
+    if name in ("flashinfer", "triton") and device.type != "cuda":
+        raise SkillkvError(f"the {name} kernels run on CUDA only")
     if name == "flashinfer":
-        if device.type != "cuda":
-            raise SkillkvError("the flashinfer kernels run on CUDA only")
         return FlashInferOps(rotary, head_dim, cfg.max_position_embeddings, device)
-    raise SkillkvError(f"unknown layer ops {name!r} (choose from auto, torch, flashinfer)")
+    if name == "triton":
+        from skillkv.engine.triton_ops import TritonOps
+
+        return TritonOps(rotary, head_dim, cfg.max_position_embeddings, device)
+    raise SkillkvError(f"unknown layer ops {name!r} (choose from auto, torch, flashinfer, triton)")

@@ -1,4 +1,5 @@
-"""The element-wise parts of a Llama-family layer (RMSNorm, residual add, RoPE, SiLU-and-mul), in two versions.
+"""The element-wise parts of a Llama-family layer (RMSNorm, residual add, RoPE, SiLU-and-mul): the torch and
+FlashInfer versions (a third, Triton kernels with RoPE fused into the KV store, is engine/triton_ops.py).
 
   torch       the model's own transformers modules (RMSNorm, rotary embedding): bit-for-bit what transformers
               computes; CPU and CUDA. The reference.
@@ -7,7 +8,7 @@
               transformers implements (default, llama3, linear, yarn...) is reproduced, not re-implemented.
               Math in float32 inside the kernels: results differ from the torch version by bf16 rounding only.
 
-Contract (both): `begin(positions)` once per forward; `norm(x, ln)` -> RMSNorm(x); `add_norm(a, x, ln)` ->
+Contract (all): `begin(positions)` once per forward; `norm(x, ln)` -> RMSNorm(x); `add_norm(a, x, ln)` ->
 (RMSNorm(x + a), x + a), where the flashinfer version may reuse the storage of `a` and `x`; `rope(q, k)` -> rotated
 (q [n, q_heads, d], k [n, kv_heads, d]); `silu_mul(gu)` -> silu(gu[:, :m]) * gu[:, m:].
 """

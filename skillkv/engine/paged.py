@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from skillkv.engine.attention import SeqView, make_backend
+from skillkv.engine.cuda_graph import CudaGraphs, capturable
 from skillkv.engine.llama import LlamaRunner
 from skillkv.engine.pool import KV, KVPool
 
@@ -45,23 +46,23 @@ class Request:
 
 
 class PagedEngine:
-    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer[:KERNEL];
-    `ops` (auto | torch | flashinfer) picks the element-wise kernels; `cuda_graphs` replays short batches;
-    `row_block > 0` makes every request's logits independent of what it is batched with (see engine/llama.py)."""
+    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer[:KERNEL] |
+    fa3[:SPLITS] (engine/attention.py); `ops` (auto | torch | flashinfer | triton) picks the element-wise kernels;
+    `gemm` (auto | cublas | triton) the weight GEMMs (engine/gemm.py); `cuda_graphs` replays short batches (any
+    backend that can be captured: flashinfer, fa3); `row_block > 0` makes every request's logits independent of
+    what it is batched with (see engine/llama.py)."""
 
     def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16,
-                 cuda_graphs: bool = True, ops: str = "auto", row_block: int = 0):
+                 cuda_graphs: bool = True, ops: str = "auto", row_block: int = 0, gemm: str = "auto"):
         cfg = hf_model.config
         p = next(hf_model.parameters())
         self.pool = KVPool.for_model(cfg, p.dtype, p.device, budget_bytes, page_size)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.backend = make_backend(attention, self.pool, cfg.num_attention_heads, head_dim ** -0.5)
-        self.runner = LlamaRunner(hf_model, self.pool, self.backend, ops, row_block)
+        self.runner = LlamaRunner(hf_model, self.pool, self.backend, ops, row_block, gemm)
         self.device = p.device
-        self.graphs = None  # CUDA graphs of short batches (questions, decode steps): FlashInfer on CUDA only
-        if cuda_graphs and self.backend.name == "flashinfer":
-            from skillkv.engine.cuda_graph import CudaGraphs
-
+        self.graphs = None  # CUDA graphs of short batches (questions, decode steps), where the backend allows
+        if cuda_graphs and capturable(self.backend):
             (scratch,) = self.table.alloc(1)  # held for ever: padding tokens write here
             self.graphs = CudaGraphs(self.runner, self.pool, cfg.num_attention_heads, head_dim ** -0.5, scratch)
 
@@ -129,12 +130,14 @@ class PagedEngine:
         seqs = [SeqView(r.pages, r.length + len(t), len(t)) for r, t in zip(reqs, ids)]
         last = list(range(sum(map(len, ids)))) if every else [n - 1 for n in accumulate(len(t) for t in ids)]
         logits = None
-        if self.graphs is not None and not every:
+        if self.graphs is not None and not every:  # host work of a replay: plain lists, page lists built once
             flat = [t for seq in ids for t in seq]
-            positions = [p for r, t in zip(reqs, ids) for p in range(r.length, r.length + len(t))]
+            positions, slots = [], []
             ps = self.pool.page_size
-            slots = [r.pages[p // ps] * ps + p % ps for r, t in zip(reqs, ids)
-                     for p in range(r.length, r.length + len(t))]
+            for r, t, s in zip(reqs, ids, seqs):
+                span = range(r.length, r.length + len(t))
+                positions.extend(span)
+                slots.extend(s.pages[p // ps] * ps + p % ps for p in span)
             logits = self.graphs.run(flat, positions, slots, seqs, last, layer_ready=layer_ready)
         if logits is None:
             dev = self.device

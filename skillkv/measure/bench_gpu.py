@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from skillkv.measure.timing import disk_read_gbs, drop_cache, kv_bytes_per_token, load_model, rel_err, timed_ms
+from skillkv.measure.timing import (disk_read_gbs, drop_cache, kv_bytes_per_token, load_model, rel_err, timed_ms,
+                                     version_of)
 
 
 def main() -> None:
@@ -43,7 +44,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--model", default="dummy:llama-3.1-8b")
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--attention", default="flashinfer")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--gemm", default="auto")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reader-threads", type=int, default=min(8, os.cpu_count() or 1))
@@ -68,8 +70,11 @@ def main() -> None:
     vocab = cfg.vocab_size
     kv_bytes_tok = kv_bytes_per_token(cfg, dtype)
     budget = int(sum(sizes) * kv_bytes_tok * 1.2 + (args.batch // 10 + 8) * 128 * kv_bytes_tok + (1 << 30))
-    runner = PagedRunner(model, budget, attention=args.attention)
+    runner = PagedRunner(model, budget, attention=args.attention, gemm=args.gemm)
     eng = runner.engine  # L1 rows time the engine itself; the tier rows go through the runner and the tiers
+    import importlib.util
+
+    comps = ("none", "zstd") if importlib.util.find_spec("zstandard") else ("none",)  # the FA3 wheel set has none
     import inspect
 
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -86,6 +91,8 @@ def main() -> None:
            "cuda": torch.version.cuda, "transformers": transformers.__version__, "flashinfer": fi_version,
            "driver": (os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip()
                       if cuda else "-"),
+           "fa3": version_of("tokenspeed-fa3"), "triton": version_of("triton"), "ops": eng.runner.ops.name,
+           "gemm": eng.runner.linear.mode,
            "model": h.name, "attention": eng.backend.name, "page_size": 16, "pool_bytes": eng.pool.nbytes,
            "budget_bytes": budget, "question_tokens": qn, "dtype": args.dtype, "reps": args.reps,
            "reader_threads": args.reader_threads,
@@ -132,6 +139,12 @@ def main() -> None:
             return out
         l1_logits = l1()[0]
         r["l1_ms"], _ = ms(l1, args.reps)
+        if cuda:  # GPU time of the captured step, host time around it, kernel breakdown; GEMM choices side by side
+            from skillkv.measure.profile_gpu import compare_gemm, gpu_step
+
+            r["l1_profile"] = gpu_step(eng, l1, r["l1_ms"])
+            if S == sizes[-1]:
+                r["l1_gemm"] = compare_gemm(eng, l1, ms, args.reps)
         graphs, eng.graphs = eng.graphs, None  # the same, without CUDA graphs (eager kernel launches)
         l1_eager_logits = l1()[0]
         r["l1_eager_ms"], _ = ms(l1, args.reps)
@@ -146,6 +159,8 @@ def main() -> None:
         # the engine's own full prefill: exact mode must pick the same token; also the "recompute" baseline
         eng_full = engine_full()
         r["engine_full_ms"], _ = ms(engine_full, args.reps)
+        r["engine_full_tokens_per_s"] = (S + qn) / (r["engine_full_ms"] / 1e3)
+        r["hf_full_tokens_per_s"] = (S + qn) / (r["full_ms"] / 1e3)
         r["check"] = {"lean_vs_hf_full_rel_err": rel_err(eng_full, full_logits),
                       "l1_vs_engine_full_rel_err": rel_err(l1_logits, eng_full),
                       "l1_same_argmax_as_engine_full": int(l1_logits.argmax()) == int(eng_full.argmax()),
@@ -157,7 +172,7 @@ def main() -> None:
                         fingerprint=h.fingerprint, key="", skill="bench", content_hash="-")
         nbytes = snap.nbytes
         skeys = {}
-        for comp in ("none", "zstd"):
+        for comp in comps:
             snap.key = f"{S:08d}{comp[0]}".ljust(32, "0")
             t0 = time.perf_counter()
             e = store.put(snap, comp)
@@ -203,7 +218,7 @@ def main() -> None:
         r["host_same_argmax"] = int(host_hit()[0].argmax()) == int(eng_full.argmax())
 
         # L2 cold: page cache dropped, host cache emptied, pool entry evicted before every run
-        for comp in ("none", "zstd"):
+        for comp in comps:
             pieces = [(skeys[comp], prefix)]
 
             def cold():
@@ -228,14 +243,16 @@ def main() -> None:
             r[f"l2_{comp}_gbs"] = size / (r[f"l2_{comp}_load_ms"] / 1e3) / 1e9
             r[f"l2_{comp}_same_argmax"] = int(l2_hit()[0].argmax()) == int(eng_full.argmax())
         r["l2_none_pct_of_disk"] = 100 * r["l2_none_gbs"] / r["disk_read_gbs"]
-        r["zstd_ratio"] = r["file_zstd_bytes"] / r["file_none_bytes"]
-        for comp in ("none", "zstd"):
+        if "zstd" in comps:
+            r["zstd_ratio"] = r["file_zstd_bytes"] / r["file_none_bytes"]
+        for comp in comps:
             path[comp].unlink()
         store.remove(list(skeys.values()))
         r["speedup_full_over_l1"] = r["full_ms"] / r["l1_ms"]
         r["speedup_hf_prefix_over_l1"] = r["hf_prefix_ms"] / r["l1_ms"]
         r["kv_bytes"] = nbytes
         res["sizes"][str(S)] = r
+        (args.out / "gpu.json").write_text(json.dumps(res, indent=1))  # what a run that stops later leaves
         eng.make_resident(key, S, lambda: kv)  # the batch below runs over the largest prefix, resident
         del kv
         if cuda:
@@ -243,8 +260,9 @@ def main() -> None:
 
     # tier policy from this run's numbers: load only when faster than recomputing; crossovers per tier
     per_tensor = max(sizes) * kv_bytes_tok // (2 * cfg.num_hidden_layers)
-    zgbs, zratio = zstd_gbs(dtype, nbytes=min(128 << 20, max(8 << 20, 2 * cfg.num_hidden_layers * per_tensor)),
-                            threads=args.reader_threads, tensor_bytes=min(8 << 20, per_tensor))
+    zgbs, zratio = (zstd_gbs(dtype, nbytes=min(128 << 20, max(8 << 20, 2 * cfg.num_hidden_layers * per_tensor)),
+                             threads=args.reader_threads, tensor_bytes=min(8 << 20, per_tensor))
+                    if "zstd" in comps else (0.0, float("nan")))
     last = res["sizes"][str(sizes[-1])]
     m = Measurements(device=res["gpu"], bytes_per_token=kv_bytes_tok, disk_gbs=last["disk_read_threads_gbs"],
                      h2d_gbs=last["host_transfer_gbs"], zstd_gbs=zgbs,
@@ -252,12 +270,14 @@ def main() -> None:
                      measured_at=time.time())
     pol = TierPolicy(m)
     res["policy"] = {"measurements": m.to_json(), "zstd_random_ratio": zratio,
-                     "crossover_tokens": {"host": pol.crossover("host"), "l2_none": pol.crossover("l2"),
-                                          "l2_zstd": pol.crossover("l2", "zstd", last["zstd_ratio"])},
+                     "crossover_tokens": {"host": pol.crossover("host"), "l2_none": pol.crossover("l2")},
                      "decisions": {s: {"host": pol.should_load("host", int(s)),
-                                       "l2_none": pol.should_load("l2", int(s), rr["file_none_bytes"]),
-                                       "l2_zstd": pol.should_load("l2", int(s), rr["file_zstd_bytes"], "zstd")}
+                                       "l2_none": pol.should_load("l2", int(s), rr["file_none_bytes"])}
                                    for s, rr in res["sizes"].items()}}
+    if "zstd" in comps:
+        res["policy"]["crossover_tokens"]["l2_zstd"] = pol.crossover("l2", "zstd", last["zstd_ratio"])
+        for s, rr in res["sizes"].items():
+            res["policy"]["decisions"][s]["l2_zstd"] = pol.should_load("l2", int(s), rr["file_zstd_bytes"], "zstd")
     tiers.close()
 
     # a batch of questions over one shared prefix (the largest size), batched prefill of the questions
@@ -290,60 +310,9 @@ def main() -> None:
             res["host_cache"]["torch_host_memory_stats"] = repr(e)
     (args.out / "gpu.json").write_text(json.dumps(res, indent=1))
 
-    print(f"\n{res['gpu']} | torch {res['torch']} | flashinfer {res['flashinfer']} | {res['model']} {args.dtype} | "
-          f"{args.reader_threads} reader threads")
-    print(f"{'S':>6} {'full':>8} {'eng_full':>8} {'hf_pref':>8} {'L1':>7} {'host':>7} {'h2d GB/s':>8} {'L2':>7} "
-          f"{'L2 GB/s':>7} {'disk':>6} {'%disk':>5} {'L2zstd':>7} {'zGB/s':>6} {'xfull':>6} {'xhf':>5} argmax")
-    for S, r in res["sizes"].items():
-        c = r["check"]
-        print(f"{S:>6} {r['full_ms']:8.1f} {r['engine_full_ms']:8.1f} {r['hf_prefix_ms']:8.1f} {r['l1_ms']:7.2f} "
-              f"{r['host_ms']:7.1f} {r['host_transfer_gbs']:8.1f} {r['l2_none_ms']:7.0f} {r['l2_none_gbs']:7.2f} "
-              f"{r['disk_read_gbs']:6.2f} {r['l2_none_pct_of_disk']:5.0f} {r['l2_zstd_ms']:7.0f} {r['l2_zstd_gbs']:6.2f} "
-              f"{r['speedup_full_over_l1']:6.1f} {r['speedup_hf_prefix_over_l1']:5.1f} "
-              f"{c['l1_same_argmax_as_engine_full']}/{r['host_same_argmax']}/{r['l2_none_same_argmax']}/"
-              f"{r['l2_zstd_same_argmax']} lean/hf={c['lean_vs_hf_full_rel_err']:.2e}")
-    pc = res["policy"]
-    print(f"policy: disk {m.disk_gbs:.2f} GB/s, h2d {m.h2d_gbs:.1f} GB/s, zstd decode {m.zstd_gbs:.2f} GB/s; "
-          f"crossover tokens (load beats recompute from): {pc['crossover_tokens']}")
-    b = res["batch"]
-    print(f"batch {b['questions']} q over {b['prefix_tokens']}: {b['questions_per_s']:.0f} q/s vs full "
-          f"{b['full_questions_per_s']:.2f} q/s = {b['speedup']:.0f}x; prefill tokens {b['prefill_token_ratio']:.0f}x fewer")
+    from skillkv.measure.gpu_report import summary
 
+    print(summary(res))
 
 if __name__ == "__main__":
     main()
-
-
-def markdown(res: dict) -> str:
-    """The GPU table for docs/BENCHMARKS.md from a gpu.json result."""
-    lines = [f"{res['gpu']}, driver {res['driver']}, torch {res['torch']} (CUDA {res['cuda']}), transformers "
-             f"{res['transformers']}, FlashInfer {res['flashinfer']}; model {res['model']} (random weights) in "
-             f"{res.get('dtype', 'bfloat16')}, "
-             f"attention backend `{res['attention']}`, page size {res['page_size']}, {res['question_tokens']}-token "
-             f"question; medians of {res['reps']} runs after warm-up (L2: of {max(3, res['reps'] // 3)}); "
-             f"{res.get('reader_threads', '?')} L2 reader threads on {res.get('cpu_count', '?')} CPUs. "
-             f"Regenerate: `python -m skillkv.measure.bench_gpu --out DIR` on the GPU machine.", "",
-             "| skill tokens | full prefill | engine full (recompute) | transformers prefix reuse | skillkv L1 "
-             "| host tier (H2D GB/s) | L2 cold (load GB/s; % of disk) | disk GB/s (1 thread; reader threads) "
-             "| L2 zstd (load GB/s of file) | L1 vs full | L1 vs prefix reuse | same token as engine's full |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s, r in res["sizes"].items():
-        same = all([r["check"]["l1_same_argmax_as_engine_full"], r.get("host_same_argmax", True),
-                    r.get("l2_none_same_argmax", True), r.get("l2_zstd_same_argmax", True)])
-        lines.append(
-            f"| {int(s):,} | {r['full_ms']:.1f} ms | {r.get('engine_full_ms', float('nan')):.1f} ms "
-            f"| {r['hf_prefix_ms']:.1f} ms | {r['l1_ms']:.1f} ms | {r['host_ms']:.1f} ms ({r['host_transfer_gbs']:.1f}) "
-            f"| {r['l2_none_ms']:.0f} ms ({r['l2_none_gbs']:.2f}; {r.get('l2_none_pct_of_disk', float('nan')):.0f}%) "
-            f"| {r['disk_read_gbs']:.2f}; {r.get('disk_read_threads_gbs', float('nan')):.2f} "
-            f"| {r['l2_zstd_ms']:.0f} ms ({r['l2_zstd_gbs']:.2f}) | {r['speedup_full_over_l1']:.1f}x "
-            f"| {r['speedup_hf_prefix_over_l1']:.1f}x | {same} |")
-    if "policy" in res:
-        m, c = res["policy"]["measurements"], res["policy"]["crossover_tokens"]
-        lines += ["", f"Tier policy from this run (disk {m['disk_gbs']:.2f} GB/s, host->GPU {m['h2d_gbs']:.1f} GB/s, "
-                  f"zstd decode {m['zstd_gbs']:.2f} GB/s): loading beats recomputing from "
-                  + ", ".join(f"{k} {v:,} tokens" if v else f"{k} never" for k, v in c.items()) + "."]
-    b = res["batch"]
-    lines += ["", f"Batch: {b['questions']} questions over one shared {b['prefix_tokens']:,}-token prefix, prefilled "
-              f"{b['chunk']} at a time: {b['questions_per_s']:.0f} questions/s vs {b['full_questions_per_s']:.2f} for "
-              f"full prefill (**{b['speedup']:.0f}x**), {b['prefill_token_ratio']:.0f}x fewer prefill tokens."]
-    return "\n".join(lines)

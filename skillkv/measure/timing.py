@@ -68,3 +68,13 @@ def kv_bytes_per_token(cfg, dtype: torch.dtype) -> int:  # the handle's own is M
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def version_of(dist: str) -> str:
+    """The installed version of the distribution `dist`, or "-"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "-"

@@ -42,11 +42,12 @@ class PagedRunner(Runner):
     name = "paged"
 
     def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto",
-                 batch_invariant: bool = False, page_size: int = 16, cuda_graphs: bool = True):
+                 batch_invariant: bool = False, page_size: int = 16, cuda_graphs: bool = True, gemm: str = "auto"):
         self.model = model
         self.device = next(model.parameters()).device
         self.engine = PagedEngine(model, budget_bytes or default_budget(self.device), attention=attention,
-                                  page_size=page_size, cuda_graphs=cuda_graphs, row_block=8 if batch_invariant else 0)
+                                  page_size=page_size, cuda_graphs=cuda_graphs, row_block=8 if batch_invariant else 0,
+                                  gemm=gemm)
         self.batch_invariant = batch_invariant
         self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
         self.composer = PagedComposer(self.engine, model.model.rotary_emb, settle=self.settle)
