@@ -37,8 +37,9 @@ def check_model(handle, target: str, dtype: str | None) -> torch.dtype:
 
     cfg = handle.hf_config
     family = getattr(cfg, "model_type", "?")
-    if family not in FAMILIES or any(layer_windows(cfg)):
-        what = "sliding-window layers" if family in FAMILIES else f"the {family} family"
+    sliding = any(layer_windows(cfg))
+    if family not in FAMILIES or sliding:
+        what = f"the {family} family" + (" with sliding-window layers" if sliding else "")
         raise SkillkvError(f"{target} export supports the {', '.join(FAMILIES)} families with full attention in "
                            f"every layer (one K and V per layer and token); this model has {what}")
     if dtype is not None:

@@ -13,7 +13,9 @@ SGLang: `sglang/srt/mem_cache/cpp_utils/native_hash.py` (its C++ page hash, comp
 extension loader: needs g++, ninja and OpenSSL headers) and `sglang/srt/mem_cache/hicache_storage.py` (HiCacheFile).
 They are imported from the installed package without running `sglang/__init__.py`, which pulls the GPU serving
 stack: the parent packages are registered as plain namespaces over the installed folders, so only those modules
-(and what they import) run.
+(and what they import) run. HiCacheFile's evictor imports one size parser from `srt/utils/common.py`, a module that
+imports triton and the web stack; where that import fails, the parser alone is compiled from that file
+(`sglang_function`), so the code that runs is still SGLang's.
 """
 
 from __future__ import annotations
@@ -109,6 +111,23 @@ class LMCacheReader:
         self.loop.close()
 
 
+def sglang_function(relpath: str, name: str, cls: str | None = None, namespace: dict | None = None):
+    """Function `name` (a method of class `cls` if given) from the installed sglang's file `relpath`, compiled on
+    its own from SGLang's source (for code whose module imports the GPU stack), in `namespace` (its globals)."""
+    import ast
+
+    root = Path(sys.modules["sglang"].__path__[0]) if "sglang" in sys.modules else \
+        Path(importlib.util.find_spec("sglang").submodule_search_locations[0])
+    src = root / relpath
+    body = ast.parse(src.read_text()).body
+    if cls is not None:
+        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    fn = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = dict(namespace or {})
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(src), "exec"), ns)  # noqa: S102 - SGLang's own code
+    return ns[name]
+
+
 @functools.lru_cache(maxsize=1)
 def sglang_modules():
     """(native_hash, hicache_storage) modules of the installed sglang (module docstring), or raise ImportError."""
@@ -121,6 +140,18 @@ def sglang_modules():
             mod = types.ModuleType(name)
             mod.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
             sys.modules.setdefault(name, mod)
+    try:
+        importlib.import_module("sglang.srt.utils.common")
+    except ImportError:  # it imports triton, PIL, starlette...: the file evictor needs only its size parser
+        import argparse
+        import re
+        from decimal import Decimal
+
+        common = types.ModuleType("sglang.srt.utils.common")
+        common.human_readable_int = sglang_function(
+            "srt/utils/common.py", "human_readable_int",
+            namespace={"re": re, "argparse": argparse, "Decimal": Decimal})
+        sys.modules["sglang.srt.utils.common"] = common
     native = importlib.import_module("sglang.srt.mem_cache.cpp_utils.native_hash")
     storage = importlib.import_module("sglang.srt.mem_cache.hicache_storage")
     return native, storage
