@@ -130,3 +130,31 @@ def test_check_reports_hits_and_damage(kv8b, tmp_path):
     assert again["written"] == 1 and again["kept"] == 3  # the damaged file is replaced, the rest left alone
     assert check(tmp_path)[0]["ok"]
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_chunks_read_back_by_lmcache(tmp_path, dtype):
+    """A CUDA export's dtypes (the CPU computes fp32): key dtype name, header code and payload as LMCache reads
+    them, here for synthetic KV of the 8B attention shape."""
+    from skillkv.export import lmcache as lmx
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128000, (600,), generator=g).tolist()
+    kv = [(torch.randn(512, 8, 128, generator=g).to(dtype), torch.randn(512, 8, 128, generator=g).to(dtype))
+          for _ in range(2)]
+    files = lmx.export(ids[:512], kv, tmp_path, MODEL, 2, "builtin", None)
+    assert len(files) == 4 and all(("@bfloat16." if dtype == torch.bfloat16 else "@half.") in f["name"]
+                                   for f in files)
+    for rank in range(2):
+        cfg = LMCacheEngineConfig.from_defaults(chunk_size=256, remote_url=f"fs://{tmp_path}", local_cpu=False,
+                                                max_local_cpu_size=0.05, pre_caching_hash_algorithm="builtin")
+        meta = LMCacheMetadata(model_name=MODEL, world_size=2, local_world_size=2, worker_id=rank,
+                               local_worker_id=rank, kv_dtype=dtype, kv_shape=(2, 2, 256, 4, 128), chunk_size=256)
+        loop = asyncio.new_event_loop()
+        conn = FSConnector(loop, LocalCPUBackend(cfg, meta, dst_device="cpu"), cfg, base_paths_str=str(tmp_path))
+        for start, end, key, t in read_all(token_database.ChunkedTokenDatabase(cfg, meta), conn, loop, ids):
+            heads = slice(rank * 4, rank * 4 + 4)
+            want = torch.stack([torch.stack([k[start:end, heads].reshape(256, -1) for k, _ in kv]),
+                                torch.stack([v[start:end, heads].reshape(256, -1) for _, v in kv])])
+            assert t.dtype == dtype and torch.equal(t, want)
+        loop.close()

@@ -87,8 +87,8 @@ def export(kv, names: list[str], target: str, folder: Path, model_name: str, tp:
     cfg = kv.handle.hf_config
     heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     tp_heads(heads, tp)  # refuse a bad split before any prefill
+    prefix = prompt_prefix(kv, names)  # unknown skills are refused before anything is written
     folder = target_dir(folder)
-    prefix = prompt_prefix(kv, names)
     n = len(prefix.ids) - len(prefix.ids) % chunk
     source, files = "none", []
     if n:

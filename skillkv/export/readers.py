@@ -64,8 +64,9 @@ class LMCacheReader:
         if seed is not None:  # vLLM's init_none_hash reads it, when vLLM is there
             os.environ["PYTHONHASHSEED"] = seed
         try:
+            room = 2 * m["chunk_bytes"] / 2**30 + 0.01  # GiB of LMCache's CPU buffer: two chunks of this rank
             cfg = LMCacheEngineConfig.from_defaults(chunk_size=m["chunk_size"], remote_url=f"fs://{folder}",
-                                                    max_local_cpu_size=0.05, local_cpu=False,
+                                                    max_local_cpu_size=room, local_cpu=False,
                                                     pre_caching_hash_algorithm=algo)
             meta = LMCacheMetadata(model_name=m["model_name"], world_size=m["tp"], local_world_size=m["tp"],
                                    worker_id=rank, local_worker_id=rank, kv_dtype=dtype,
