@@ -82,3 +82,15 @@ def test_exported_ids_are_the_servers_for_any_question(tiny_kv, tmp_path):
     assert m["skills"] == ["gamma-notes", "alpha-tool"] and r["cut_by_probes"] == 0
     for q in ("Which level?", "  spaced", "\nnewline", "日本語"):
         assert served_prompt_ids(tiny_kv, m["system_text"], q)[:r["prefix_tokens"]] == m["token_ids"]
+
+
+def test_check_refuses_a_doctored_manifest(monkeypatch, capsys, tiny_kv, tmp_path):
+    from skillkv.export import export
+
+    export(tiny_kv, ["beta-codes"], "lmcache", tmp_path, "org/tiny", hash="builtin")
+    (path,) = tmp_path.glob("skillkv-export-*.json")
+    m = json.loads(path.read_text())
+    m["model_name"] = "x@../../etc"
+    path.write_text(json.dumps(m))
+    code, _, err = run(monkeypatch, capsys, "export", "--check", str(tmp_path))
+    one_line_error(code, err, "bad model name")

@@ -77,6 +77,34 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     return folder / name
 
 
+def _check_fields(name: str, m: dict) -> None:
+    """A manifest comes from a shared folder: its fields are checked before they name files or size buffers."""
+    import re
+
+    def bad(what: str):
+        raise SkillkvError(f"{name}: bad {what}")
+
+    ints = ("tp", "chunk_size", "chunk_bytes", "layers", "kv_heads", "head_dim", "prefix_tokens", "exported_tokens")
+    if any(not isinstance(m.get(k), int) or isinstance(m.get(k), bool) or m[k] < 0 for k in ints):
+        bad("numbers")
+    if not 1 <= m["tp"] <= 1024 or not 1 <= m["chunk_size"] <= 4096 or m["chunk_bytes"] > 1 << 34:
+        bad("sizes")
+    if not isinstance(m.get("model_name"), str) or not re.fullmatch(r"[A-Za-z0-9._+:/-]+", m["model_name"]):
+        bad("model name")
+    ids = m.get("token_ids")
+    if not isinstance(ids, list) or any(not isinstance(t, int) or not 0 <= t < 1 << 32 for t in ids):
+        bad("token ids")
+    if m["target"] == "lmcache" and (m.get("hash") not in ("sha256_cbor", "builtin")
+                                     or not isinstance(m.get("hash_seed"), (str, type(None)))):
+        bad("hash")
+    if m.get("dtype") not in ("float32", "bfloat16", "float16") or not isinstance(m.get("files"), list):
+        bad("dtype or file list")
+    for f in m["files"]:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or "/" in f["name"] or \
+                not isinstance(f.get("rank"), int) or not isinstance(f.get("chunk"), int):
+            bad("file entry")
+
+
 def read_manifests(folder: Path) -> list[dict]:
     """Every export manifest in `folder`, oldest name first; SkillkvError if there is none or one is unreadable."""
     folder = Path(folder)
@@ -91,6 +119,7 @@ def read_manifests(folder: Path) -> list[dict]:
         if not isinstance(m, dict) or m.get("version") != MANIFEST_VERSION or m.get("target") not in (
                 "lmcache", "sglang-hicache"):
             raise SkillkvError(f"{p.name} is not a skillkv export manifest of version {MANIFEST_VERSION}")
+        _check_fields(p.name, m)
         m["_path"] = str(p)
         out.append(m)
     if not out:
