@@ -57,8 +57,8 @@ def _print_check(reports: list[dict]) -> None:
 def export_cmd(
     skills: Optional[list[str]] = typer.Argument(None, help="Skills, in prompt order.", show_default=False),
     to: Optional[tuple[str, Path]] = typer.Option(
-        None, "--to", metavar="TARGET DIR", help="lmcache (vLLM + LMCache fs:// folder) or sglang-hicache (HiCache file "
-        "storage folder).", show_default=False),
+        None, "--to", metavar="TARGET DIR", help="lmcache (vLLM + LMCache fs:// folder) or sglang-hicache "
+        "(HiCache file storage folder).", show_default=False),
     check: Optional[Path] = typer.Option(None, "--check", help="Read an export folder back through the "
                                          "target's own code and report hits.", show_default=False),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model name the fleet serves "

@@ -23,7 +23,7 @@ from skillkv.export import lmcache, sglang
 from skillkv.export.check import check_manifest
 from skillkv.export.chunks import LMCACHE_HASHES, tp_heads
 from skillkv.export.files import MANIFEST_VERSION, manifest_id, read_manifests, target_dir, write_manifest
-from skillkv.export.source import prefix_kv, prompt_prefix
+from skillkv.export.source import ModelFacts, model_facts, prefix_kv, prompt_prefix
 
 TARGETS = ("lmcache", "sglang-hicache")
 # families whose KV both targets keep as one K and one V per layer and token (no sliding-window layer groups, no
@@ -31,11 +31,11 @@ TARGETS = ("lmcache", "sglang-hicache")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def check_model(handle, target: str, dtype: str | None) -> torch.dtype:
+def check_model(facts: ModelFacts, target: str, dtype: str | None) -> torch.dtype:
     """The KV dtype to export; SkillkvError for a family the target cannot load or a dtype mismatch."""
     from skillkv.model import layer_windows
 
-    cfg = handle.hf_config
+    cfg = facts.config
     family = getattr(cfg, "model_type", "?")
     sliding = any(layer_windows(cfg))
     if family not in FAMILIES or sliding:
@@ -47,12 +47,12 @@ def check_model(handle, target: str, dtype: str | None) -> torch.dtype:
                                "fp16": "float16"}.get(dtype, dtype), None)
         if not isinstance(want, torch.dtype):
             raise SkillkvError(f"unknown dtype {dtype!r} (float32, bfloat16 or float16)")
-        if want != handle.dtype:
-            raise SkillkvError(f"dtype mismatch: skillkv computes this model's KV in {str(handle.dtype)[6:]} on "
-                               f"{handle.device}, the fleet expects {str(want)[6:]}; a converted copy would not be "
+        if want != facts.dtype:
+            raise SkillkvError(f"dtype mismatch: skillkv computes this model's KV in {str(facts.dtype)[6:]} on "
+                               f"{facts.device}, the fleet expects {str(want)[6:]}; a converted copy would not be "
                                "the fleet's KV (export on a device whose dtype matches, e.g. --device cuda for "
                                "bfloat16)")
-    return handle.dtype
+    return facts.dtype
 
 
 def validate(target: str, model_name: str, tp: int, hash: str, hash_seed: str | None, page_size: int,
@@ -83,8 +83,9 @@ def export(kv, names: list[str], target: str, folder: Path, model_name: str, tp:
     if not names:
         raise SkillkvError("name at least one skill to export")
     chunk, hash_seed = validate(target, model_name, tp, hash, hash_seed, page_size, layout)
-    kv_dtype = check_model(kv.handle, target, dtype)
-    cfg = kv.handle.hf_config
+    facts = model_facts(kv)
+    kv_dtype = check_model(facts, target, dtype)
+    cfg = facts.config
     heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     tp_heads(heads, tp)  # refuse a bad split before any prefill
     prefix = prompt_prefix(kv, names)  # unknown skills are refused before anything is written
@@ -102,7 +103,7 @@ def export(kv, names: list[str], target: str, folder: Path, model_name: str, tp:
         layers, head_dim = int(cfg.num_hidden_layers), 0
     fields = {"target": target, "model_name": model_name, "tp": tp, "dtype": str(kv_dtype)[6:], "hash": hash,
               "hash_seed": hash_seed, "chunk_size": chunk, "layout": layout if target != "lmcache" else None,
-              "token_ids": prefix.ids, "fingerprint": kv.handle.fingerprint}
+              "token_ids": prefix.ids, "fingerprint": facts.fingerprint}
     manifest = dict(fields, id=manifest_id(fields), version=MANIFEST_VERSION, skillkv_version=__version__,
                     skills=[s.name for s in prefix.skills], content_hashes=[s.content_hash for s in prefix.skills],
                     system_text=prefix.system_text, prefix_tokens=len(prefix.ids), exported_tokens=n,

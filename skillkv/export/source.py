@@ -1,7 +1,7 @@
 """The one place skillkv.export touches SkillKV: the target engine's token ids for a prompt that starts with some
 skills, and the exact KV of those ids. Re-point these two functions when SkillKV's internals change.
 
-SkillKV calls used: `kv.pick(names)`, `kv.handle` (.tokenizer, .hf_config, .dtype, .device, .load()),
+SkillKV calls used: `kv.pick(names)`, `kv.handle` (.tokenizer, .hf_config, .dtype, .device, .fingerprint, .load()),
 `kv.builder.preamble_ids()`, `kv.builder.skill_ids(skill)`, `kv.prefix(skills)` (the exact KV of preamble + skills
 in this order, keys after RoPE at absolute positions from 0). Everything else is transformers and skillkv.prompt.
 
@@ -35,6 +35,21 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 # questions of different first characters (letter, space, digit, punctuation, newline, non-Latin): a token that
 # could merge with any of them is not exported
 PROBES = ("x", "Hello, what is this?", " 42", "\n", "?", "日本")
+
+
+@dataclass
+class ModelFacts:
+    """What the export needs to know of the model skillkv computes the KV with."""
+
+    config: object  # the transformers config (family, heads, layers, sliding windows)
+    dtype: torch.dtype  # the KV dtype skillkv computes in
+    device: str
+    fingerprint: str
+
+
+def model_facts(kv) -> ModelFacts:
+    h = kv.handle
+    return ModelFacts(h.hf_config, h.dtype, str(h.device), h.fingerprint)
 
 
 @dataclass
