@@ -38,7 +38,7 @@ def compile_cmd(
                 bar.advance(task)
         results = kv.compile(only or None, compression=compress, force=force, on_result=advance)
     if as_json:
-        print_json({"model": kv.handle.name, "fingerprint": kv.handle.fingerprint, "store": str(kv.snapshots.dir),
+        print_json({"model": kv.handle.name, "fingerprint": kv.fingerprint, "store": str(kv.snapshots.dir),
                     "results": [asdict(r) for r in results]})
     else:
         out.print(f"[bold]{kv.handle.name}[/] -> {kv.snapshots.dir}", soft_wrap=True)
