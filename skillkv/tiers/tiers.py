@@ -49,6 +49,7 @@ class Tiers:
         self.reader = L2Reader(reader_threads, pin=self.host.pin, **kw)
         self._prefetch = ThreadPoolExecutor(2, thread_name_prefix="skillkv-prefetch")
         self._reading: dict[str, Future] = {}  # snapshot key -> Future[HostKV] of an L2 read in flight
+        self._prefetched: set[str] = set()  # keys a prefetch read from L2 whose first use has not come yet
         self._lock = threading.Lock()
         self.sources: dict[str, str] = {}  # prefix key -> "l1" | "host" | "l2": where the last make_resident got it
 
@@ -75,11 +76,14 @@ class Tiers:
 
     def fetch(self, key: str, ids: list[int]) -> tuple[HostKV, str]:
         """The snapshot `key` in host memory: from the host cache ("host"), or an L2 read in flight or started
-        now ("l2"; its layers become ready as they land). Raises SnapshotError for a missing, foreign, stale
-        or (header-)corrupted snapshot."""
+        now ("l2"; its layers become ready as they land; a read this question's prefetch already finished counts
+        as "l2" too). Raises SnapshotError for a missing, foreign, stale or (header-)corrupted snapshot."""
         kv = self.host.get(key)
         if kv is not None and kv.token_ids == list(ids):
-            return kv, "host"
+            with self._lock:
+                prefetched = key in self._prefetched
+                self._prefetched.discard(key)
+            return kv, "l2" if prefetched else "host"
         with self._lock:
             fut = self._reading.get(key)
             if fut is None:
@@ -112,6 +116,7 @@ class Tiers:
                 fut = Future()
                 fut.set_running_or_notify_cancel()
                 self._reading[key] = fut
+                self._prefetched.add(key)
 
             def go(key=key, ids=ids, fut=fut):
                 try:
