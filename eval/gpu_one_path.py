@@ -6,8 +6,10 @@ Checks, in one run, and prints a table last (JSON in DIR/one_path.json):
   1. `skillkv compile skills/ --device cuda` (a separate process) compiles every skill;
   2. a server over the same store starts without recompiling anything and the store holds one fingerprint folder;
   3. exact == full through serve for a single request (same output token ids; full computes everything);
-  4. a skill evicted from the pool comes back through the tiers (host tier; and from L2 after the host tier is
-     emptied too: the measured policy decides load or recompute, and the answer is the same either way);
+  4. a skill evicted from the pool comes back through the tiers: from the host tier (written back when it was
+     computed, or kept from its L2 read), and from L2 once the host tier is emptied too (the measured policy
+     decides load or recompute; a snapshot in the OS page cache is read at the cached rate); the answer is the
+     same every time;
   5. a two-skill compose request through serve succeeds (mode compose, repaired tokens reported).
 """
 

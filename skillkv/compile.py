@@ -49,13 +49,13 @@ class SkillState:
     bytes: int = 0
 
 
-def concat(pieces: list[KV]) -> KV:
-    """One KV from consecutive pieces (on the first piece's device)."""
+def concat(pieces: list[KV], device=None) -> KV:
+    """One KV from consecutive pieces, on `device` (default: the first piece's)."""
+    dev = device if device is not None else pieces[0][0][0].device
     if len(pieces) == 1:
-        return pieces[0]
+        return [(k.to(dev), v.to(dev)) for k, v in pieces[0]]
     import torch
 
-    dev = pieces[0][0][0].device
     return [(torch.cat([p[i][0].to(dev) for p in pieces]), torch.cat([p[i][1].to(dev) for p in pieces]))
             for i in range(len(pieces[0]))]
 
@@ -102,16 +102,18 @@ class Compiler:
             self.store.remove([key])
             return None
 
-    def chain(self, skills: list[Skill], compression: str = "none") -> tuple[list[KV], dict]:
+    def chain(self, skills: list[Skill], compression: str = "none",
+              recompute: bool = False) -> tuple[list[KV], dict]:
         """The exact KV of preamble + `skills` in this order, as one KV per piece: stored pieces loaded, missing
-        ones computed on the runner and stored. Returns (pieces, info) with info = cached / computed token counts,
-        snapshot_load seconds and per skill where its KV came from ("l2" | "computed")."""
+        ones computed on the runner and stored; with `recompute` every piece is computed (the tier policy found
+        that faster than loading) and only the missing ones stored. Returns (pieces, info) with info = cached /
+        computed token counts, snapshot_load seconds and per skill where its KV came from ("l2" | "computed")."""
         info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
         keys, pieces, start = self.keys(skills), [], 0
         for i, (skill, key) in enumerate(zip(skills, keys)):
             ids = self.piece_ids(skills, i)
             t0 = time.perf_counter()
-            snap = self._load(key, ids)
+            snap = None if recompute else self._load(key, ids)
             info["snapshot_load"] += time.perf_counter() - t0
             if snap is not None:
                 pieces.append(list(zip(snap.keys, snap.values)))
@@ -119,10 +121,11 @@ class Compiler:
                 info["tiers"].append("l2")
             else:
                 kv = self._compute(keys[i - 1] if i else None, pieces, start, ids)
-                self.store.put(Snapshot(keys=[k for k, _ in kv], values=[v for _, v in kv], token_ids=ids,
-                                        fingerprint=self.fingerprint, key=key, skill=skill.name,
-                                        content_hash=skill.content_hash, start=start,
-                                        parent=keys[i - 1] if i else ""), compression)
+                if not (recompute and self.store.contains(key)):
+                    self.store.put(Snapshot(keys=[k for k, _ in kv], values=[v for _, v in kv], token_ids=ids,
+                                            fingerprint=self.fingerprint, key=key, skill=skill.name,
+                                            content_hash=skill.content_hash, start=start,
+                                            parent=keys[i - 1] if i else ""), compression)
                 pieces.append(kv)
                 info["computed"] += len(ids)
                 info["tiers"].append("computed")
@@ -132,7 +135,7 @@ class Compiler:
     def chain_kv(self, skills: list[Skill], compression: str = "none") -> tuple[KV, dict]:
         """`chain` as one contiguous KV (the pieces concatenated)."""
         pieces, info = self.chain(skills, compression)
-        return concat(pieces), info
+        return concat(pieces, self.runner().device), info
 
     def _compute(self, parent: str | None, pieces: list[KV], start: int, ids: list[int]) -> KV:
         """KV rows of `ids` prefilled after the prefix `parent` (made of `pieces`, admitted if not resident)."""

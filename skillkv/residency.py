@@ -32,7 +32,8 @@ class Residency:
         pieces = self.compiler.pieces(skills)
         key, tokens = pieces[-1][0], sum(len(ids) for _, ids in pieces)
         t0 = time.perf_counter()
-        if self.tiers.choose(key, pieces) != "recompute":
+        where = self.tiers.choose(key, pieces)
+        if where != "recompute":
             try:
                 where = self.tiers.make_resident(key, pieces, pin)
                 if settle:
@@ -41,8 +42,10 @@ class Residency:
                         "tiers": [where] * len(skills)}
             except SnapshotError as e:
                 self.damaged(e, skills)
-        kvs, info = self.compiler.chain(skills)
+        # every piece stored but loading measured slower than a prefill: recompute them all (what is stored stays)
+        kvs, info = self.compiler.chain(skills, recompute=where == "recompute" and self.compiler.stored(skills))
         self.runner().admit(key, [ReadyKV(kv) for kv in kvs], pin=pin)
+        self.tiers.keep(pieces, kvs)
         return info
 
     def damaged(self, e: SnapshotError, skills: list[Skill]) -> None:

@@ -539,3 +539,56 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path, monkeypatch):
     from skillkv.measure.gpu_report import markdown, summary
 
     assert "| 64 |" in markdown(res) and "batch 2 q" in summary(res)
+
+
+def test_when_loading_loses_the_prefix_is_recomputed_and_kept_in_the_host_tier(tmp_path, tiny_skills):
+    """The policy measured loading slower than a prefill: the stored pieces are recomputed (not read through
+    another path), the answer is the same, and the computed prefix is written back to the host tier, so after the
+    runner evicts it the next question pages it in from host memory."""
+    from skillkv.api import SkillKV
+    from skillkv.generate import SamplingParams
+
+    kv = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu",
+                 host_budget=64 << 20)
+    kv.compile()
+    g = SamplingParams(max_tokens=6)
+    ref = kv.ask("What does B-17 mean?", ["beta-codes"], mode="full", params=g)
+    bpt = kv.handle.kv_bytes_per_token
+    kv.tiers._policy = lambda: TierPolicy(_m(bytes_per_token=bpt, disk_gbs=1e-9, h2d_gbs=10.0,
+                                             prefill=[[100, 0.01], [1000, 0.1]]))
+    kv.tiers.refresh_policy()
+    kv.forget_resident()
+    a = kv.ask("What does B-17 mean?", ["beta-codes"], params=g)
+    assert a.tiers == ["computed"] and a.output_token_ids == ref.output_token_ids
+    key = kv.compiler.keys(kv.pick(["beta-codes"]))[0]
+    deadline = time.time() + 10
+    while not kv.tiers.host.contains(key) and time.time() < deadline:
+        time.sleep(0.01)
+    kv.runner.retire(lambda k: False)  # evicted from the runner only
+    b = kv.ask("What does B-17 mean?", ["beta-codes"], params=g)
+    assert b.tiers == ["host"] and b.output_token_ids == ref.output_token_ids
+    kv.tiers.host.check()
+
+
+def test_a_snapshot_in_the_page_cache_is_read_at_the_cached_rate(tmp_path, tiny):
+    """The policy asks the kernel (mincore) whether an L2 file is in the page cache: a slow disk loses to a
+    prefill, the same file read from the page cache wins."""
+    from skillkv.tiers.policy import cached_fraction, drop_page_cache
+
+    h, model = tiny
+    runner, eng = _runner(model)
+    store = Store(tmp_path, h.tag, h.fingerprint)
+    pieces = _store_pieces(eng, store, [list(range(5, 30))])
+    path = store.file_path(pieces[0][0])
+    bpt = 2 * eng.pool.layers * eng.pool.kv_heads * eng.pool.head_dim * 4
+    pol = TierPolicy(_m(bytes_per_token=bpt, disk_gbs=1e-9, cached_gbs=10.0, h2d_gbs=10.0, prefill=[[25, 0.01]]))
+    tiers = Tiers(store, 0, lambda: runner, reader_threads=1, pin=False, policy=lambda: pol)
+    try:
+        path.read_bytes()
+        assert cached_fraction(path) > 0.9
+        assert tiers.choose("p", pieces) == "l2"
+        drop_page_cache(path)
+        if cached_fraction(path) < 0.1:  # the kernel dropped it (it may keep pages it still needs)
+            assert tiers.choose("p", pieces) == "recompute"
+    finally:
+        tiers.close()

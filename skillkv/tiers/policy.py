@@ -3,6 +3,7 @@
 Decisions come from numbers measured once per model and machine (`measure`), cached in the store as
 `<store>/<model-tag>/tiers.json`:
   disk_gbs         cold read of a snapshot-sized file into host memory, reader threads as the L2 reader uses
+  cached_gbs       the same read of a file the OS page cache holds (a snapshot compiled or read recently)
   h2d_gbs          pinned host -> device copy (on the CPU: a host memcpy)
   zstd_gbs         zstd decode of KV-like data, decoded bytes per second over the reader threads
   prefill          [(tokens, seconds)] of the model prefilling that many tokens from scratch
@@ -10,7 +11,9 @@ Decisions come from numbers measured once per model and machine (`measure`), cac
 
 Estimates (seconds) for a snapshot of `tokens` tokens, `kv` = tokens * bytes_per_token, `file` its size:
   host           kv / h2d
-  l2, none       max(file / disk, kv / h2d)                 (pipelined: reads, checks and copies overlap)
+  l2, none       max(file / disk, kv / h2d)                 (pipelined: reads, checks and copies overlap; `disk`
+                                                            is cached_gbs for a file the page cache holds, asked
+                                                            of the kernel with mincore)
   l2, zstd       max(file / disk, kv / zstd, kv / h2d)
   recompute      prefill time interpolated linearly between measured points (extrapolated from the last two)
 A tier is chosen when its estimate times `margin` is below the recompute estimate.
@@ -40,6 +43,7 @@ class Measurements:
     h2d_gbs: float
     zstd_gbs: float
     prefill: list[list[float]] = field(default_factory=list)  # [[tokens, seconds], ...] ascending
+    cached_gbs: float = 0.0  # 0: not measured (older tiers.json): a cached file is read at disk_gbs
     measured_at: float = 0.0
 
     def recompute_seconds(self, tokens: int) -> float:
@@ -67,7 +71,9 @@ class TierPolicy:
     def __init__(self, m: Measurements, margin: float = 1.0):
         self.m, self.margin = m, margin
 
-    def load_seconds(self, tier: str, tokens: int, file_bytes: int | None = None, compression: str = "none") -> float:
+    def load_seconds(self, tier: str, tokens: int, file_bytes: int | None = None, compression: str = "none",
+                     cached: bool = False) -> float:
+        """Estimated seconds to load `tokens` from `tier`; `cached`: the L2 file is in the OS page cache."""
         m = self.m
         kv = tokens * m.bytes_per_token
         h2d = kv / (m.h2d_gbs * 1e9)
@@ -76,7 +82,8 @@ class TierPolicy:
         if tier != "l2":
             raise ValueError(f"unknown tier {tier!r} (choose from {', '.join(TIERS)})")
         file_bytes = kv if file_bytes is None else file_bytes
-        parts = [file_bytes / (m.disk_gbs * 1e9), h2d]
+        rate = m.cached_gbs if cached and m.cached_gbs > 0 else m.disk_gbs
+        parts = [file_bytes / (rate * 1e9), h2d]
         if compression == "zstd":
             parts.append(kv / (m.zstd_gbs * 1e9))
         return max(parts)
@@ -114,15 +121,42 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def disk_gbs(path: Path, threads: int = 4, chunk: int = 16 << 20, reps: int = 3) -> float:
-    """Median cold read bandwidth of `path` into a host buffer, `threads` readers of `chunk`-byte reads."""
+def cached_fraction(path: Path) -> float:
+    """The fraction of `path`'s pages the OS page cache holds (Linux mincore), 0.0 where it cannot be asked."""
+    import ctypes
+    import mmap
+
+    try:
+        size = os.path.getsize(path)
+        if not size:
+            return 1.0
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # private: writable for ctypes, never written
+        try:
+            page = mmap.PAGESIZE
+            buf = (ctypes.c_char * size).from_buffer(mm)
+            vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+            libc = ctypes.CDLL(None, use_errno=True)
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec)
+            del buf
+            return sum(v & 1 for v in vec) / len(vec) if rc == 0 else 0.0
+        finally:
+            mm.close()
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+
+
+def disk_gbs(path: Path, threads: int = 4, chunk: int = 16 << 20, reps: int = 3, cold: bool = True) -> float:
+    """Median read bandwidth of `path` into a host buffer, `threads` readers of `chunk`-byte reads: from the disk
+    (page cache dropped first), or with `cold=False` from the page cache (read once before)."""
     size = path.stat().st_size
     buf = torch.empty(size, dtype=torch.uint8)
     buf.fill_(0)  # fault the pages in: measure the disk, not page faults
     mv = memoryview(buf.numpy())
     out = []
     for _ in range(reps):
-        drop_page_cache(path)
+        if cold:
+            drop_page_cache(path)
         fd = os.open(path, os.O_RDONLY)
         t0 = time.perf_counter()
 
@@ -218,8 +252,10 @@ def measure(runner, sizes: list[int], bytes_per_token: int, kv_dtype: torch.dtyp
             for _ in range(max(1, file_bytes >> 20)):
                 f.write(block)
         disk = disk_gbs(p, threads)
+        cached = disk_gbs(p, threads, cold=False)
     zgbs, _ = zstd_gbs(kv_dtype, nbytes=zstd_bytes, threads=threads, tensor_bytes=min(8 << 20, zstd_bytes))
     return Measurements(device=device_name(runner.device), bytes_per_token=bytes_per_token, disk_gbs=disk,
+                        cached_gbs=cached,
                         h2d_gbs=h2d_gbs(runner.device), zstd_gbs=zgbs,
                         prefill=prefill_points(runner, sizes, vocab=vocab), measured_at=time.time())
 

@@ -29,7 +29,7 @@ from skillkv.errors import SnapshotError
 from skillkv.runners.base import Runner
 from skillkv.tiers.host_cache import HostCache, HostKV
 from skillkv.tiers.l2_reader import L2Reader
-from skillkv.tiers.policy import TierPolicy
+from skillkv.tiers.policy import TierPolicy, cached_fraction
 
 Piece = tuple[str, list[int]]  # (snapshot key, the token ids the caller expects it to hold)
 
@@ -105,8 +105,24 @@ class Tiers:
             raise SnapshotError(f"{kv.name}: token ids differ from the current tokenization (stale)")
         return kv, "l2"
 
+    def keep(self, pieces: list[Piece], kvs: list) -> None:
+        """Put computed pieces (their KV, any device) in the host tier, in the background: a prefix computed once
+        comes back from host memory, not from a recompute, after the runner evicted it (write-back). Pieces
+        already there, or larger than the whole budget, are skipped."""
+        for (key, ids), kv in zip(pieces, kvs):
+            with self._lock:
+                self._prefetched.discard(key)  # a prefetch of it served nothing: the next host hit is a host hit
+            nbytes = sum(t.numel() * t.element_size() for pair in kv for t in pair)
+            if self.host.contains(key) or nbytes > self.host.budget_bytes:
+                continue
+            self._prefetch.submit(lambda key=key, ids=ids, kv=kv: self.host.put(
+                key, HostKV.from_kv(key, ids, kv, pin=self.host.pin)))
+
     def prefetch(self, pieces: list[Piece]) -> None:
-        """Start L2 -> host reads of snapshots a question needs, in the background (errors surface on use)."""
+        """Start L2 -> host reads of snapshots a question needs, in the background (errors surface on use); not
+        when the policy, once asked, found recomputing them faster."""
+        if self._policy_asked and self._source(pieces, self._policy_value) == "recompute":
+            return
         for key, ids in pieces:
             if self.host.contains(key):
                 continue
@@ -133,20 +149,25 @@ class Tiers:
         else "recompute". Changes nothing."""
         if self._runner().resident(key):
             return "l1"
+        if not self._policy_asked:
+            self._policy_value, self._policy_asked = self._policy(), True
+        return self._source(pieces, self._policy_value)
+
+    def _source(self, pieces: list[Piece], policy: TierPolicy | None) -> str:
+        """"host" or "l2" (the slowest tier the pieces are in) when `policy` estimates loading them faster than
+        recomputing (always, without a policy), else "recompute" (also when a piece is in no tier)."""
         entries = self.store.entries()
         if any(k not in entries and not self.host.contains(k) for k, _ in pieces):
             return "recompute"
         tiers = ["host" if self.host.contains(k) else "l2" for k, _ in pieces]
         where = "l2" if "l2" in tiers else "host"
-        if not self._policy_asked:
-            self._policy_value, self._policy_asked = self._policy(), True
-        policy = self._policy_value
         if policy is None:
             return where
         est = 0.0
         for (k, ids), tier in zip(pieces, tiers):
             e = entries.get(k)
-            est += policy.load_seconds(tier, len(ids), e.bytes if e else None, e.compression if e else "none")
+            cached = tier == "l2" and cached_fraction(self.store.file_path(k)) > 0.9
+            est += policy.load_seconds(tier, len(ids), e.bytes if e else None, e.compression if e else "none", cached)
         tokens = sum(len(ids) for _, ids in pieces)
         return where if est * policy.margin < policy.m.recompute_seconds(tokens) else "recompute"
 
