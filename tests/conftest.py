@@ -101,10 +101,9 @@ def run_cli(monkeypatch, capsys, *argv):
 
 
 def chain_kv(kv, skills):
-    """The exact KV of preamble + `skills` in this order (stored pieces loaded, missing ones computed and stored)."""
-    from skillkv.compile import concat
-
-    return concat(kv.compiler.chain(skills)[0])
+    """The exact KV of preamble + `skills` in this order on the runner's device (stored pieces loaded, missing ones
+    computed and stored)."""
+    return kv.compiler.chain_kv(skills)[0]
 
 
 def composed_kv(kv, skills, repair):
