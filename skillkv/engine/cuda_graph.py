@@ -19,7 +19,7 @@ attend over the scratch page only: they never read or write a page of a real seq
 dropped. Host work per replay: one pinned staging buffer filled with numpy, one host -> device copy (plus the
 backend's plan: one more copy for FA3), one graph launch.
 Contract: `run` returns what the eager forward would, up to the kernels' scheduling of the same math for the
-padded shapes (checked on the GPU in tests/test_paged_engine.py).
+padded shapes (checked on the GPU in tests/engine/test_paged_engine.py).
 """
 
 from __future__ import annotations

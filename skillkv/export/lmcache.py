@@ -1,6 +1,6 @@
 """LMCache 0.5.6 `fs://` connector files for a vLLM + LMCache fleet.
 
-Read in LMCache's code (proven against it in tests/test_export_lmcache.py):
+Read in LMCache's code (proven against it in tests/export/test_export_lmcache.py):
 - key (`lmcache/utils.py`, CacheEngineKey.to_string): `{model}@{world_size}@{worker_id}@{chunk_hash:x}@{dtype}`,
   dtype "float" | "bfloat16" | "half"; world_size is vLLM's world size (the tensor-parallel size here, pipeline
   parallelism 1) and worker_id the rank;

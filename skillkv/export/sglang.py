@@ -1,6 +1,6 @@
 """SGLang 0.5.23 HiCache `file` storage backend pages for an SGLang fleet.
 
-Read in SGLang's code (proven against it in tests/test_export_sglang.py):
+Read in SGLang's code (proven against it in tests/export/test_export_sglang.py):
 - page key (`mem_cache/utils.get_hash_str` -> `cpp_utils/hash_binding.cpp`): chained SHA-256 over the page's
   token ids (skillkv.export.chunks.sglang_page_hashes), with the server's `--page-size` tokens per page; only full
   pages are looked up;

@@ -18,7 +18,7 @@ target's own tokenization:
 Its KV comes from skillkv's snapshots (`kv.compiler.chain_kv`) when skillkv's segment ids agree over the exported length,
 else from one prefill of exactly those ids on the model skillkv loads (the same weights and dtype; a prefill of a
 prompt's first n tokens is bit-identical to the first n positions of a prefill of the whole prompt on the CPU:
-tests/test_export_real.py).
+tests/export/test_export_real.py).
 """
 
 from __future__ import annotations

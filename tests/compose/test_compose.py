@@ -73,7 +73,7 @@ def test_length_dependent_rope_is_refused(rope):
 
 
 def test_per_layer_type_rope_needs_layer_types():
-    """Sliding-window models compose (tests/test_sliding_window.py); a per-type RoPE dict without `layer_types`
+    """Sliding-window models compose (tests/runners/test_hf_sliding_window.py); a per-type RoPE dict without `layer_types`
     naming each layer's table cannot be placed."""
     from transformers import AutoConfig
 

@@ -11,7 +11,7 @@ from skillkv.select import choose_skills
 from skillkv.select.keyword import MIN_SCORE, score, words
 from skillkv.skills import Skill, load_skills
 
-REPO_SKILLS = Path(__file__).parent.parent / "skills"
+REPO_SKILLS = Path(__file__).resolve().parents[2] / "skills"
 
 
 def skill(name: str, description: str) -> Skill:

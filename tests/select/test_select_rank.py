@@ -10,7 +10,7 @@ from skillkv.select.rank import Ranker
 from skillkv.select import choose_skills, explain_skills
 from skillkv.skills import Skill, load_skills
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _score(select, items) -> tuple[float, float, float, float]:
