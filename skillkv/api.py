@@ -107,7 +107,7 @@ class SkillKV:
     @property
     def runner(self) -> Runner:
         if self._runner is None:
-            self._runner = make_runner(self.engine, self.handle.load(), self.kv_budget, self.batch_invariant,
+            self._runner = make_runner(self.engine, self.handle, self.kv_budget, self.batch_invariant,
                                        self.attention)
         return self._runner
 

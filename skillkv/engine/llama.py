@@ -1,9 +1,9 @@
 """A lean runner for the Llama family (Llama, Mistral, SmolLM, Qwen2, Qwen3) over the paged KV pool.
 
-It loads the very weights of a transformers model (fused QKV and gate/up matrices), computes the element-wise parts
-through `ops` (engine/ops.py: the model's own RMSNorm and rotary modules, or FlashInfer's fused kernels fed by the
-same rotary module, so RoPE scaling variants match transformers; engine/triton_ops.py: Triton kernels with RoPE
-fused into the pool write), writes each step's new keys and values into pool slots, and computes attention through
+It runs a checkpoint's weights (engine/weights.py: read by safetensors, no transformers; fused QKV and gate/up
+matrices), computes the element-wise parts through `ops` (engine/ops.py: RMSNorm and the rotary embedding of
+engine/rotary.py, transformers' arithmetic op for op, or FlashInfer's fused kernels fed by the same rotary table;
+engine/triton_ops.py: Triton kernels with RoPE fused into the pool write), writes each step's new keys and values into pool slots, and computes attention through
 an `AttentionBackend`. Weight GEMMs go through `gemm` (engine/gemm.py: cuBLAS, or a Triton split-K kernel for
 skinny steps). Only the logits of the positions
 asked for are computed. Checked against transformers in tests (fp32 greedy identical, bf16 relative error).
@@ -31,46 +31,51 @@ import torch.nn.functional as F
 
 from skillkv.engine.attention import AttentionBackend, SeqView
 from skillkv.engine.gemm import Linear
+from skillkv.engine.ops import RMSNorm
 from skillkv.engine.pool import KVPool
+from skillkv.engine.support import SUPPORTED, unsupported  # noqa: F401 - SUPPORTED: re-exported
+from skillkv.engine.weights import as_weights
 from skillkv.errors import SkillkvError
-from skillkv.model import layer_windows
 
 ROWS = 8  # steps of at least this many rows are padded to a multiple of it (module docstring)
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 class LlamaRunner:
-    def __init__(self, hf_model, pool: KVPool, backend: AttentionBackend, ops: str = "auto", row_block: int = 0,
+    """The forward pass over `weights` (engine/weights.py: a checkpoint read by safetensors, or a transformers
+    model's parameters, shared)."""
+
+    def __init__(self, weights, pool: KVPool, backend: AttentionBackend, ops: str = "auto", row_block: int = 0,
                  gemm: str = "auto"):
-        cfg = hf_model.config
+        weights = as_weights(weights)
+        cfg = weights.config
         self.row_block = row_block
-        if cfg.model_type not in SUPPORTED:
-            raise SkillkvError(f"the paged engine supports {', '.join(sorted(SUPPORTED))}, not {cfg.model_type}")
-        if any(layer_windows(cfg)):  # its attention has no window: it would let every token see the whole prefix
-            raise SkillkvError(f"the paged engine does not support sliding-window attention ({cfg.model_type}); "
-                               "use --engine hf")
-        inner = hf_model.model
+        why = unsupported(cfg)
+        if why:
+            raise SkillkvError(why)
         self.cfg, self.pool, self.backend = cfg, pool, backend
-        self.embed, self.norm = inner.embed_tokens, inner.norm
-        self.lm_head = hf_model.lm_head.weight
+        self.embed_weight = weights.get("model.embed_tokens.weight")
+        eps = cfg.rms_norm_eps
+        self.norm = RMSNorm(weights.get("model.norm.weight"), eps)
+        self.lm_head = weights.lm_head
         self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.q_heads
+        self.head_dim = cfg.head_dim
         # the cos/sin table on the CPU (vectorized sin/cos give a scalar tail other bits, module docstring) and in
-        # batch-invariant mode; elsewhere the rotary module per step, which reads no host value (graph capture)
-        self.ops = make_ops(ops, inner.rotary_emb, self.head_dim, cfg, pool.device,
+        # batch-invariant mode; elsewhere the rotary embedding per step, which reads no host value (graph capture)
+        self.ops = make_ops(ops, weights.rotary, self.head_dim, cfg, pool.device,
                             fixed_rope=pool.device.type == "cpu" or row_block > 0, attention=backend.name)
         self.linear = Linear(gemm, pool.device)
         self.layers = []
-        for layer in inner.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            qkv_b = None
-            if at.q_proj.bias is not None:
-                qkv_b = torch.cat([at.q_proj.bias, at.k_proj.bias, at.v_proj.bias])
+        for i in range(cfg.num_hidden_layers):
+            w = weights.layer(i)
+            if any(w[k] is not None for k in ("o_b", "gate_b", "up_b", "down_b")):
+                raise SkillkvError("the paged engine has no output or MLP biases; use --engine hf")
+            qkv_b = torch.cat([w["q_b"], w["k_b"], w["v_b"]]) if w["q_b"] is not None else None
             self.layers.append(dict(
-                ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm,
-                qkv=torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]), qkv_b=qkv_b,
-                o=at.o_proj.weight, gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                down=mlp.down_proj.weight, q_norm=getattr(at, "q_norm", None), k_norm=getattr(at, "k_norm", None)))
+                ln1=RMSNorm(w["ln1"], eps), ln2=RMSNorm(w["ln2"], eps),
+                qkv=torch.cat([w["q"], w["k"], w["v"]]), qkv_b=qkv_b, o=w["o"],
+                gate_up=torch.cat([w["gate"], w["up"]]), down=w["down"],
+                q_norm=RMSNorm(w["q_norm"], eps) if w["q_norm"] is not None else None,
+                k_norm=RMSNorm(w["k_norm"], eps) if w["k_norm"] is not None else None))
 
     def _pad(self, rows: int) -> int:
         """Zero rows to add to a step of `rows` rows (module docstring)."""
@@ -98,7 +103,7 @@ class LlamaRunner:
         pad = self._pad(n)
         if pad:
             ids, positions = F.pad(ids, (0, pad)), F.pad(positions, (0, pad))
-        x = self.embed(ids)
+        x = F.embedding(ids, self.embed_weight)
         ops.begin(x, positions)
         nq, nk, d = self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         h = ops.norm(x, self.layers[0]["ln1"])
@@ -138,7 +143,7 @@ def make_ops(name: str, rotary, head_dim: int, cfg, device: torch.device, fixed_
              attention: str = ""):
     """`auto` on CUDA: with the fa3 attention backend the Triton kernels (engine/triton_ops.py: the FA3 set has no
     FlashInfer, and RoPE fused into the KV store measured faster), else FlashInfer's fused kernels when installed;
-    everywhere else the transformers modules (engine/ops.py). `fixed_rope`: the torch version reads cos/sin from a
+    everywhere else the torch ops (engine/ops.py). `fixed_rope`: the torch version reads cos/sin from a
     table built in fixed chunks (batch-invariant mode)."""
     import importlib.util
 

@@ -1,11 +1,11 @@
 """The element-wise parts of a Llama-family layer (RMSNorm, residual add, RoPE, SiLU-and-mul): the torch and
 FlashInfer versions (a third, Triton kernels with RoPE fused into the KV store, is engine/triton_ops.py).
 
-  torch       the model's own transformers modules (RMSNorm, rotary embedding): bit-for-bit what transformers
-              computes; CPU and CUDA. The reference.
+  torch       `RMSNorm` below and the rotary embedding of engine/rotary.py: the arithmetic of transformers' modules,
+              op for op, so bit-for-bit what transformers computes (tests compare); CPU and CUDA. The reference.
   flashinfer  FlashInfer's fused kernels (one kernel each instead of ~6 for a norm, ~12 for RoPE), CUDA only.
-              RoPE reads a cos/sin table computed once by the model's own rotary module, so every RoPE variant
-              transformers implements (default, llama3, linear, yarn...) is reproduced, not re-implemented.
+              RoPE reads a cos/sin table computed once by the rotary embedding (engine/rotary.py), so every RoPE
+              variant it computes (default, linear, llama3, yarn) is the same table as the torch version's.
               Math in float32 inside the kernels: results differ from the torch version by bf16 rounding only.
 
 Contract (all): `begin(positions)` once per forward; `norm(x, ln)` -> RMSNorm(x); `add_norm(a, x, ln)` ->
@@ -22,6 +22,21 @@ from skillkv.engine.rope import rotate_half
 
 
 ROPE_CHUNK = 1024  # positions per cos/sin table chunk (fixed_rope)
+
+
+class RMSNorm:
+    """transformers' LlamaRMSNorm (Qwen2/3, Mistral: the same), op for op: in float32, x * rsqrt(mean(x^2) + eps),
+    back to x's dtype, times the weight. `weight` and `variance_epsilon` as on the module (the fused kernels read
+    them)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight, self.variance_epsilon = weight, float(eps)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
 
 
 class TorchOps:

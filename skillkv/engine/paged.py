@@ -23,6 +23,7 @@ from skillkv.engine.attention import SeqView, make_backend
 from skillkv.engine.cuda_graph import CudaGraphs, capturable
 from skillkv.engine.llama import LlamaRunner
 from skillkv.engine.pool import KV, KVPool
+from skillkv.engine.weights import as_weights
 
 
 @dataclass
@@ -46,21 +47,22 @@ class Request:
 
 
 class PagedEngine:
-    """One model, one pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer[:KERNEL] |
+    """One model (`weights`: engine/weights.LlamaWeights, or a transformers model whose parameters are used), one
+    pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer[:KERNEL] |
     fa3[:SPLITS] (engine/attention.py); `ops` (auto | torch | flashinfer | triton) picks the element-wise kernels;
     `gemm` (auto | cublas | triton) the weight GEMMs (engine/gemm.py); `cuda_graphs` replays short batches (any
     backend that can be captured: flashinfer, fa3); `row_block > 0` makes every request's logits independent of
     what it is batched with (see engine/llama.py)."""
 
-    def __init__(self, hf_model, budget_bytes: int, attention: str = "auto", page_size: int = 16,
+    def __init__(self, weights, budget_bytes: int, attention: str = "auto", page_size: int = 16,
                  cuda_graphs: bool = True, ops: str = "auto", row_block: int = 0, gemm: str = "auto"):
-        cfg = hf_model.config
-        p = next(hf_model.parameters())
-        self.pool = KVPool.for_model(cfg, p.dtype, p.device, budget_bytes, page_size)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        weights = as_weights(weights)
+        cfg = weights.config
+        self.pool = KVPool.for_model(cfg, weights.dtype, weights.device, budget_bytes, page_size)
+        head_dim = cfg.head_dim
         self.backend = make_backend(attention, self.pool, cfg.num_attention_heads, head_dim ** -0.5)
-        self.runner = LlamaRunner(hf_model, self.pool, self.backend, ops, row_block, gemm)
-        self.device = p.device
+        self.runner = LlamaRunner(weights, self.pool, self.backend, ops, row_block, gemm)
+        self.device = weights.device
         self.graphs = None  # CUDA graphs of short batches (questions, decode steps), where the backend allows
         if cuda_graphs and capturable(self.backend):
             (scratch,) = self.table.alloc(1)  # held for ever: padding tokens write here

@@ -10,6 +10,10 @@ ones still land. The entry is held by the page-in until its last copy landed (ne
 meanwhile); a damaged source fails the page-in, the waiting prefill raises SnapshotError and the entry is dropped
 as soon as no sequence holds it.
 
+Weights: engine/weights.LlamaWeights, read by safetensors (no transformers on the ask path). `model`, the
+transformers model of the same weights, is loaded only when something asks for it (compose's deviation probe, the
+evaluation's reference).
+
 Attention: torch (SDPA over gathered pages) on the CPU, FlashInfer on CUDA (engine/attention.py), with CUDA graphs
 of short batches. `batch_invariant` pads every step's rows (serve: an answer is the same alone or among 64); steps
 of 8 rows or more are padded in either mode, so a skill's KV is the same bits whoever computes it (engine/llama.py).
@@ -24,6 +28,7 @@ import torch
 from skillkv.engine.page_in import PageIn
 from skillkv.engine.paged import PagedEngine, Request
 from skillkv.engine.placed import PagedComposer, placed_source
+from skillkv.engine.weights import as_weights
 from skillkv.errors import SnapshotError
 from skillkv.runners.base import KV, KVSource, Part, Runner
 
@@ -43,19 +48,24 @@ class PagedRunner(Runner):
 
     def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto",
                  batch_invariant: bool = False, page_size: int = 16, cuda_graphs: bool = True, gemm: str = "auto"):
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.engine = PagedEngine(model, budget_bytes or default_budget(self.device), attention=attention,
+        self.weights = as_weights(model)
+        self.config, self.device = self.weights.config, self.weights.device
+        self.engine = PagedEngine(self.weights, budget_bytes or default_budget(self.device), attention=attention,
                                   page_size=page_size, cuda_graphs=cuda_graphs, row_block=8 if batch_invariant else 0,
                                   gemm=gemm)
         self.batch_invariant = batch_invariant
         self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
-        self.composer = PagedComposer(self.engine, model.model.rotary_emb, settle=self.settle)
+        self.composer = PagedComposer(self.engine, self.weights.rotary, settle=self.settle)
         self._pending: dict[str, PageIn] = {}
         self._retired: set[str] = set()  # entries to evict once no sequence holds them
         self._errors: dict[str, BaseException] = {}  # key -> why its page-in failed (until the next open)
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="skillkv-copy")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def model(self):
+        """The transformers model of the same weights, loaded on first use (module docstring)."""
+        return self.weights.reference()
 
     @property
     def table(self):
