@@ -12,7 +12,8 @@ CUDA graphs (engine/cuda_graph.py): `for_graph(batch, tokens, pages)` returns a 
 device buffers at fixed addresses, so `run` can be captured once and replayed after every new plan; `graph_width`
 says which page-table width a batch needs (part of a graph's key). Backends that cannot be captured return None.
 
-  torch       SDPA over pages gathered into contiguous tensors; CPU and CUDA; the reference
+  torch       SDPA over a view of consecutive pages (or pages gathered into a contiguous tensor); CPU and CUDA;
+              the reference
   flashinfer  FlashInfer's BatchPrefillWithPagedKVCacheWrapper (CSR page table: kv_indptr, kv_indices,
               kv_last_page_len, int32); CUDA only, imported only when chosen
   fa3         FlashAttention-3 `flash_attn_with_kvcache` (paged KV, split-KV by its own heuristic, GQA packing);
@@ -65,27 +66,52 @@ class AttentionBackend(ABC):
 
 
 class TorchBackend(AttentionBackend):
+    """SDPA per sequence. A sequence whose pages are consecutive in the pool (the usual case: the page table hands
+    out contiguous runs, and a request grows right after its prefix) attends over a view of the pool, no copy;
+    otherwise its pages are gathered into a contiguous tensor first (one copy per layer). Both are contiguous
+    [kv_len, kv_heads, head_dim] tensors at 64-byte aligned addresses, so SDPA computes the same bits either way
+    (tests/engine/test_attention_backends.py checks it). The causal mask of a multi-token step is built once per
+    plan as an additive float mask (0 / -inf: what SDPA makes of a boolean mask in every call), shared by every
+    layer."""
+
     name = "torch"
 
     def plan(self, seqs: list[SeqView]) -> None:
-        self.seqs = seqs
-        self.masks = []
+        self.seqs, self.masks, self.spans = seqs, [], []
+        dev, ps = self.pool.device, self.pool.page_size
         for s in seqs:
+            pages = s.pages[:-(-s.kv_len // ps)]
+            first = pages[0] if pages else 0
+            if pages == list(range(first, first + len(pages))):
+                self.spans.append(slice(first, first + len(pages)))
+            else:
+                self.spans.append(torch.tensor(pages, device=dev))
             if s.q_len == 1:
                 self.masks.append(None)
                 continue
-            qpos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=self.pool.device)
-            self.masks.append(torch.arange(s.kv_len, device=self.pool.device)[None, :] <= qpos[:, None])
+            qpos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=dev)
+            keep = torch.arange(s.kv_len, device=dev)[None, :] <= qpos[:, None]
+            self.masks.append(torch.zeros(keep.shape, dtype=self.pool.dtype, device=dev).masked_fill_(
+                ~keep, float("-inf")))
+
+    def rows(self, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [kv_len, kv_heads, head_dim] of sequence i of the plan (a view, or a gathered copy)."""
+        span, n, pool = self.spans[i], self.seqs[i].kv_len, self.pool
+        shape = (-1, pool.kv_heads, pool.head_dim)
+        if isinstance(span, slice):
+            return pool.k[layer, span].view(shape)[:n], pool.v[layer, span].view(shape)[:n]
+        return (pool.k[layer].index_select(0, span).view(shape)[:n],
+                pool.v[layer].index_select(0, span).view(shape)[:n])
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
             v: torch.Tensor | None = None) -> torch.Tensor:
         outs, off = [], 0
-        for s, mask in zip(self.seqs, self.masks):
-            k, v = self.pool.gather(layer, s.pages, s.kv_len)
+        gqa = self.q_heads != self.pool.kv_heads
+        for i, (s, mask) in enumerate(zip(self.seqs, self.masks)):
+            k, v = self.rows(layer, i)
             qs = q[off:off + s.q_len].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                                               attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.q_heads != self.pool.kv_heads)
+                                               attn_mask=mask, scale=self.scale, enable_gqa=gqa)
             outs.append(o[0].transpose(0, 1))
             off += s.q_len
         return torch.cat(outs) if len(outs) > 1 else outs[0]

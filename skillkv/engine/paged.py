@@ -1,10 +1,14 @@
 """The paged engine: skill prefixes resident in the KV pool (L1), questions prefilled over them, decode.
 
 A resident prefix is the exact KV of [preamble][skill 1]..[skill k] (one pool entry per ordered combination,
-keyed by its chain key). A request references the prefix's full pages in place (shared, never copied); if the
-prefix ends inside a page, that page's filled slots are copied to a private page first (copy-on-write), so
-the request can append without touching shared pages. The request's own tokens live in private pages that are
-freed when it finishes. Entries referenced by a running request are never evicted (PageTable contract).
+keyed by its chain key). A request references the prefix's full pages in place (shared, never written). If the
+prefix ends inside a page, the first request over the entry takes that page's free tail (`Resident.tail_taken`:
+it appends there, after the entry's rows, which it never writes, and gives the tail back when it finishes); any
+other request at the same time copies the filled slots to a private page first (copy-on-write). So a lone
+request's KV stays in consecutive pages, and the torch backend attends over a view of them instead of gathering
+them (engine/attention.py). The request's own tokens live in private pages, allocated right after its last page
+where that page is free, freed when it finishes. Entries referenced by a running request are never evicted
+(PageTable contract).
 
 A composed request (compose mode, engine/compose_paged.py) references several entries (`prefix_key` and `keys`)
 and lists its prefix pages in any order (`shared`); some of them are private copies (`owned`: pages where two
@@ -34,12 +38,14 @@ class Request:
 
     prefix_key: str | None
     prefix_tokens: int
-    shared: list[int]  # full pages of the prefix, in position order (shared with entries, except `owned`)
+    shared: list[int]  # pages of the prefix, in position order (shared with entries, except `owned`): its full
+    # pages, and its partly filled last page when the request took that page's tail (`tail`)
     private: list[int] = field(default_factory=list)
     length: int = 0  # tokens in KV
     cow: tuple[int, int, int] | None = None  # (src page, dst page, slots): a copy-on-write still to do per layer
     keys: list[str] = field(default_factory=list)  # further entries referenced (a composed prefix's placed skills)
     owned: list[int] = field(default_factory=list)  # pages of `shared` that are the request's own copies
+    tail: bool = False  # appends in the free tail of the prefix entry's last page (module docstring)
 
     @property
     def pages(self) -> list[int]:
@@ -103,8 +109,11 @@ class PagedEngine:
             return Request(None, 0, [])
         e = self.table.acquire(prefix_key)
         full = e.tokens // self.pool.page_size
-        req = Request(prefix_key, e.tokens, e.pages[:full], length=e.tokens)
         rem = e.tokens - full * self.pool.page_size
+        if rem and not e.tail_taken and e.start == 0:
+            e.tail_taken = True
+            return Request(prefix_key, e.tokens, list(e.pages), length=e.tokens, tail=True)
+        req = Request(prefix_key, e.tokens, e.pages[:full], length=e.tokens)
         if rem:
             try:
                 (page,) = self.table.alloc(1)
@@ -121,7 +130,8 @@ class PagedEngine:
     def _grow(self, req: Request, new_tokens: int) -> None:
         need = self.table.pages_for(req.length + new_tokens) - len(req.pages)
         if need > 0:
-            req.private.extend(self.table.alloc(need))
+            pages = req.pages
+            req.private.extend(self.table.alloc(need, near=pages[-1] + 1 if pages else None))
 
     def prefill(self, reqs: list[Request], ids: list[list[int]], layer_ready=None, every: bool = False) -> torch.Tensor:
         """Append `ids[i]` to request i (batched); return float32 logits [len(reqs), vocab] of each last token, or
@@ -157,6 +167,9 @@ class PagedEngine:
         self.table.free_private(req.private + req.owned)
         req.private, req.owned = [], []
         if req.prefix_key is not None:
+            if req.tail:
+                self.table.entries[req.prefix_key].tail_taken = False
+                req.tail = False
             self.table.release(req.prefix_key)
             req.prefix_key = None
         for key in req.keys:

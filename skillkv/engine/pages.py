@@ -35,6 +35,7 @@ class Resident:
     refs: int = 0
     pinned: bool = False
     start: int = 0  # empty slots before the first row, in the first page (0 <= start < page_size)
+    tail_taken: bool = False  # a request appends in the free slots after the last row (engine/paged.py)
 
 
 @dataclass
@@ -67,11 +68,20 @@ class PageTable:
     def can_alloc(self, n: int) -> bool:
         return n <= len(self.free) + sum(len(e.pages) for e in self._evictable())
 
-    def alloc(self, n: int, private: bool = True) -> list[int]:
-        """`n` pages, evicting LRU unreferenced entries as needed. Private pages belong to a request."""
+    def alloc(self, n: int, private: bool = True, near: int | None = None) -> list[int]:
+        """`n` pages, evicting LRU unreferenced entries as needed. Private pages belong to a request. With `near`,
+        pages near, near + 1, ... when they are all free (a request growing after its last page), else any."""
         if not self.can_alloc(n):
             raise PoolFull(f"KV pool full: need {n} pages of {self.page_size} tokens, {len(self.free)} free, "
                            f"{self.num_pages} in all (raise --gpu-kv-budget)")
+        if near is not None and 0 <= near and near + n <= self.num_pages:
+            run = range(near, near + n)
+            free = set(self.free)
+            if all(p in free for p in run):
+                self.free = [p for p in self.free if p not in run]
+                if private:
+                    self.private.update(run)
+                return list(run)
         victims = self._evictable()
         while len(self.free) < n:
             self.evict(victims.pop(0).key)

@@ -121,7 +121,8 @@ class Runner(ABC):
     @abstractmethod
     def open(self, key: str | None) -> Seq:
         """A new sequence continuing the resident prefix `key` (None: empty). The prefix is held (never evicted)
-        until `release`; the sequence never writes the prefix's KV (it appends to its own copy or pages)."""
+        until `release`; the sequence never writes the prefix's rows (it appends after them: in its own copy or
+        pages, or in free slots of the prefix's storage that no other sequence uses meanwhile)."""
 
     @abstractmethod
     def open_composed(self, parts: list[Part], preamble: int) -> Seq:

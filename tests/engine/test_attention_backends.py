@@ -177,3 +177,29 @@ def test_engine_with_the_fa3_plans_on_the_cpu_matches_the_torch_engine():
         eng.table.check()
     for a, b in zip(out["fa3"], out["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (1, 37), (8, 8), (24, 1861), (7, 300), (64, 64), (33, 333)])
+def test_torch_backend_bits_do_not_depend_on_page_placement(q_len, kv_len):
+    """Consecutive pages are attended over as a view of the pool, scattered ones gathered into a copy: the same
+    rows give the same bits either way (exact mode == full mode rests on it), fp32 and bf16, with GQA."""
+    for dtype in (torch.float32, torch.bfloat16):
+        q_heads, kv_heads, d, ps = 9, 3, 64, 16
+        pool = KVPool(2, kv_heads, d, dtype, "cpu", budget_bytes=600 * 2 * 2 * ps * kv_heads * d * 4, page_size=ps)
+        n = pool.table.pages_for(kv_len)
+        g = torch.Generator().manual_seed(kv_len)
+        k = torch.randn(kv_len, kv_heads, d, generator=g).to(dtype)
+        v = torch.randn(kv_len, kv_heads, d, generator=g).to(dtype)
+        q = torch.randn(q_len, q_heads, d, generator=g).to(dtype)
+        runs = [list(range(5, 5 + n)), random.Random(q_len).sample(range(200, 500), n)]
+        if n > 1:
+            runs.append(list(range(300, 300 + n - 1)) + [100])  # consecutive but for the last page
+        outs = []
+        for pages in runs:
+            pool.load_layer(1, pages, k, v)
+            b = TorchBackend(pool, q_heads, d ** -0.5)
+            b.plan([SeqView(pages, kv_len, q_len)])
+            assert isinstance(b.spans[0], slice) == (pages == list(range(pages[0], pages[0] + n)))
+            outs.append(b.run(1, q))
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        assert float((outs[0].float() - _causal(q, k, v, d ** -0.5).float()).abs().max()) < 2e-2

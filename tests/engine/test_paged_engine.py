@@ -89,7 +89,8 @@ def test_lean_runner_matches_transformers(tiny_model):
 
 
 def test_exact_prefix_reuse_in_the_pool_equals_full_prefill(tiny_model):
-    """A prefix made resident (partial last page -> copy-on-write) then several questions, batched."""
+    """A prefix made resident (partial last page: the first request appends in its tail, the others copy it) then
+    several questions, batched; the prefix's rows are never written."""
     eng = PagedEngine(tiny_model, budget_bytes=1 << 20, attention="torch", page_size=4)
     prefix = list(range(5, 27))  # 22 tokens: 5 full pages + 2 tokens in a shared partial page
     questions = [[40, 41, 42], [50, 51], [60, 61, 62, 63, 64]]
@@ -102,6 +103,7 @@ def test_exact_prefix_reuse_in_the_pool_equals_full_prefill(tiny_model):
     assert eng.make_resident("p", len(prefix), lambda: kv) == "l1"
     shared_before = [eng.pool.k[:, p].clone() for p in eng.table.entries["p"].pages]
     reqs = [eng.start("p") for _ in questions]
+    assert [r.tail for r in reqs] == [True, False, False] and reqs[1].cow is None and len(reqs[1].private) == 1
     batched = eng.prefill(reqs, questions)
     for q, got in zip(questions, batched):
         f = eng.start(None)
@@ -109,16 +111,20 @@ def test_exact_prefix_reuse_in_the_pool_equals_full_prefill(tiny_model):
         eng.finish(f)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, _hf_last_logits(tiny_model, prefix + q), rtol=1e-4, atol=1e-4)
-    # decode a few steps on every request, then check the shared pages were never written
+    # decode a few steps on every request, then check the prefix's rows were never written
     for _ in range(3):
         nxt = [[int(torch.argmax(l))] for l in batched]
         batched = eng.prefill(reqs, nxt)
-    for before, p in zip(shared_before, eng.table.entries["p"].pages):
-        assert torch.equal(before, eng.pool.k[:, p])
+    rows = [len(prefix) - i * 4 for i in range(len(shared_before))]
+    for before, p, n in zip(shared_before, eng.table.entries["p"].pages, rows):
+        assert torch.equal(before[:, :n], eng.pool.k[:, p, :n])
     for r in reqs:
         eng.finish(r)
     eng.table.check()
-    assert eng.table.entries["p"].refs == 0
+    assert eng.table.entries["p"].refs == 0 and not eng.table.entries["p"].tail_taken
+    again = eng.start("p")  # the tail is free again
+    assert again.tail and again.pages == eng.table.entries["p"].pages
+    eng.finish(again)
 
 
 def test_eviction_under_a_small_budget_still_answers(tiny_model):
