@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
+from skillkv.lazy import torch
 
 
 @dataclass

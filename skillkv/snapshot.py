@@ -34,21 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import save as st_save
 
 from skillkv import __version__
 from skillkv.errors import SnapshotError
+from skillkv.lazy import torch  # headers are read without torch (`skillkv ls`, an up-to-date compile)
 
 FORMAT_VERSION = 2  # 2: KV stored NHD [tokens, kv_heads, head_dim]
 COMPRESSIONS = ("none", "zstd")
 ZSTD_LEVEL = 1  # on bf16 KV (random and real) level 1 compressed as well as 3 (0.68 vs 0.70) and decoded
                 # 14-35% faster on this CPU (`python -m skillkv.measure.bench_tiers`); decoders read any level
 _THREADS = max(1, min(8, os.cpu_count() or 1))
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn,
-              "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
-_DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)}
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "I32": "int32",
+              "I64": "int64", "U8": "uint8"}  # safetensors dtype -> torch dtype name
+_KV_DTYPES = {f"torch.{n}": n for n in ("float32", "float16", "bfloat16", "float8_e4m3fn")}  # header's "dtype"
 
 
 @dataclass
@@ -73,6 +71,11 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def st_save(tensors: dict, metadata: dict) -> bytes:
+    from safetensors.torch import save  # imports torch: on the first write only
+    return save(tensors, metadata=metadata)
 
 
 def _crc(t: torch.Tensor) -> int:
@@ -240,7 +243,7 @@ def parse_layout(header: bytes, file_size: int, name: str = "snapshot") -> Layou
         for tname, info in raw.items():
             if tname == "__metadata__":
                 continue
-            dtype, shape = _ST_DTYPES[info["dtype"]], [int(d) for d in info["shape"]]
+            dtype, shape = getattr(torch, _ST_DTYPES[info["dtype"]]), [int(d) for d in info["shape"]]
             lo, hi = (int(x) for x in info["data_offsets"])
             count = 1
             for d in shape:
@@ -260,8 +263,8 @@ def parse_layout(header: bytes, file_size: int, name: str = "snapshot") -> Layou
         if meta.get("meta_crc") != str(_meta_crc(meta)):
             raise SnapshotError(f"{name}: header checksum mismatch (corrupted on disk)")
         lay = Layout(meta=meta, spans=spans, checks={k: int(v) for k, v in json.loads(meta["checksums"]).items()},
-                     layers=int(meta["layers"]), dtype=_DTYPES[meta["dtype"]], shape=json.loads(meta["shape"]),
-                     compression=meta["compression"], tokens=int(meta["tokens"]), start=int(meta["start"]))
+                     layers=int(meta["layers"]), dtype=getattr(torch, _KV_DTYPES[meta["dtype"]]),
+                     shape=json.loads(meta["shape"]), compression=meta["compression"], tokens=int(meta["tokens"]), start=int(meta["start"]))
     except (KeyError, ValueError, TypeError) as e:
         raise SnapshotError(f"{name}: bad metadata ({e})") from None
     if set(lay.checks) != set(spans):

@@ -47,13 +47,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from skillkv.engine.rope import check_composable, place, rope_layer_types
 from skillkv.errors import SkillkvError
+from skillkv.lazy import inference_mode, torch
 from skillkv.runners.hf_masks import layer_masks, recompute_rows
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+KV = list  # list[tuple[torch.Tensor, torch.Tensor]]
 
 SELECTIONS = ("front", "deviation")
 
@@ -122,7 +121,7 @@ def _model_parts(model):
     return inner, inner.layers, inner.rotary_emb
 
 
-@torch.inference_mode()
+@inference_mode
 def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
     """Per-token relative deviation [tokens] of `kv`'s values at `layer` from those of a true causal prefill of
     `ids`, computed by running only layers 0..layer-1 (plus that layer's value projection)."""
@@ -144,7 +143,7 @@ def value_deviation(model, ids: list[int], kv: KV, layer: int) -> torch.Tensor:
     return (v - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-6)
 
 
-@torch.inference_mode()
+@inference_mode
 def recompute(model, ids: list[int], kv: KV, positions: list[int]) -> KV:
     """`kv` (contiguous, the prefix of `ids`) with the rows at `positions` recomputed given everything before them
     (runners/hf_masks.recompute_rows, on the transformers `model`). Returns new tensors; `kv` is not modified."""

@@ -3,10 +3,10 @@
 It runs a checkpoint's weights (engine/weights.py: read by safetensors, no transformers; fused QKV and gate/up
 matrices), computes the element-wise parts through `ops` (engine/ops.py: RMSNorm and the rotary embedding of
 engine/rotary.py, transformers' arithmetic op for op, or FlashInfer's fused kernels fed by the same rotary table;
-engine/triton_ops.py: Triton kernels with RoPE fused into the pool write), writes each step's new keys and values into pool slots, and computes attention through
-an `AttentionBackend`. Weight GEMMs go through `gemm` (engine/gemm.py: cuBLAS, or a Triton split-K kernel for
-skinny steps). Only the logits of the positions
-asked for are computed. Checked against transformers in tests (fp32 greedy identical, bf16 relative error).
+engine/triton_ops.py: Triton kernels with RoPE fused into the pool write), writes each step's new keys and values
+into pool slots, and computes attention through an `AttentionBackend`. Weight GEMMs go through `gemm`
+(engine/gemm.py: cuBLAS, or a Triton split-K kernel for skinny steps). Only the logits of the positions asked for
+are computed. Checked against transformers in tests (fp32 greedy identical, bf16 relative error).
 
 Batch-invariant mode (`row_block > 0`, used by `skillkv serve`): a request's logits are bitwise the same whether it
 runs alone or batched with any others. Two things break that in plain mode, both measured on the CPU (MKL sgemm,

@@ -18,11 +18,10 @@ places rows into pool pages with the same `rerotate` (engine/placed.py), so both
 
 from __future__ import annotations
 
-import torch
-
 from skillkv.errors import SkillkvError
+from skillkv.lazy import torch  # compose checks RoPE types without torch (skillkv/lazy.py)
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+KV = list  # list[tuple[torch.Tensor, torch.Tensor]]
 
 POSITION_INDEPENDENT_ROPE = {"default", "linear", "llama3", "yarn"}
 
@@ -64,7 +63,7 @@ def check_composable(config) -> None:
                                "with the sequence length; use exact mode")
 
 
-def rope_delta(rotary, delta: int, device, dtype=torch.float32,
+def rope_delta(rotary, delta: int, device, dtype=None,
                layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [head_dim] of a rotation by `delta` positions, from the model's rotary module, without its
     attention scaling (the stored keys carry it once already). `layer_type` picks the table of a rotary module
@@ -77,7 +76,7 @@ def rope_delta(rotary, delta: int, device, dtype=torch.float32,
     else:
         cos, sin = rotary(x, pos, layer_type)
         scale = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
-    scale = float(scale or 1.0)
+    scale, dtype = float(scale or 1.0), dtype or torch.float32
     return (cos[0, 0] / scale).to(dtype), (sin[0, 0] / scale).to(dtype)
 
 

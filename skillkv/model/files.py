@@ -37,11 +37,9 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.nn.modules.module")
 
 
-def _torch_has_accelerator() -> bool:
+def torch_build_has_accelerator() -> bool:
     """False when the installed torch is built for the CPU only (read from torch/version.py, without importing
     torch); True when it may see a GPU."""
-    if "torch" in sys.modules:
-        return True
     spec = importlib.util.find_spec("torch")
     if spec is None or not spec.submodule_search_locations:
         return True  # let the import report what is wrong
@@ -56,7 +54,7 @@ def _torch_has_accelerator() -> bool:
 
 def default_device() -> str:
     """"cuda" when torch sees a GPU, else "cpu"; a CPU-only torch build is recognised without importing torch."""
-    if not _torch_has_accelerator():
+    if "torch" not in sys.modules and not torch_build_has_accelerator():
         return "cpu"
     import torch
 

@@ -29,11 +29,12 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
-import torch
+if TYPE_CHECKING:  # the contract imports without torch (skillkv/lazy.py says why)
+    import torch
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [tokens, kv_heads, head_dim] (NHD)
+KV = list  # list[tuple[torch.Tensor, torch.Tensor]]: per layer (keys, values), each [tokens, kv_heads, head_dim] (NHD)
 
 
 class KVSource(Protocol):

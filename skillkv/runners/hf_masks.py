@@ -8,11 +8,10 @@ them the way the model's forward accepts (one 4D mask, or {layer type: mask} for
 
 from __future__ import annotations
 
-import torch
-
+from skillkv.lazy import inference_mode, torch
 from skillkv.model import layer_windows
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+KV = list  # list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def layer_masks(config, allowed: torch.Tensor | None, q_pos: torch.Tensor, k_pos: torch.Tensor) -> list:
@@ -42,7 +41,7 @@ def model_mask(config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.
     return by_type
 
 
-@torch.inference_mode()
+@inference_mode
 def recompute_rows(model, cache, n: int, ids: list[int], positions: list[int], cache_kw: str) -> KV:
     """Run the tokens at sorted, distinct `positions` of `ids` over `cache` (a DynamicCache holding the n rows of
     the prefix), each given everything before it in one forward pass: a chosen token attends to the earlier

@@ -28,8 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import torch
-
+from skillkv.lazy import torch
 from skillkv.tiers.host_cache import HostKV, host_buffer
 from skillkv.errors import SnapshotError
 from skillkv.snapshot import (Layout, scratch_buffer, check_identity, check_tensor, header_length, parse_layout,

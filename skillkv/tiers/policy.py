@@ -30,8 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
+from skillkv.lazy import torch
 TIERS = ("host", "l2")
 
 
@@ -192,11 +191,13 @@ def h2d_gbs(device: torch.device, nbytes: int = 256 << 20, reps: int = 5) -> flo
     return statistics.median(out[1:])
 
 
-def zstd_gbs(dtype: torch.dtype = torch.bfloat16, nbytes: int = 128 << 20, threads: int = 4,
+def zstd_gbs(dtype: torch.dtype | None = None, nbytes: int = 128 << 20, threads: int = 4,
              tensor_bytes: int = 8 << 20) -> tuple[float, float]:
     """(decoded GB/s over `threads` threads, compression ratio) of snapshot-style frames (byte-plane shuffled,
     one frame per tensor) of random-normal data in `dtype`: the L2 reader's decode path."""
     import zstandard
+
+    dtype = dtype or torch.bfloat16
 
     from skillkv.snapshot import ZSTD_LEVEL, shuffle_bytes, unzstd_into
 
