@@ -1,12 +1,13 @@
-"""Where a cold `skillkv ask` process spends its time (issue 2's goal: first token <= 3 s).
+"""Where a cold `skillkv ask` process spends its time (issue 15's goal: first token <= 2 s on the lean runner).
 
     .venv/bin/python eval/cold_start.py [--store DIR] [--reps 3]
 
 1. Wall time of fresh processes (median of --reps, after one warm-up run for the OS page cache): `--help`, an input
-   error, `ask --skill gpu-performance` (as `skillkv bench` measures it) and `ask` with automatic selection.
-2. One fresh process timed phase by phase: importing torch, transformers and the transformers modules the default
-   model needs (configuration, tokenizer, modeling), resolving the model (config, tokenizer, fingerprint), loading
-   the weights, then one exact ask with --max-tokens 1.
+   error, `ls` and an up-to-date `compile` (neither imports torch), `ask --skill gpu-performance` (as `skillkv bench`
+   measures it) and `ask` with automatic selection (which loads the embedding model, through transformers).
+2. One fresh process timed phase by phase as the CLI runs it: the interpreter, typer and rich, torch, skillkv.api,
+   resolving the model (config.json, tokenizer.json, chat template, fingerprint), reading the weights (safetensors)
+   and building the lean runner, then one exact ask with --max-tokens 1.
 The store needs gpu-performance and git-commit-messages compiled (`skillkv compile skills/ --store DIR`).
 """
 
@@ -31,17 +32,16 @@ t = [time.perf_counter()]
 out = {}
 def mark(name):
     now = time.perf_counter(); out[name] = round(now - t[0], 3); t[0] = now
+import skillkv.cli, rich.console, rich.table; mark("import the CLI (typer, rich)")
+from skillkv.api import SkillKV; mark("import skillkv.api (no torch)")
 import torch; mark("import torch")
-import transformers; mark("import transformers (top level)")
-import transformers.models.llama.configuration_llama; mark("import llama config (pulls torch.distributed.tensor)")
-import transformers.tokenization_utils_tokenizers; mark("import tokenizer classes")
-import transformers.models.llama.modeling_llama; mark("import llama modeling (pulls torch._dynamo)")
-from skillkv.api import SkillKV; mark("import skillkv.api")
+import skillkv.engine.llama, skillkv.runners.paged; mark("import the lean runner")
 kv = SkillKV(model="default", store=sys.argv[1], skills="skills"); mark("resolve model (config, tokenizer, fingerprint)")
-kv.runner; mark("load weights")
+kv.runner; mark("read weights (safetensors), build the runner")
 from skillkv.generate import SamplingParams
 a = kv.ask("Summarise the most important rule in one sentence.", ["gpu-performance"],
            params=SamplingParams(max_tokens=1)); mark("ask (snapshot load + prefill of the question)")
+assert "transformers" not in sys.modules
 print(json.dumps(out))
 """
 
@@ -63,6 +63,8 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f}; OMP_WAIT_POLICY={ENV['OMP_WAIT_POLICY']}")
     q = "Summarise the most important rule in one sentence."
     rows = [("skillkv --help", ["--help"]), ('skillkv ask "" (an input error)', ["ask", ""]),
+            ("skillkv ls", ["ls", "skills", "--store", a.store]),
+            ("skillkv compile (everything up to date)", ["compile", "skills", "--store", a.store]),
             ("ask --skill gpu-performance --max-tokens 1", ["ask", q, "--skill", "gpu-performance", "--store", a.store,
                                                             "--max-tokens", "1", "--json"]),
             ("ask (automatic selection) --max-tokens 1",
@@ -71,8 +73,12 @@ def main() -> None:
     print("| fresh process | wall (median) |\n|---|---|")
     for name, argv in rows:
         print(f"| {name} | {wall(argv, a.reps):.2f} s |")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], env=ENV, cwd=REPO)
+    start = time.perf_counter() - t0
     p = subprocess.run([sys.executable, "-c", PHASES, a.store], capture_output=True, text=True, env=ENV, cwd=REPO)
-    phases = json.loads(p.stdout.splitlines()[-1])
+    phases = {"start and stop the interpreter (an empty `python -c pass`)": round(start, 3),
+              **json.loads(p.stdout.splitlines()[-1])}
     print("\n| phase (one fresh process) | seconds |\n|---|---|")
     for k, v in phases.items():
         print(f"| {k} | {v:.2f} |")

@@ -1,5 +1,6 @@
-"""The lean runner's weight GEMMs, y = x @ W^T (+ b): cuBLAS (torch's F.linear, the default everywhere), or for
-skinny steps a Triton split-K kernel (`gemm="triton"`, opt-in).
+"""The lean runner's weight GEMMs, y = x @ W^T (+ b): cuBLAS (torch's F.linear, the default on CUDA), oneDNN on
+reordered weights (the default on the CPU, `Linear`), or for skinny CUDA steps a Triton split-K kernel
+(`gemm="triton"`, opt-in).
 
 Why a second kernel was tried: a question step multiplies ~100 rows by every weight matrix, so it is a read of the
 weights (15 GB for an 8B model) and nothing else; its floor is the HBM read rate. cuBLAS reaches 2.97 TB/s on the
@@ -121,20 +122,45 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
 
 
 class Linear:
-    """The GEMM choice of one runner: `cublas` (F.linear everywhere) or `triton` (the skinny kernel where
-    `config` gives one, F.linear elsewhere). `auto` = cublas (faster at every shape of an 8B question step on an
-    H200, docs/BENCHMARKS.md)."""
+    """The GEMM choice of one runner: `cublas` (F.linear everywhere: cuBLAS on CUDA, MKL on the CPU), `triton`
+    (the skinny kernel where `config` gives one, F.linear elsewhere) or `onednn` (CPU, float32: oneDNN's GEMM).
+    `auto` = onednn on the CPU where torch has it, cublas elsewhere (faster at every shape of an 8B question step on
+    an H200, docs/BENCHMARKS.md).
 
-    def __init__(self, mode: str, device: torch.device):
-        mode = "cublas" if mode == "auto" else mode
-        if mode not in ("cublas", "triton"):
-            raise ValueError(f"unknown gemm {mode!r} (choose from auto, cublas, triton)")
+    Why oneDNN on the CPU: torch's CPU wheels link Intel's MKL, which takes slow paths on other vendors' CPUs. On
+    the 2-core AMD EPYC (Zen 4, AVX-512) of docs/BENCHMARKS.md, the default model's weight GEMMs over 30 layers,
+    2 threads, MKL vs oneDNN: 77 vs 25 ms at 24 rows (a question), 26 vs 15 ms at 1 row (decode; the lm_head alone
+    7.2 vs 2.7 ms), 1,869 vs 877 ms at 1,861 rows (a prefill). oneDNN on weights reordered into its blocked layout
+    (`_reorder_linear_weight`) was no faster at 1-24 rows and 27% faster at 688, for ~0.2 s of reordering per
+    process and a second copy of the weights: not done, the plain weights are used as they are. oneDNN's rows do
+    not depend on the row count M for M >= 8 (as MKL's multiples of 8 did; engine/llama.py pads steps to them), so
+    exact == full and batch invariance hold the same way (tests/engine/test_gemm_cpu.py).
+
+    Weights go through `prepare(w)` once (at runner construction); `linear(x, prepared, b)` computes x @ w^T + b."""
+
+    def __init__(self, mode: str, device: torch.device, dtype: torch.dtype = torch.float32):
+        if mode == "auto":
+            mode = "onednn" if device.type == "cpu" and dtype == torch.float32 and _has_onednn() else "cublas"
+        if mode not in ("cublas", "triton", "onednn"):
+            raise ValueError(f"unknown gemm {mode!r} (choose from auto, cublas, triton, onednn)")
+        if mode == "onednn" and (device.type != "cpu" or dtype != torch.float32 or not _has_onednn()):
+            raise ValueError("gemm onednn runs float32 on the CPU, with torch's oneDNN (mkldnn) build")
         self.mode = mode
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    def prepare(self, w: torch.Tensor) -> torch.Tensor:
+        """What __call__ takes as the weight `w` [N, K] (row-major: oneDNN reads it in place)."""
+        return w.contiguous() if self.mode == "onednn" else w
+
+    def __call__(self, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
         if self.mode == "triton" and x.is_cuda:
             cfg = config(x.shape[0], w.shape[0], w.shape[1], self.sms)
             if cfg is not None:
                 return skinny_linear(x, w, b, cfg)
         return F.linear(x, w, b)
+
+
+def _has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

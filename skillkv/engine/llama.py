@@ -63,7 +63,8 @@ class LlamaRunner:
         # batch-invariant mode; elsewhere the rotary embedding per step, which reads no host value (graph capture)
         self.ops = make_ops(ops, weights.rotary, self.head_dim, cfg, pool.device,
                             fixed_rope=pool.device.type == "cpu" or row_block > 0, attention=backend.name)
-        self.linear = Linear(gemm, pool.device)
+        self.linear = lin = Linear(gemm, pool.device, weights.dtype)
+        self.lm_head = lin.prepare(self.lm_head)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             w = weights.layer(i)
@@ -72,8 +73,8 @@ class LlamaRunner:
             qkv_b = torch.cat([w["q_b"], w["k_b"], w["v_b"]]) if w["q_b"] is not None else None
             self.layers.append(dict(
                 ln1=RMSNorm(w["ln1"], eps), ln2=RMSNorm(w["ln2"], eps),
-                qkv=torch.cat([w["q"], w["k"], w["v"]]), qkv_b=qkv_b, o=w["o"],
-                gate_up=torch.cat([w["gate"], w["up"]]), down=w["down"],
+                qkv=lin.prepare(torch.cat([w["q"], w["k"], w["v"]])), qkv_b=qkv_b, o=lin.prepare(w["o"]),
+                gate_up=lin.prepare(torch.cat([w["gate"], w["up"]])), down=lin.prepare(w["down"]),
                 q_norm=RMSNorm(w["q_norm"], eps) if w["q_norm"] is not None else None,
                 k_norm=RMSNorm(w["k_norm"], eps) if w["k_norm"] is not None else None))
 

@@ -6,7 +6,9 @@ Scenarios:
   snapshot size  bytes per token, raw and zstd (byte-plane shuffled), ratio, decompression GB/s on real KV
   ttft           first-token time, exact (snapshot from the store, question prefilled) vs full (no cache), at
                  ~500 and ~2,000 skill tokens; the answers are checked to be identical
-  cold process   wall time of a fresh `skillkv ask --max-tokens 1` process (import, model load, snapshot, token)
+  decode         tokens/s of a greedy answer over the ~2,000-token skill (exact mode, 64 tokens at most)
+  cold process   wall time of a fresh `skillkv ask --max-tokens 1` process (import, model load, snapshot, token),
+                 and of a fresh `skillkv ls` (no model computation: neither torch nor transformers is imported)
   batch          100 questions over shared skills in one process, exact vs full: questions/s, prefill tokens
 """
 
@@ -32,7 +34,7 @@ QUESTION = "Summarise the most important rule in one sentence."
 
 
 def machine() -> dict:
-    import transformers
+    from importlib.metadata import version
 
     cpu = platform.processor() or ""
     try:
@@ -43,8 +45,9 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python":
-            platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+            platform.python_version(), "torch": torch.__version__, "transformers": version("transformers"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "date": time.strftime("%Y-%m-%d"),
+            "load_average": round(os.getloadavg()[0], 2)}
 
 
 def median_ms(xs: list[float]) -> float:
@@ -112,20 +115,33 @@ def bench_ttft(kv, reps: int) -> list[dict]:
     return rows
 
 
+def bench_decode(kv, reps: int) -> dict:
+    rates = []
+    for _ in range(reps):
+        a = kv.ask(QUESTION, [SIZES["~2000"]], mode="exact", params=SamplingParams(max_tokens=64))
+        n = len(a.output_token_ids)
+        rates.append((n - 1) / ((a.timings_ms["total"] - a.timings_ms["ttft"]) / 1e3))
+    return {"tokens_per_s": round(statistics.median(rates), 1), "tokens": n, "reps": reps}
+
+
 def bench_cold(store: Path, reps: int) -> dict:
     exe = Path(sys.executable).parent / "skillkv"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "skillkv"]
-    cmd += ["ask", QUESTION, "--skill", SIZES["~2000"], "--store", str(store), "--max-tokens", "1", "--json"]
-    walls, inner = [], []
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "skillkv"]
+    cmd = base + ["ask", QUESTION, "--skill", SIZES["~2000"], "--store", str(store), "--max-tokens", "1", "--json"]
+    walls, inner, ls = [], [], []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, check=True)
         walls.append(time.perf_counter() - t0)
         inner.append(json.loads(p.stdout.splitlines()[-1])["timings_ms"])
-    walls, inner = walls[1:], inner[1:]  # the first run warms the OS page cache
+        t0 = time.perf_counter()
+        subprocess.run(base + ["ls", "skills", "--store", str(store), "--json"], capture_output=True, check=True)
+        ls.append(time.perf_counter() - t0)
+    walls, inner, ls = walls[1:], inner[1:], ls[1:]  # the first run warms the OS page cache
     return {"wall_ms": median_ms(walls), "model_load_ms": statistics.median(i["model_load"] for i in inner),
             "snapshot_load_ms": statistics.median(i["snapshot_load"] for i in inner),
-            "ttft_in_process_ms": statistics.median(i["ttft"] for i in inner), "reps": reps}
+            "ttft_in_process_ms": statistics.median(i["ttft"] for i in inner), "ls_wall_ms": median_ms(ls),
+            "reps": reps}
 
 
 def batch_questions(n: int) -> list[tuple[str, list[str]]]:
@@ -166,9 +182,11 @@ def bench_batch(kv, n: int) -> dict:
 
 def markdown(r: dict) -> str:
     m, c, z = r["machine"], r["compile"], r["zstd"]
-    lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
-             f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; model "
-             f"{r['model']} ({r['dtype']}). Medians; ratios from the same run. Regenerate: `make bench`.", "",
+    lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "
+             f"OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}, load average {m.get('load_average', '?')} at the "
+             f"start: the cores are shared), Python {m['python']}, torch {m['torch']}, transformers "
+             f"{m['transformers']} (not imported by `ask`); model {r['model']} ({r['dtype']}), engine "
+             f"{r.get('engine', '?')}. Medians; ratios from the same run. Regenerate: `make bench`.", "",
              "| what | measured |", "|---|---|",
              f"| compile | {c['seconds_per_1k_tokens']} s per 1k tokens ({c['tokens']} tokens in {c['skills']} "
              f"skills, {c['seconds']} s) |",
@@ -181,10 +199,14 @@ def markdown(r: dict) -> str:
     for t in r["ttft"]:
         lines.append(f"| first token, {t['skill_tokens']} skill tokens ({t['skill']}) | exact {t['exact_ms']} ms vs "
                      f"full {t['full_ms']} ms: **{t['speedup']}x**; same first token: {t['identical_first_token']} |")
+    d = r["decode"]
+    lines.append(f"| decode, exact mode over {r['ttft'][-1]['skill_tokens']} skill tokens | {d['tokens_per_s']} "
+                 f"tokens/s ({d['tokens']} tokens) |")
     cp = r["cold"]
     lines.append(f"| cold `skillkv ask` process to first token | {cp['wall_ms']} ms wall (model load "
                  f"{cp['model_load_ms']} ms, snapshot load {cp['snapshot_load_ms']} ms, first token "
                  f"{cp['ttft_in_process_ms']} ms in process) |")
+    lines.append(f"| cold `skillkv ls` process | {cp['ls_wall_ms']} ms wall |")
     b = r["batch"]
     lines.append(f"| batch of {b['questions']} questions, 4 answer tokens | exact {b['exact']['questions_per_s']} q/s "
                  f"vs full {b['full']['questions_per_s']} q/s: **{b['speedup']}x**; prefill tokens "
@@ -215,12 +237,15 @@ def run_bench(model: str | None = None, out: Path = Path("bench_out"), quick: bo
         kv = SkillKV(model=model, store=store, skills="skills", device=device)
         kv.runner  # load the model outside the timed parts
         print("bench: compile", file=sys.stderr)
-        r = {"machine": machine(), "model": kv.handle.name, "dtype": str(kv.handle.dtype).replace("torch.", "")}
+        r = {"machine": machine(), "model": kv.handle.name, "dtype": str(kv.handle.dtype).replace("torch.", ""),
+             "engine": kv.engine}
         r["compile"] = bench_compile(kv)
         print("bench: zstd", file=sys.stderr)
         r["zstd"] = bench_zstd(kv)
         print("bench: first token", file=sys.stderr)
         r["ttft"] = bench_ttft(kv, reps)
+        print("bench: decode", file=sys.stderr)
+        r["decode"] = bench_decode(kv, 3 if quick else 5)
         print("bench: cold process", file=sys.stderr)
         r["cold"] = bench_cold(store, 2 if quick else 3)
         print("bench: batch", file=sys.stderr)

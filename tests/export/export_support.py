@@ -36,6 +36,12 @@ def served_prompt_ids(kv, system_text: str, question: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def assert_same_kv(got: torch.Tensor, want: torch.Tensor, msg: str = "") -> None:
+    """Exported KV that came from skillkv's snapshots (computed by the lean runner: oneDNN GEMMs on the CPU,
+    engine/gemm.py) against transformers' prefill of the same ids: the same math, fp32 rounding apart."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=msg or None)
+
+
 @torch.inference_mode()
 def full_prefill(kv, ids: list[int]):
     """Per-layer (keys, values) [tokens, kv_heads, head_dim] of one forward of the whole prompt `ids`."""

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from export_support import full_prefill, manifest, served_prompt_ids, write_8b_config
+from export_support import assert_same_kv, full_prefill, manifest, served_prompt_ids, write_8b_config
 
 lm = pytest.importorskip("lmcache", reason="lmcache 0.5.6 is installed by `make install` (--no-deps)")
 os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")
@@ -79,7 +79,7 @@ def test_tp2_chunks_read_back_by_lmcache_equal_full_prefill(kv8b, tmp_path):
             assert t.shape == (2, len(ref), 256, 4 * 128) and t.dtype == torch.float32
             want = torch.stack([torch.stack([k[start:end, heads].reshape(256, -1) for k, _ in ref]),
                                 torch.stack([v[start:end, heads].reshape(256, -1) for _, v in ref])])
-            assert torch.equal(t, want), f"rank {rank} chunk {start}: not the full prefill's KV bit for bit"
+            assert_same_kv(t, want, f"rank {rank} chunk {start}: not the full prefill's KV")
             assert conn._get_file_path(key).name in {f["name"] for f in m["files"] if f["rank"] == rank}
         loop.close()
 

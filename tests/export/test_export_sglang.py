@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from export_support import full_prefill, manifest, served_prompt_ids, write_8b_config
+from export_support import assert_same_kv, full_prefill, manifest, served_prompt_ids, write_8b_config
 
 if importlib.util.find_spec("sglang") is None:  # its __init__ needs the GPU stack: never imported whole here
     pytest.skip("sglang 0.5.23 is installed by `make install` (--no-deps)", allow_module_level=True)
@@ -94,7 +94,8 @@ def test_tp2_pages_read_by_hicachefile_and_placed_by_sglang(sgl, kv8b, tmp_path,
         for layer, (k, v) in enumerate(ref):
             got_k = host.kv_buffer[0, layer] if layout == "layer_first" else host.kv_buffer[0, :, layer]
             got_v = host.kv_buffer[1, layer] if layout == "layer_first" else host.kv_buffer[1, :, layer]
-            assert torch.equal(got_k, k[:n, heads]) and torch.equal(got_v, v[:n, heads]), (rank, layer)
+            assert_same_kv(got_k, k[:n, heads], f"{rank}, {layer}")
+            assert_same_kv(got_v, v[:n, heads], f"{rank}, {layer}")
 
 
 def test_check_uses_sglang(sgl, kv8b, tmp_path):
