@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from skillkv import __version__
+from skillkv.crc import crc32
 from skillkv.errors import SnapshotError
 from skillkv.lazy import torch  # headers are read without torch (`skillkv ls`, an up-to-date compile)
 
@@ -79,7 +79,7 @@ def st_save(tensors: dict, metadata: dict) -> bytes:
 
 
 def _crc(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
+    return crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
 
 
 def shuffle_bytes(t: torch.Tensor) -> bytes:
@@ -128,7 +128,7 @@ def encode(snap: Snapshot, compression: str = "none") -> bytes:
 def _meta_crc(meta: dict) -> int:
     """crc32 of every metadata field but itself: a header edit is caught like a data edit."""
     body = json.dumps({k: v for k, v in meta.items() if k != "meta_crc"}, sort_keys=True)
-    return zlib.crc32(body.encode())
+    return crc32(body.encode())
 
 
 def write_snapshot(path: Path, snap: Snapshot, compression: str = "none") -> int:

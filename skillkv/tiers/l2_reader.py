@@ -23,13 +23,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 from skillkv.lazy import torch
 from skillkv.tiers.host_cache import HostKV, host_buffer
+from skillkv.crc import crc32
 from skillkv.errors import SnapshotError
 from skillkv.snapshot import (Layout, scratch_buffer, check_identity, check_tensor, header_length, parse_layout,
                               unzstd_into)
@@ -44,7 +44,7 @@ def _pread_into(fd: int, dst: memoryview, offset: int, chunk: int, name: str) ->
         k = os.preadv(fd, [dst[got:min(n, got + chunk)]], offset + got)
         if k <= 0:
             raise SnapshotError(f"{name}: truncated (file shorter than its header says)")
-        crc = zlib.crc32(dst[got:got + k], crc)
+        crc = crc32(dst[got:got + k], crc)
         got += k
     return crc
 
