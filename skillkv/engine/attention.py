@@ -70,11 +70,16 @@ class TorchBackend(AttentionBackend):
     out contiguous runs, and a request grows right after its prefix) attends over a view of the pool, no copy;
     otherwise its pages are gathered into a contiguous tensor first (one copy per layer). Both are contiguous
     [kv_len, kv_heads, head_dim] tensors at 64-byte aligned addresses, so SDPA computes the same bits either way
-    (tests/engine/test_attention_backends.py checks it). Grouped-query heads are folded into the query rows (the
-    q_heads / kv_heads query heads that share a kv head attend as one head of that many times the rows), so SDPA
-    reads each kv head once: 10 vs 12 ms of attention per decode step on the default model over 1.9k tokens. The
-    causal mask of a multi-token step is built once per plan as an additive float mask (0 / -inf: what SDPA makes
-    of a boolean mask in every call), repeated for the folded rows and shared by every layer."""
+    (tests/engine/test_attention_backends.py checks it). Three shapes of a step, three calls (measured on the
+    default model, 2 cores, per layer):
+      - a fresh sequence (no prefix: compile, the first piece of a full prefill) runs SDPA's own causal kernel,
+        which skips the blocks above the diagonal: 29 vs 49 ms over 1,839 tokens with an explicit mask;
+      - a decode token folds the grouped-query heads into the query rows (the q_heads / kv_heads query heads that
+        share a kv head attend as one head of that many rows), so SDPA reads each kv head once: 10 vs 12 ms of
+        attention per decode step over 1.9k tokens;
+      - any other step (a question over a prefix) takes an additive float mask (0 / -inf: what SDPA makes of a
+        boolean mask in every call), built once per plan and shared by every layer.
+    The choice depends only on the step's shape, so exact and full mode compute every piece the same way."""
 
     name = "torch"
 
@@ -88,13 +93,13 @@ class TorchBackend(AttentionBackend):
                 self.spans.append(slice(first, first + len(pages)))
             else:
                 self.spans.append(torch.tensor(pages, device=dev))
-            if s.q_len == 1:
+            if s.q_len == 1 or s.q_len == s.kv_len:  # a decode token; a fresh sequence (SDPA's causal kernel)
                 self.masks.append(None)
                 continue
             qpos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=dev)
             keep = torch.arange(s.kv_len, device=dev)[None, :] <= qpos[:, None]
-            mask = torch.zeros(keep.shape, dtype=self.pool.dtype, device=dev).masked_fill_(~keep, float("-inf"))
-            self.masks.append(mask.repeat(self.q_heads // self.pool.kv_heads, 1))
+            self.masks.append(torch.zeros(keep.shape, dtype=self.pool.dtype, device=dev).masked_fill_(
+                ~keep, float("-inf")))
 
     def rows(self, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [kv_len, kv_heads, head_dim] of sequence i of the plan (a view, or a gathered copy)."""
@@ -109,14 +114,18 @@ class TorchBackend(AttentionBackend):
             v: torch.Tensor | None = None) -> torch.Tensor:
         outs, off = [], 0
         hk = self.pool.kv_heads
-        g = self.q_heads // hk
+        g, gqa = self.q_heads // hk, self.q_heads != hk
         for i, (s, mask) in enumerate(zip(self.seqs, self.masks)):
             k, v = self.rows(layer, i)
+            k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
             n, d = s.q_len, q.shape[-1]
-            qs = q[off:off + n].view(n, hk, g, d).permute(1, 2, 0, 3).reshape(1, hk, g * n, d)
-            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                                               attn_mask=mask, scale=self.scale)
-            outs.append(o.view(hk, g, n, d).permute(2, 0, 1, 3).reshape(n, self.q_heads, d))
+            if n == 1:  # folded: [1, kv_heads, g, d] attends as g rows of each kv head
+                o = F.scaled_dot_product_attention(q[off:off + 1].view(1, hk, g, d), k, v, scale=self.scale)
+                outs.append(o.view(1, self.q_heads, d))
+            else:
+                o = F.scaled_dot_product_attention(q[off:off + n].transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask,
+                                                   is_causal=mask is None, scale=self.scale, enable_gqa=gqa)
+                outs.append(o[0].transpose(0, 1))
             off += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
