@@ -148,10 +148,25 @@ class Compiler:
             runner.admit(parent, [ReadyKV(p) for p in pieces])
         seq = runner.open(parent)
         try:
+            t0 = time.perf_counter()
             runner.prefill([seq], [ids])
-            return runner.read(seq, start, start + len(ids))
+            kv = runner.read(seq, start, start + len(ids))
+            self._measured(len(ids), time.perf_counter() - t0)
+            return kv
         finally:
             runner.release(seq)
+
+    def _measured(self, tokens: int, seconds: float) -> None:
+        """Record the prefill rate of a computed piece: `skillkv stats` estimates time saved with it (skillkv.stats,
+        the way `skillkv bench` measures: a full prefill of a skill-sized prompt); never fails a compile."""
+        from skillkv.stats import MIN_RATE_TOKENS, StatsDB
+
+        if tokens >= MIN_RATE_TOKENS:
+            try:
+                StatsDB(self.store.root, on_warning=self.on_warning).record_prefill(self.store.dir.name, tokens,
+                                                                                    seconds)
+            except Exception as e:  # noqa: BLE001 - statistics are never worth a failed compile
+                self.on_warning(f"prefill rate not recorded ({type(e).__name__}: {e})")
 
     # ------------------------------------------------------------------ compile
 
