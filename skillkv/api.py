@@ -9,12 +9,11 @@ One path for every command (docs/ARCHITECTURE.md): skills are chosen (skillkv.se
 (compose/stage.py), the prefix is opened on the runner (runners/, one contract), the question is prefilled, the
 answer decoded and the ask recorded (skillkv.stats). `skillkv serve` shares `open` and batches the steps itself.
 
-Modes (`Answer.mode` is the one used, `Answer.mode_reason` says why)
-  exact    the skills' KV as an exact prefix: resident (L1), paged in from the host tier or the store, or computed
-           and stored (skillkv.residency). Identical to `full`, token for token.
-  full     no cache: the same pieces prefilled from scratch, then the question. The reference.
-  compose  approximate: skills placed in any order from their own snapshots, boundary tokens repaired.
-  auto     (the default) exact, or compose where this model's measured fidelity meets the bar.
+Modes (`Answer.mode` is the one used, `Answer.mode_reason` says why): exact (the skills' KV as an exact prefix:
+resident, paged in from the host tier or the store, or computed and stored; identical to full, token for token),
+full (no cache: the same pieces prefilled from scratch; the reference), compose (approximate: skills placed in any
+order from their own snapshots, boundary tokens repaired), auto (the default: exact, or compose where this model's
+measured fidelity meets the bar).
 """
 
 from __future__ import annotations
@@ -99,7 +98,6 @@ class SkillKV:
         self._skills: LoadResult | None = None
         self._runner: Runner | None = None
         self._pins_warm = False
-        self._load_reported = False  # the first ask's timings include the model load
         self._stats = None  # skillkv.stats.StatsDB, opened on the first recorded ask
 
     # ------------------------------------------------------------------ parts
@@ -212,8 +210,10 @@ class SkillKV:
 
     def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
-            repair: Repair | None = None) -> Answer:
-        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question."""
+            repair: Repair | None = None, on_progress: Callable[[str, int], None] | None = None) -> Answer:
+        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question.
+        `on_progress(stage, tokens)` hears ("skills", prefix tokens) before the skills' KV is made ready (loaded,
+        or computed where not stored) and ("question", question tokens) before the question's prefill."""
         params = params or SamplingParams()
         if not question or not question.strip():
             raise SkillkvError("the question is empty")
@@ -228,13 +228,14 @@ class SkillKV:
         if params.max_tokens > room:
             self.on_warning(f"the answer is limited to {room:,} tokens by the model's context of "
                             f"{self.handle.max_context:,} (prompt {len(layout.ids):,} tokens)")
-        runner = self.runner
-        model_load = 0.0 if self._load_reported else self.handle.load_seconds
-        self._load_reported = True
         t0 = time.perf_counter()
+        runner = self.runner  # loads the model on first use: counted once, in model_load and in total
+        model_load, t0 = time.perf_counter() - t0, time.perf_counter()
+        on_progress and on_progress("skills", len(layout.ids) - len(q_ids))
         opened = self.open(chosen, mode, repair)
         try:
             try:
+                on_progress and on_progress("question", len(q_ids))
                 logits = runner.prefill([opened.seq], [q_ids])[0]
             except SnapshotError as e:  # a piece found damaged while it streamed in: never served
                 runner.release(opened.seq)
