@@ -208,7 +208,7 @@ class Worker:
             if b.model not in (self.model_name, "default", "skillkv"):
                 raise ApiError(404, f"model {b.model!r} not found; this server serves {self.model_name!r}",
                                "not_found_error", "model", "model_not_found")
-            q_ids, job.select_on = question_ids(kv.builder, b.messages)
+            q_ids, job.select_on = question_ids(kv.builder, b.messages, kv.handle.max_context)
             if b.skills is not None:
                 try:
                     job.chosen = kv.pick(b.skills)
