@@ -92,10 +92,10 @@ def _flag_truncated(ans, max_tokens: int) -> None:
         warn(f"the answer was cut at {n:,} tokens by {why} (finish_reason: length)")
 
 
-def _progress(wait: Waiting, label: str = ""):
+def _progress(wait: Waiting, label: str = "", full: bool = False):
     def say(stage: str, n: int) -> None:
-        wait.update(f"{label}preparing the skills' KV ({n:,} tokens)" if stage == "skills" else
-                    f"{label}prefilling the question ({n:,} tokens)")
+        skills = f"prefilling the skills ({n:,} tokens)" if full else f"preparing the skills' KV ({n:,} tokens)"
+        wait.update(label + (skills if stage == "skills" else f"prefilling the question ({n:,} tokens)"))
     return say
 
 
@@ -116,8 +116,8 @@ def _compare(kv, item: dict, mode: str, params, repair, as_json: bool, on_text) 
         sys.stdout.write("\n")
         sys.stdout.flush()
     try:
-        b = kv.ask(item["q"], a.skills, mode="full", params=params, on_progress=_progress(wait, "full prefill for "
-                                                                                                "comparison: "))
+        b = kv.ask(item["q"], a.skills, mode="full", params=params,
+                   on_progress=_progress(wait, "for comparison, no cache: ", full=True))
     finally:
         wait.stop()
     same = a.output_token_ids == b.output_token_ids
@@ -255,7 +255,7 @@ def ask_cmd(
     def first_text(t: str) -> None:
         wait.stop()
         on_text(t)
-    kw = {} if server else {"on_progress": _progress(wait)}
+    kw = {} if server else {"on_progress": _progress(wait, full=mode == "full")}
     try:
         ans = kv.ask(item["q"], item["skills"], mode=mode, params=params, on_text=None if as_json else first_text,
                      repair=repair, **kw)
