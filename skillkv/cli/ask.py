@@ -81,7 +81,7 @@ def _status(ans) -> str:
     tk, tm = ans.tokens, ans.timings_ms
     load = f"model load {tm['model_load']:.0f} ms | " if tm["model_load"] else ""
     return (f"skills: {printable(', '.join(ans.skills)) or 'none'} | mode {ans.mode}{_compose_note(ans)} | prompt "
-            f"{tk['prompt']:,} tokens ({tk['cached']:,} cached, {tk['computed']:,} computed) | {load}snapshot load "
+            f"{tk['prompt']:,} tokens ({tk['cached']:,} cached, {tk['computed']:,} computed)\n{load}snapshot load "
             f"{tm['snapshot_load']:.0f} ms | first token {tm['ttft'] or 0:.0f} ms | total {tm['total'] / 1000:.2f} s")
 
 

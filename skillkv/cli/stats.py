@@ -26,19 +26,19 @@ def _print(rep: dict, plot: Optional[Path]) -> None:
     tk, st = rep["tokens"], rep["store"]
     cap = f"of a {human_bytes(st['cap_bytes'])} cap ({st['used_of_cap']:.0%})" if st["cap_bytes"] else "no cap set"
     nb = rep["internal"]["compose_neighbour"]
-    extra = f"; {human_bytes(nb['bytes'])} of it compose stand-in snapshots" if nb["bytes"] else ""
+    extra = f" ({human_bytes(nb['bytes'])} of it compose stand-in snapshots)" if nb["bytes"] else ""
     modes = ", ".join(f"{m} {n}" for m, n in rep["by_mode"].items())
     if rep["prefill_rate_tok_s"]:
-        saved = (f"about {human_seconds(rep['est_time_saved_s'])} of prefill at {rep['prefill_rate_tok_s']:,.0f} "
-                 f"tok/s (median of {rep['prefill_rate_samples']} compile prefills)")
+        saved = f"about {human_seconds(rep['est_time_saved_s'])} at {rep['prefill_rate_tok_s']:,.0f} tok/s"
     else:
-        saved = "time unknown until a skill compiles (it measures the prefill rate)"
+        saved = "time: known once a skill compiles here"
     hits = ", ".join(f"{t} {c} ({rep['tier_hit_rate'].get(t, 0):.0%})" for t, c in rep["tier_hits"].items() if c)
-    for key, value in [("model", rep["model"]), ("store", f"{st['path']} ({human_bytes(st['bytes'])}, {cap}{extra})"),
+    for key, value in [("model", rep["model"]), ("store", st["path"]),
+                       ("size", f"{human_bytes(st['bytes'])}, {cap}{extra}"),
                        ("questions", f"{rep['questions']:,}" + (f" ({modes})" if modes else "")),
                        ("tokens", f"{tk['prompt']:,} prompt: {tk['cached']:,} from skill KV, {tk['computed']:,} "
                                   "computed"),
-                       ("saved", f"{rep['prefill_tokens_saved']:,} prefill tokens, {saved}"),
+                       ("saved", f"{rep['prefill_tokens_saved']:,} prefill tokens ({saved})"),
                        ("tiers", hits or "none yet")]:
         out.print(f"{key:<10} {printable(value)}", markup=False, soft_wrap=True)
     out.print()

@@ -68,7 +68,8 @@ def create_app(worker: Worker, body_limit: int = 1 << 20, access_log=None) -> Fa
     async def _http(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         code = "request_too_large" if exc.status_code == 413 else None
-        return JSONResponse(error_body(str(exc.detail), kind, code=code), status_code=exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), kind, code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):

@@ -1,9 +1,11 @@
 """HTTP middleware of `skillkv serve`: the request body limit and the access log (pure ASGI, no buffering).
 
 BodyLimit  a body larger than `limit` bytes is answered 413 in the OpenAI error shape ({"error": {message, type,
-           param, code: "request_too_large"}}) without being read: at once when its Content-Length says so, and
-           as soon as the bytes received pass the limit when it is sent without one (chunked). Nothing of it is
-           parsed or tokenized, so memory stays where it was.
+           param, code: "request_too_large"}}) and never kept: when its Content-Length says so, before any of it
+           is read; sent without one (chunked), as soon as the bytes received pass the limit. Nothing of it is
+           parsed or tokenized, so memory stays where it was. Up to DRAIN bytes of the refused body are read and
+           dropped chunk by chunk before the answer, so that a client still sending reads the 413 instead of a
+           reset connection; a larger one is answered at once and the connection closed.
 AccessLog  one line per request once its response is complete (a stream: at its end), as vLLM's and
            llama.cpp's servers log: client, method, path, status and, for chat completions, the skills, cached /
            computed prompt tokens, answer tokens, time to first token and total time. `log(entry)` gets a dict
@@ -19,6 +21,21 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from skillkv.serve.protocol import error_body
+
+
+DRAIN = 64 << 20
+
+
+async def _drain(receive, budget: int) -> bool:
+    """Read and drop the rest of a request body, at most `budget` bytes; whether it ended."""
+    while budget >= 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return budget >= 0
+    return False
 
 
 def too_large(limit: int, size: int | None = None) -> str:
@@ -42,8 +59,10 @@ class BodyLimit:
             if size < 0:
                 return await JSONResponse(error_body("invalid Content-Length header"), 400)(scope, receive, send)
             if size > self.limit:
+                ended = size <= DRAIN and await _drain(receive, DRAIN)
                 body = error_body(too_large(self.limit, size), code="request_too_large")
-                return await JSONResponse(body, 413, headers={"Connection": "close"})(scope, receive, send)
+                return await JSONResponse(body, 413, headers={} if ended else {"Connection": "close"})(
+                    scope, receive, send)
         seen = 0
 
         async def limited():
@@ -51,8 +70,9 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:  # sent without a Content-Length: stop reading here
-                    raise HTTPException(413, too_large(self.limit))
+                if seen > self.limit:  # sent without a Content-Length: nothing more is kept
+                    ended = not message.get("more_body", False) or await _drain(receive, DRAIN)
+                    raise HTTPException(413, too_large(self.limit), headers=None if ended else {"Connection": "close"})
             return message
         await self.app(scope, limited, send)
 

@@ -393,3 +393,15 @@ def test_compare_shows_both_answers_and_the_speedup(monkeypatch, capsys, tiny_sk
     for bad, needle in [(["--mode", "full"], "--compare compares a mode"), (["--server", "http://x"], "--compare")]:
         code, _, err = run(monkeypatch, capsys, "ask", *common, "--compare", *bad)
         one_line(code, err, needle)
+
+
+def test_watch_keeps_going_past_a_skill_that_cannot_compile(monkeypatch, capsys, tiny_skills, tmp_path):
+    """As compile does, and serve (tests/serve/test_serve.py): the skill is reported by name, the others compile."""
+    write_skill(tiny_skills, "huge-skill", "Too long.", "word " * 1500)
+    code, out, err = run(monkeypatch, capsys, "watch", str(tiny_skills), "--store", str(tmp_path / "s"), *TINY,
+                         "--timeout", "1", "--json")
+    lines = {x["skill"]: x for x in map(json.loads, out.splitlines())}
+    assert code == 0 and "Traceback" not in err
+    assert {n: x["result"] for n, x in lines.items() if n != "huge-skill"} == dict.fromkeys(
+        ["alpha-tool", "beta-codes", "gamma-notes"], "compiled")
+    assert lines["huge-skill"]["result"] == "error" and "the model's context is 4,096" in lines["huge-skill"]["detail"]
