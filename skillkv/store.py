@@ -41,7 +41,6 @@ from skillkv.snapshot import Snapshot, read_header, read_snapshot, temp_name, wr
 from skillkv.validate import name_problem
 
 TEMP_MAX_AGE = 3600  # seconds: a temp file whose writer cannot be told dead is removed after this
-_HEX = set("0123456789abcdef")
 
 
 def snapshot_key(fingerprint: str, parent: str, content_hash: str) -> str:
@@ -84,7 +83,8 @@ class Entry:
 
 
 def valid_key(key) -> bool:
-    return isinstance(key, str) and len(key) == 32 and set(key) <= _HEX
+    """A key is ASCII letters and digits (snapshot_key's are 32 hex digits): nothing a path could be made of."""
+    return isinstance(key, str) and 0 < len(key) <= 64 and key.isascii() and key.isalnum()
 
 
 def snapshot_file(key: str, skill: str) -> str:
