@@ -93,12 +93,15 @@ def test_strict_verdicts_agree_with_skills_ref(corpus):
     folders += sorted(p for p in PUBLIC.iterdir() if p.is_dir())
     disagree = [(f.name, validate_skill(f)) for f in folders if bool(validate_skill(f)) != _skills_ref_invalid(f)]
     assert disagree == []
-    assert all(validate_skill(p) == [] for p in PUBLIC.iterdir() if p.is_dir())
+    invalid = {p.name for p in PUBLIC.iterdir() if p.is_dir() and validate_skill(p)}
+    assert invalid == {"claude-api"}  # its description is 1,075 characters; the spec allows 1,024
 
 
-def test_public_skills_load_cleanly():
+def test_public_skills_load():
+    """All load; the one over-long description is a warning (lenient), as the client guidance asks."""
     r = load_skills(PUBLIC)
-    assert r.problems == [] and r.warnings == []
-    assert len(r.skills) >= 14
+    assert r.problems == []
+    assert len(r.warnings) == 1 and "claude-api" in r.warnings[0] and "1075 characters" in r.warnings[0]
+    assert len(r.skills) >= 15
     sizes = sorted(len(s.compiled_text) for s in r.skills)
-    assert sizes[0] < 2_000 and sizes[-1] > 15_000
+    assert sizes[0] < 2_000 and sizes[-1] > 100_000  # up to ~30k tokens: past the default model's 8,192
