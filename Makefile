@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.skillkv-installed
 DEMO_Q ?= How should I write the subject line of a git commit message?
 
-.PHONY: install test test-fast demo bench eval eval-gemma serve loadtest clean-store
+.PHONY: install test test-fast demo bench eval eval-gemma serve loadtest clean-store faults
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ serve: install
 # 64 concurrent clients against an in-process server; numbers -> docs/BENCHMARKS.md (serve section)
 loadtest: install
 	$(BIN)/skillkv loadtest --doc docs/BENCHMARKS.md $(ARGS)
+
+# Fault injection on the real default model (issue 12): >= 200 snapshot/index faults (a subset answered in exact
+# mode), >= 50 kill -9 mid-compile, 4 concurrent compiles, gc --max-bytes caps, a full disk (tmpfs; needs root).
+# Not run by `make test`; about 20 minutes on 2 CPU cores. Writes docs/RELIABILITY.md.
+faults: install
+	$(BIN)/python eval/faults.py $(ARGS)
 
 clean-store:
 	rm -rf cache_store/*/
