@@ -1,0 +1,159 @@
+"""Process-level faults for `make faults`: kill -9 mid-compile, concurrent compiles, gc --max-bytes, a full disk.
+
+Everything goes through the CLI (`python -m skillkv ...`) on the real default model, and is judged from the outside:
+exit codes, stderr (one line per error, never a traceback), and the store read back with the public Store API
+(every indexed snapshot must verify: nothing half-written is ever served).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from skillkv.errors import SnapshotError
+from skillkv.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
+
+
+def cli(*args, timeout=600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "skillkv", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, cwd=REPO, timeout=timeout, **kw)
+
+
+def clean_stderr(err: str) -> bool:
+    """No traceback, and every error is one line."""
+    return "Traceback" not in err and all(not ln.startswith((" ", "\t")) for ln in err.splitlines()
+                                          if ln.strip() and "Warning" not in ln)
+
+
+def verify_store(root: Path, tag: str, fp: str) -> tuple[int, int]:
+    """(snapshots that verify, snapshots indexed but not verifying) of a store, read as a fresh process would."""
+    s = Store(root, tag, fp)
+    good = bad = 0
+    for k in s.entries():
+        try:
+            s.get(k)
+            good += 1
+        except SnapshotError:
+            bad += 1
+    return good, bad
+
+
+def kill_trials(skills: Path, store: Path, tag: str, fp: str, n: int, rng: random.Random, log,
+                only: tuple[str, ...] = ()) -> dict:
+    """`n` kill -9 trials landing mid-compile (`compile --force` rewrites every snapshot; the kill lands at a
+    random time in 35-95% of a calibrated run), each followed by a check that every indexed snapshot verifies;
+    every 10th trial then runs a compile to completion (exit 0, every snapshot verifies, no temp file left)."""
+    picks = [a for s in only for a in ("--skill", s)]
+    t0 = time.perf_counter()
+    p = cli("compile", skills, "--store", store, "--force", "--json", *picks)
+    total = time.perf_counter() - t0
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = dict(trials=0, mid_write=0, after_a_write=0, served_half_written=0, tracebacks=0, completions=0,
+               completion_failures=0, temp_left_after_completion=0, calibration_s=round(total, 1))
+    snaps = store / tag / "snapshots"
+    while out["trials"] < n:
+        before = {q.name: q.stat().st_mtime_ns for q in snaps.glob("*.safetensors")}
+        proc = subprocess.Popen([sys.executable, "-m", "skillkv", "compile", str(skills), "--store", str(store),
+                                 "--force", *picks], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                                cwd=REPO)
+        delay = rng.uniform(0.35 * total, 0.95 * total)
+        time.sleep(delay)
+        temps = list(snaps.glob(".tmp-*"))
+        rewritten = any(q.stat().st_mtime_ns != before.get(q.name) for q in snaps.glob("*.safetensors"))
+        if proc.poll() is not None:  # finished before the kill: not a trial
+            proc.communicate()
+            total *= 1.05
+            continue
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        out["trials"] += 1
+        out["mid_write"] += bool(temps)
+        out["after_a_write"] += rewritten
+        out["tracebacks"] += "Traceback" in err
+        good, bad = verify_store(store, tag, fp)
+        out["served_half_written"] += bad
+        log(f"kill {out['trials']}: at {delay:.1f}s temp={bool(temps)} rewritten={rewritten} verify={good}/{bad}")
+        if out["trials"] % 10 == 0:
+            q = cli("compile", skills, "--store", store, "--json", *picks)
+            out["completions"] += 1
+            ok = q.returncode == 0 and clean_stderr(q.stderr) and verify_store(store, tag, fp)[1] == 0
+            out["completion_failures"] += not ok
+            out["tracebacks"] += "Traceback" in q.stderr
+            out["temp_left_after_completion"] += len(list(snaps.glob(".tmp-*")))
+    return out
+
+
+def concurrent(skills: Path, store: Path, tag: str, fp: str, rounds: int, log) -> dict:
+    out = dict(rounds=rounds, processes=0, nonzero_exits=0, tracebacks=0, bad_snapshots=0, missing=0)
+    n_skills = len([d for d in skills.iterdir() if d.is_dir()])
+    for r in range(rounds):
+        shutil.rmtree(store, ignore_errors=True)
+        procs = [subprocess.Popen([sys.executable, "-m", "skillkv", "compile", str(skills), "--store", str(store)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+                 for _ in range(4)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=900)
+            out["processes"] += 1
+            out["nonzero_exits"] += proc.returncode != 0
+            out["tracebacks"] += "Traceback" in err
+        good, bad = verify_store(store, tag, fp)
+        out["bad_snapshots"] += bad
+        out["missing"] += max(0, n_skills - good)
+        log(f"concurrent round {r + 1}: verify {good}/{bad}")
+    return out
+
+
+def gc_caps(skills: Path, store: Path, tag: str, fp: str, log) -> dict:
+    out = dict(caps=0, over_cap=0, bad_after=0, nonzero_exits=0, tracebacks=0)
+    p = cli("compile", skills, "--store", store)
+    assert p.returncode == 0, p.stderr[-2000:]
+    sizes = sorted(q.stat().st_size for q in (store / tag / "snapshots").glob("*.safetensors"))
+    total = sum(sizes)
+    for cap in (total, total - 1, sizes[-1] + sizes[0], sizes[0], 0):
+        cli("compile", skills, "--store", store)
+        q = cli("gc", skills, "--store", store, "--max-bytes", cap)
+        now = sum(x.stat().st_size for x in (store / tag / "snapshots").glob("*.safetensors"))
+        out["caps"] += 1
+        out["over_cap"] += now > cap
+        out["nonzero_exits"] += q.returncode != 0
+        out["tracebacks"] += "Traceback" in q.stderr
+        out["bad_after"] += verify_store(store, tag, fp)[1]
+        log(f"gc --max-bytes {cap}: store {now} bytes, exit {q.returncode}")
+    return out
+
+
+def full_disk(skills: Path, work: Path, tag: str, fp: str, first: str, log) -> dict:
+    """A store on a small tmpfs: one snapshot fits, the next does not. Expect a one-line error, the stored one
+    intact, no temp file left. Needs root (mount); reports 'not run' otherwise."""
+    mnt = work / "tmpfs"
+    mnt.mkdir()
+    probe = cli("compile", skills, "--store", work / "size-probe", "--skill", first)
+    size = sum(q.stat().st_size for q in (work / "size-probe").rglob("*") if q.is_file())
+    shutil.rmtree(work / "size-probe")
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size + (4 << 20)}", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if probe.returncode or m.returncode:
+        return dict(run=False, why=(m.stderr or probe.stderr).strip()[:200])
+    try:
+        a = cli("compile", skills, "--store", mnt, "--skill", first)
+        stored = verify_store(mnt, tag, fp)
+        b = cli("compile", skills, "--store", mnt)
+        after = verify_store(mnt, tag, fp)
+        errs = [ln for ln in b.stderr.splitlines() if ln.strip()]
+        temps = list((mnt / tag / "snapshots").glob(".tmp-*"))
+        log(f"full disk: first exit {a.returncode} ({stored}), all exit {b.returncode}: {errs[-1:]}; after {after}")
+        return dict(run=True, tmpfs_bytes=size + (4 << 20), first_exit=a.returncode, all_exit=b.returncode,
+                    error_line=errs[-1] if errs else "", one_line=clean_stderr(b.stderr),
+                    tracebacks=int("Traceback" in a.stderr + b.stderr), stored_before=stored[0],
+                    intact_after=after[0], bad_after=after[1], temp_left=len(temps))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
