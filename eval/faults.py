@@ -7,7 +7,8 @@ snapshots, Store) and the CLI. Sections:
      pristine KV, or be refused: never served damaged); every 5th trial also answers in exact mode with a fresh
      SkillKV (the answer must equal the clean full-prefill answer token for token), then compiles and checks the
      store healed. Stale snapshots (the skill edited) are trials too (exact == full on the edited skill).
-  2. >= 50 kill -9 trials landing mid-compile; 3. 4 concurrent compiles on one store; 4. gc --max-bytes caps;
+  2. >= 50 kill -9 trials landing mid-compile (a skill edited before each: a new snapshot to write), and 10 more
+     on `compile --force`; 3. 4 concurrent compiles on one store; 4. gc --max-bytes caps;
   5. a full disk (a small tmpfs store).
 A sentinel folder beside the store is hashed before and after: 0 files touched outside the store.
 """
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=224)
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--stale", type=int, default=8)
+    ap.add_argument("--force-kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "RELIABILITY.md")
     args = ap.parse_args()
@@ -182,6 +184,8 @@ def main() -> None:
               "stale": stale_trials(kv, args.stale, log)}
     report["kill9"] = kill_trials(skills, work / "kill-store", kv.tag, kv.fingerprint, args.kills, rng, log,
                                   only=tuple(SKILLS[:2]))
+    report["kill9_force"] = kill_trials(skills, work / "force-store", kv.tag, kv.fingerprint, args.force_kills, rng,
+                                        log, only=tuple(SKILLS[:2]), force=True)
     report["concurrent"] = concurrent(skills, work / "conc-store", kv.tag, kv.fingerprint, 1, log)
     report["gc"] = gc_caps(skills, work / "gc-store", kv.tag, kv.fingerprint, log)
     report["full_disk"] = full_disk(skills, work, kv.tag, kv.fingerprint, SKILLS[0], log)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from skillkv.errors import SnapshotError
+from skillkv.skills import load_skills
 from skillkv.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,39 +37,67 @@ def clean_stderr(err: str) -> bool:
 
 def verify_store(root: Path, tag: str, fp: str) -> tuple[int, int]:
     """(snapshots that verify, snapshots indexed but not verifying) of a store, read as a fresh process would."""
+    good, bad = _verified(root, tag, fp)
+    return len(good), bad
+
+
+def _verified(root: Path, tag: str, fp: str) -> tuple[set[str], int]:
+    """(keys of the snapshots that verify, count of indexed ones that do not)."""
     s = Store(root, tag, fp)
-    good = bad = 0
+    good, bad = set(), 0
     for k in s.entries():
         try:
             s.get(k)
-            good += 1
+            good.add(k)
         except SnapshotError:
             bad += 1
     return good, bad
 
 
+def _drop_stale(root: Path, tag: str, fp: str, skills: Path) -> None:
+    """Remove snapshots of skill texts that are no longer current (public Store and skills APIs)."""
+    current = {s.content_hash for s in load_skills(skills).skills}
+    s = Store(root, tag, fp)
+    s.remove([k for k, e in s.entries().items() if e.content_hash not in current])
+
+
 def kill_trials(skills: Path, store: Path, tag: str, fp: str, n: int, rng: random.Random, log,
-                only: tuple[str, ...] = ()) -> dict:
-    """`n` kill -9 trials landing mid-compile (`compile --force` rewrites every snapshot; the kill lands at a
-    random time in 35-95% of a calibrated run), each followed by a check that every indexed snapshot verifies;
-    every 10th trial then runs a compile to completion (exit 0, every snapshot verifies, no temp file left)."""
-    picks = [a for s in only for a in ("--skill", s)]
+                only: tuple[str, ...] = (), force: bool = False) -> dict:
+    """`n` kill -9 trials landing mid-compile. Before each, one skill's SKILL.md gets a new line (so `compile`
+    has a new snapshot to compute and write; with `force`, `compile --force` recomputes the unchanged skills
+    instead). The kill lands at a random time in 35-95% of a calibrated run. After it: every indexed snapshot
+    must verify (nothing half-written is served) and every snapshot that verified before the run must still
+    verify (nothing stored is lost); every 10th trial then runs a compile to completion (exit 0, every snapshot
+    verifies, no temp file left)."""
+    picks = [a for s in only for a in ("--skill", s)] + (["--force"] if force else [])
+    names = list(only) or sorted(d.name for d in skills.iterdir() if d.is_dir())
+
+    def edit(i: int) -> None:
+        if not force:
+            md = skills / rng.choice(names) / "SKILL.md"
+            md.write_text(md.read_text() + f"\nRevision {i}.\n")
+            _drop_stale(store, tag, fp, skills)
+
+    assert cli("compile", skills, "--store", store, *picks).returncode == 0
+    edit(-1)
     t0 = time.perf_counter()
-    p = cli("compile", skills, "--store", store, "--force", "--json", *picks)
+    p = cli("compile", skills, "--store", store, "--json", *picks)
     total = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr[-2000:]
-    out = dict(trials=0, mid_write=0, after_a_write=0, served_half_written=0, tracebacks=0, completions=0,
+    out = dict(trials=0, mid_write=0, after_a_write=0, served_half_written=0, lost=0, tracebacks=0, completions=0,
                completion_failures=0, temp_left_after_completion=0, calibration_s=round(total, 1))
     snaps = store / tag / "snapshots"
     while out["trials"] < n:
-        before = {q.name: q.stat().st_mtime_ns for q in snaps.glob("*.safetensors")}
+        edit(out["trials"])
+        before, _ = _verified(store, tag, fp)
+        mtimes = {q.name: q.stat().st_mtime_ns for q in snaps.glob("*.safetensors")}
         proc = subprocess.Popen([sys.executable, "-m", "skillkv", "compile", str(skills), "--store", str(store),
-                                 "--force", *picks], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                                 *picks], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
                                 cwd=REPO)
         delay = rng.uniform(0.35 * total, 0.95 * total)
         time.sleep(delay)
         temps = list(snaps.glob(".tmp-*"))
-        rewritten = any(q.stat().st_mtime_ns != before.get(q.name) for q in snaps.glob("*.safetensors"))
+        wrote = any(q.stat().st_mtime_ns != mtimes.get(q.name) for q in snaps.glob("*.safetensors"))
         if proc.poll() is not None:  # finished before the kill: not a trial
             proc.communicate()
             total *= 1.05
@@ -77,15 +106,17 @@ def kill_trials(skills: Path, store: Path, tag: str, fp: str, n: int, rng: rando
         _, err = proc.communicate()
         out["trials"] += 1
         out["mid_write"] += bool(temps)
-        out["after_a_write"] += rewritten
+        out["after_a_write"] += wrote
         out["tracebacks"] += "Traceback" in err
-        good, bad = verify_store(store, tag, fp)
+        after, bad = _verified(store, tag, fp)
         out["served_half_written"] += bad
-        log(f"kill {out['trials']}: at {delay:.1f}s temp={bool(temps)} rewritten={rewritten} verify={good}/{bad}")
+        out["lost"] += len(before - after)
+        log(f"kill {out['trials']}{' (force)' if force else ''}: at {delay:.1f}s temp={bool(temps)} wrote={wrote} "
+            f"verified {len(before)} -> {len(after)}, bad {bad}")
         if out["trials"] % 10 == 0:
-            q = cli("compile", skills, "--store", store, "--json", *picks)
+            q = cli("compile", skills, "--store", store, "--json", *[a for a in picks if a != "--force"])
             out["completions"] += 1
-            ok = q.returncode == 0 and clean_stderr(q.stderr) and verify_store(store, tag, fp)[1] == 0
+            ok = q.returncode == 0 and clean_stderr(q.stderr) and _verified(store, tag, fp)[1] == 0
             out["completion_failures"] += not ok
             out["tracebacks"] += "Traceback" in q.stderr
             out["temp_left_after_completion"] += len(list(snaps.glob(".tmp-*")))

@@ -27,7 +27,6 @@ import mmap
 import os
 import struct
 import secrets
-import threading
 import time
 import warnings
 import zlib
@@ -35,12 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
 from skillkv import __version__
 from skillkv.errors import SnapshotError
+from skillkv.kvcodec import _scratch, _shuffle, unzstd_into  # noqa: F401 - re-exported (tiers, measure, tests)
 
 FORMAT_VERSION = 2  # 2: KV stored NHD [tokens, kv_heads, head_dim]
 META_STRINGS = ("format", "fingerprint", "key", "parent", "skill", "content_hash", "start", "tokens", "layers",
@@ -81,16 +80,6 @@ class Snapshot:
 
 def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
-
-
-def _shuffle(t: torch.Tensor) -> bytes:
-    """Byte planes: all first bytes of every element, then all second bytes, ... (one strided copy per plane)."""
-    size = t.element_size()
-    b = t.contiguous().view(torch.uint8).numpy().reshape(-1, size)
-    out = np.empty((size, b.shape[0]), dtype=np.uint8)
-    for j in range(size):
-        out[j] = b[:, j]
-    return out.tobytes()
 
 
 def encode(snap: Snapshot, compression: str = "none") -> bytes:
@@ -320,51 +309,6 @@ def check_identity(meta: dict, token_ids: list[int], name: str, fingerprint: str
         raise SnapshotError(f"{name}: holds snapshot {k[:12]}, expected {key[:12]}")
     if expect_ids is not None and list(token_ids) != list(expect_ids):
         raise SnapshotError(f"{name}: token ids differ from the current tokenization (stale)")
-
-
-_local = threading.local()
-
-
-def _scratch(attr: str, nbytes: int) -> np.ndarray:
-    """A per-thread reusable byte buffer of at least `nbytes` (decompression output, compressed input)."""
-    buf = getattr(_local, attr, None)
-    if buf is None or buf.size < nbytes:
-        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
-        setattr(_local, attr, buf)
-    return buf[:nbytes]
-
-
-def unzstd_into(frame, out: torch.Tensor, name: str = "snapshot") -> None:
-    """Decompress one zstd frame of a byte-plane-shuffled tensor into `out` (any dtype, contiguous, e.g. a slice
-    of a pinned buffer). The planes are interleaved back with one strided numpy copy per byte plane (~7x faster
-    than a transposing copy). Thread-safe (one decompressor per thread); zstd and numpy release the GIL.
-    Raises SnapshotError if the frame does not decompress to exactly out's bytes."""
-    import zstandard
-
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    size = out.element_size()
-    nbytes = out.numel() * size
-    tmp = _scratch("raw", nbytes + 1)  # one spare byte: a frame that is too long is caught
-    got, mv = 0, memoryview(tmp)
-    try:
-        with dctx.stream_reader(frame, read_across_frames=False) as r:
-            while got < len(tmp):
-                k = r.readinto(mv[got:])
-                if not k:
-                    break
-                got += k
-    except zstandard.ZstdError as e:
-        raise SnapshotError(f"{name}: damaged zstd frame ({e})") from None
-    if got != nbytes:
-        raise SnapshotError(f"{name}: a zstd frame decompressed to {got} bytes, expected {nbytes}")
-    if not nbytes:
-        return
-    planes = tmp[:nbytes].reshape(size, -1)
-    dst = out.view(torch.uint8).numpy().reshape(-1, size)
-    for j in range(size):
-        dst[:, j] = planes[j]
 
 
 def _view(data, sp: Span) -> torch.Tensor:

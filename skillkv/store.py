@@ -37,7 +37,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from skillkv.errors import SnapshotError, StoreError
-from skillkv.snapshot import Snapshot, read_header, read_snapshot, temp_name, write_snapshot
+from skillkv.snapshot import Snapshot, read_header, read_snapshot, write_snapshot
 from skillkv.validate import name_problem
 
 TEMP_MAX_AGE = 3600  # seconds: a temp file whose writer cannot be told dead is removed after this
