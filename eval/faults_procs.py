@@ -61,46 +61,62 @@ def _drop_stale(root: Path, tag: str, fp: str, skills: Path) -> None:
     s.remove([k for k, e in s.entries().items() if e.content_hash not in current])
 
 
+def _launch(skills: Path, store: Path, picks: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "skillkv", "compile", str(skills), "--store", str(store), *picks],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+
+def _calibrate(skills: Path, store: Path, picks: list[str], edit) -> tuple[float, float]:
+    """(seconds until the first temp file of a write appears, seconds until the run ends) of one compile."""
+    edit()
+    snaps = next(iter(store.glob("*/snapshots")))
+    t0, t_write = time.perf_counter(), None
+    proc = _launch(skills, store, picks)
+    while proc.poll() is None:
+        if t_write is None and any(snaps.glob(".tmp-*")):
+            t_write = time.perf_counter() - t0
+        time.sleep(0.01)
+    proc.communicate()
+    total = time.perf_counter() - t0
+    return (t_write or 0.9 * total), total
+
+
 def kill_trials(skills: Path, store: Path, tag: str, fp: str, n: int, rng: random.Random, log,
                 only: tuple[str, ...] = (), force: bool = False) -> dict:
-    """`n` kill -9 trials landing mid-compile. Before each, one skill's SKILL.md gets a new line (so `compile`
-    has a new snapshot to compute and write; with `force`, `compile --force` recomputes the unchanged skills
-    instead). The kill lands at a random time in 35-95% of a calibrated run. After it: every indexed snapshot
-    must verify (nothing half-written is served) and every snapshot that verified before the run must still
-    verify (nothing stored is lost); every 10th trial then runs a compile to completion (exit 0, every snapshot
-    verifies, no temp file left)."""
+    """`n` kill -9 trials landing mid-compile. Before each run with a complete store, one skill's SKILL.md gets a
+    new line, so `compile` has one snapshot to compute and write (with `force`, `compile --force` recomputes the
+    unchanged skills instead). Half the kills land while the new KV is computed, half around its write (from a
+    calibrated run: when the temp file appears, when the run ends). After each: every indexed snapshot must verify
+    (nothing half-written is served) and every snapshot that verified before the run must still verify (nothing
+    stored is lost); every 10th trial then runs a compile to completion (exit 0, all verify, no temp file left)."""
     picks = [a for s in only for a in ("--skill", s)] + (["--force"] if force else [])
     names = list(only) or sorted(d.name for d in skills.iterdir() if d.is_dir())
+    assert cli("compile", skills, "--store", store, *picks).returncode == 0
 
-    def edit(i: int) -> None:
-        if not force:
+    def edit() -> None:
+        if not force and len(_verified(store, tag, fp)[0]) >= len(names):
             md = skills / rng.choice(names) / "SKILL.md"
-            md.write_text(md.read_text() + f"\nRevision {i}.\n")
+            md.write_text(md.read_text() + f"\nRevision {rng.randrange(1 << 30)}.\n")
             _drop_stale(store, tag, fp, skills)
 
-    assert cli("compile", skills, "--store", store, *picks).returncode == 0
-    edit(-1)
-    t0 = time.perf_counter()
-    p = cli("compile", skills, "--store", store, "--json", *picks)
-    total = time.perf_counter() - t0
-    assert p.returncode == 0, p.stderr[-2000:]
+    t_write, total = _calibrate(skills, store, picks, edit)
     out = dict(trials=0, mid_write=0, after_a_write=0, served_half_written=0, lost=0, tracebacks=0, completions=0,
-               completion_failures=0, temp_left_after_completion=0, calibration_s=round(total, 1))
+               completion_failures=0, temp_left_after_completion=0, finished_first=0,
+               calibration_s=f"write at {t_write:.1f} s of {total:.1f} s")
     snaps = store / tag / "snapshots"
     while out["trials"] < n:
-        edit(out["trials"])
+        edit()
         before, _ = _verified(store, tag, fp)
         mtimes = {q.name: q.stat().st_mtime_ns for q in snaps.glob("*.safetensors")}
-        proc = subprocess.Popen([sys.executable, "-m", "skillkv", "compile", str(skills), "--store", str(store),
-                                 *picks], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
-                                cwd=REPO)
-        delay = rng.uniform(0.35 * total, 0.95 * total)
+        proc = _launch(skills, store, picks)
+        delay = rng.uniform(0.3 * t_write, t_write) if rng.random() < 0.5 else \
+            rng.uniform(max(0.0, t_write - 0.15), total)
         time.sleep(delay)
         temps = list(snaps.glob(".tmp-*"))
         wrote = any(q.stat().st_mtime_ns != mtimes.get(q.name) for q in snaps.glob("*.safetensors"))
         if proc.poll() is not None:  # finished before the kill: not a trial
             proc.communicate()
-            total *= 1.05
+            out["finished_first"] += 1
             continue
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()

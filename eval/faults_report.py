@@ -78,7 +78,8 @@ def _findings(k: dict, kf: dict) -> list[str]:
 
 def _kills(k: dict) -> str:
     return (f"half-written snapshots served: {k['served_half_written']}; stored snapshots lost: {k['lost']}; "
-            f"landed during a write: {k['mid_write']}, after a snapshot was written: {k['after_a_write']}; "
+            f"landed during a write (temp file present): {k['mid_write']}, after a snapshot was written: "
+            f"{k['after_a_write']}; calibration: {k['calibration_s']}; "
             f"runs to completion after: {k['completions']} ({k['completion_failures']} failed, "
             f"{k['temp_left_after_completion']} temp files left)")
 
