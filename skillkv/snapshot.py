@@ -21,12 +21,10 @@ hand-edited or damaged header gives SnapshotError, never another exception.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
 import struct
-import secrets
 import time
 import warnings
 import zlib
@@ -38,6 +36,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from skillkv import __version__
+from skillkv.atomic import write_atomic
 from skillkv.errors import SnapshotError
 from skillkv.kvcodec import scratch_buffer, shuffle_bytes, unzstd_into  # noqa: F401 - re-exported (tiers, measure, tests)
 
@@ -121,37 +120,11 @@ def _meta_crc(meta: dict) -> int:
     return zlib.crc32(body.encode())
 
 
-def temp_name(prefix: str, suffix: str) -> str:
-    """A temporary file name carrying the writer's pid, so a later writer can tell a dead writer's leftovers:
-    <prefix><pid>-<random><suffix>."""
-    return f"{prefix}{os.getpid()}-{secrets.token_hex(4)}{suffix}"
-
-
 def write_snapshot(path: Path, snap: Snapshot, compression: str = "none") -> int:
-    """Atomically write `snap` to `path` (a temp file named by `temp_name` in the same folder, fsynced, renamed;
-    created with mode 0666 less the umask, like any file); return the bytes written."""
-    data = encode(snap, compression)
+    """Atomically write `snap` to `path` (skillkv.atomic: a temp file `.tmp-<pid>-<random>.safetensors` in the same
+    folder, fsynced, renamed, the folder fsynced); return the bytes written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / temp_name(".tmp-", ".safetensors"))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return len(data)
-
+    return write_atomic(path, encode(snap, compression), ".tmp-", ".safetensors", sync_dir=True)
 
 
 def read_header(path: Path) -> dict:
