@@ -16,7 +16,7 @@ and one bad entry makes the whole index be rebuilt from the snapshot files (whos
 headers). Removal unlinks only a plain file directly inside `snapshots/`: a path resolving elsewhere, or a
 symbolic link, is never unlinked (the entry is dropped). A symlinked snapshot is never read (`get` refuses it).
 
-Temporary files carry their writer's pid (`.tmp-<pid>-<random>.safetensors`, `.index-<pid>.tmp`); every write
+Temporary files carry their writer's pid (`.tmp-<pid>-<random>.safetensors`, `.index-<pid>-<random>.tmp`); every write
 under the lock removes those whose writer is dead (or, pid unknown, that are over an hour old).
 
 Permissions: every file the store writes (snapshots, index.json) is created with mode 0666 less the process's umask,
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from skillkv.atomic import write_atomic
 from skillkv.errors import SnapshotError, StoreError
 from skillkv.snapshot import Snapshot, read_header, read_snapshot, write_snapshot
 from skillkv.validate import name_problem
@@ -179,9 +180,7 @@ class Store:
 
     def _write_index(self, index: dict[str, Entry]) -> None:
         data = {"fingerprint": self.fingerprint, "entries": {k: vars(e) for k, e in index.items()}}
-        tmp = self.dir / f".index-{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.dir / "index.json")
+        write_atomic(self.dir / "index.json", json.dumps(data, indent=1).encode(), ".index-", ".tmp")
 
     def _clean_temps(self, max_age: float = TEMP_MAX_AGE) -> int:
         """Remove temp files of dead writers (pid in the name), or pid unknown, older than `max_age`. Call under
