@@ -18,7 +18,7 @@ EXPORT_READERS := lmcache==0.5.6 sglang==0.5.23 cachetools==8.0.2 sortedcontaine
 	caio==0.12.10 aiofiles==25.1.0 msgspec==0.22.0 pyzmq==27.3.0 cryptography==50.0.2 cffi==2.1.1 \
 	pycparser==3.12 cbor2==6.3.0
 
-.PHONY: install test test-fast demo bench eval eval-gemma serve loadtest clean-store
+.PHONY: install test test-fast demo bench eval eval-gemma serve loadtest clean-store faults
 
 install: $(STAMP)
 
@@ -73,6 +73,12 @@ serve: install
 # 64 concurrent clients against an in-process server; numbers -> docs/BENCHMARKS.md (serve section)
 loadtest: install
 	$(BIN)/skillkv loadtest --doc docs/BENCHMARKS.md $(ARGS)
+
+# Fault injection on the real default model (issue 12): >= 200 snapshot/index faults (a subset answered in exact
+# mode), >= 50 kill -9 mid-compile, 4 concurrent compiles, gc --max-bytes caps, a full disk (tmpfs; needs root).
+# Not run by `make test`; about 20 minutes on 2 CPU cores. Writes docs/RELIABILITY.md.
+faults: install
+	$(BIN)/python eval/faults.py $(ARGS)
 
 clean-store:
 	rm -rf cache_store/*/

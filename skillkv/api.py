@@ -76,6 +76,7 @@ class SkillKV:
     # CPU, where the OS page cache already holds recently read snapshots and the pool is host memory itself)
     batch_invariant: bool = False  # every step's rows padded: an answer does not depend on its batch (serve)
     attention: str = "auto"  # the paged runner's attention backend
+    follow_symlinks: bool = False  # load skill folders and files that link outside the skills folder
 
     def __post_init__(self):
         self.handle = resolve_model(self.model, self.device)
@@ -123,7 +124,7 @@ class SkillKV:
 
     def load_skills(self) -> LoadResult:
         if self._skills is None:
-            self._skills = load_skills(self.skills_dir)
+            self._skills = load_skills(self.skills_dir, follow_symlinks=self.follow_symlinks)
             for w in self._skills.warnings:
                 self.on_warning(w)
         return self._skills
@@ -154,8 +155,8 @@ class SkillKV:
                 on_result: Callable[[CompileResult], None] | None = None) -> list[CompileResult]:
         """Compile every skill (or `names`): skipped folders first, then one result per skill (skillkv.compile)."""
         loaded = self.load_skills()
-        results = [CompileResult(skill=Path(p.split("SKILL.md")[0]).name, status="skipped", reason=p)
-                   for p in loaded.problems]
+        results = [CompileResult(skill=folder.name, status="skipped", reason=p)
+                   for p, folder in zip(loaded.problems, loaded.problem_folders)]
         for r in results:
             on_result and on_result(r)
         todo = loaded.skills if names is None else self.pick(names)

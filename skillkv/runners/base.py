@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+
+from skillkv.engine.placed import Part  # noqa: F401 - one skill of a composed prefix (re-exported)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each [tokens, kv_heads, head_dim] (NHD)
 
@@ -59,19 +60,6 @@ class ReadyKV:
 
     def wait(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[layer]
-
-
-@dataclass
-class Part:
-    """One skill of a composed prefix (compose mode): `key` is the chain key of the snapshot it is placed from,
-    holding `tokens` rows of which the first `context` are context (the preamble, or preamble + the compose
-    neighbour) and the rest the skill's own; `load()` supplies that snapshot's KV when the runner holds neither
-    the placed rows nor the snapshot's own entry."""
-
-    key: str
-    tokens: int
-    context: int
-    load: Callable[[], KV]
 
 
 class Seq:
