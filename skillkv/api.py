@@ -212,9 +212,8 @@ class SkillKV:
     def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
             repair: Repair | None = None, on_progress: Callable[[str, int], None] | None = None) -> Answer:
-        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question.
-        `on_progress(stage, tokens)` hears ("skills", prefix tokens) before the skills' KV is made ready (loaded,
-        or computed where not stored) and ("question", question tokens) before the question's prefill."""
+        """Answer one question with the named `skills`, or those chosen from it. `on_progress(stage, tokens)` hears
+        ("skills", prefix tokens) before their KV is loaded or computed, ("question", tokens) before its prefill."""
         params = params or SamplingParams()
         if not question or not question.strip():
             raise SkillkvError("the question is empty")

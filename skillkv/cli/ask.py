@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app, error_type
-from skillkv.cli.common import (DeviceOpt, EngineOpt, HostBudgetOpt, JsonOpt, KvBudgetOpt, ModelOpt, PinOpt,
+from skillkv.cli.common import (DeviceOpt, EngineOpt, FollowOpt, HostBudgetOpt, JsonOpt, KvBudgetOpt, ModelOpt, PinOpt,
                                 SkillsOpt, StoreOpt, err, human_seconds, open_kv, out, print_json, printable, warn)
 from skillkv.cli.progress import Waiting
 from skillkv.cli.table import Col, print_table
@@ -185,6 +185,7 @@ def ask_cmd(
                                               show_default=False),
     skills: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     model: Optional[str] = ModelOpt,
     mode: str = typer.Option("auto", "--mode", metavar="MODE", help="auto (exact, or compose where measured good "
                              "enough) | exact (reuse skill KV) | compose (place skills in any order, approximate) | "
@@ -232,7 +233,7 @@ def ask_cmd(
 
         kv = RemoteKV(server, model)
     else:
-        kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin, host_kv_budget)
+        kv = open_kv(model, store, skills, device, engine, gpu_kv_budget, pin, host_kv_budget, follow_symlinks)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     repair = None
     if recompute is not None or repair_lead is not None:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from skillkv.errors import SkillkvError, StoreError
+from skillkv.skills import printable  # noqa: F401 - the CLI prints text from skills through it
 
 ModelOpt = typer.Option(None, "--model", "-m", metavar="MODEL", help="default | HF folder | file.gguf | "
                         "dummy:<preset>. Env: SKILLKV_MODEL.", show_default=False)
@@ -30,6 +31,8 @@ KvBudgetOpt = typer.Option(None, "--gpu-kv-budget", metavar="SIZE", help="Paged 
                            "512MiB (default: half the free device memory).", show_default=False)
 HostBudgetOpt = typer.Option(None, "--host-kv-budget", metavar="SIZE", help="Paged engine host tier (pinned "
                              "memory) size, e.g. 16GB (default 4GiB).", show_default=False)
+FollowOpt = typer.Option(False, "--follow-symlinks", help="Load skill folders and files that link outside the skills "
+                         "folder (refused by default).")
 PinOpt = typer.Option(None, "--pin", metavar="SKILL", help="Keep this skill resident in the paged engine's pool "
                       "(repeatable).", show_default=False)
 
@@ -44,28 +47,6 @@ def warn(msg: str) -> None:
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
-
-
-try:  # the shared helper of skillkv.skills where it exists (issue 12); the same rules otherwise
-    from skillkv.skills import printable  # type: ignore[attr-defined]
-except ImportError:
-    import unicodedata
-
-    _INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
-
-    def printable(text: str, keep_newlines: bool = False) -> str:
-        """`text` with control, escape, format (bidi overrides, zero-width) and separator characters made visible
-        as escapes (ESC -> '\\x1b', U+202E -> '\\u202e'), so text from a skill printed to a terminal cannot clear,
-        move or recolour it. With `keep_newlines`, '\\n' stays a line break."""
-        out = []
-        for ch in str(text):
-            if (ch == "\n" and keep_newlines) or unicodedata.category(ch) not in _INVISIBLE:
-                out.append(ch)
-            elif ord(ch) < 0x100:
-                out.append(f"\\x{ord(ch):02x}")
-            else:
-                out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
-        return "".join(out)
 
 
 def check_device(device: Optional[str]) -> Optional[str]:
@@ -110,7 +91,7 @@ def check_store(store: Optional[Path]) -> None:
 
 def open_kv(model: Optional[str], store: Optional[Path], skills: Optional[Path], device: Optional[str] = None,
             engine: str = "auto", kv_budget: Optional[str] = None, pin: Optional[list[str]] = None,
-            host_budget: Optional[str] = None):
+            host_budget: Optional[str] = None, follow_symlinks: bool = False):
     from skillkv.config import parse_bytes
 
     budget, host = parse_bytes(kv_budget), parse_bytes(host_budget)  # checked before torch is imported
@@ -119,7 +100,7 @@ def open_kv(model: Optional[str], store: Optional[Path], skills: Optional[Path],
     from skillkv.api import SkillKV
 
     return SkillKV(model=model, store=store, skills=skills, device=device, on_warning=warn, engine=engine,
-                   kv_budget=budget, pin=list(pin or []), host_budget=host)
+                   kv_budget=budget, pin=list(pin or []), host_budget=host, follow_symlinks=follow_symlinks)
 
 
 def human_bytes(n: float) -> str:

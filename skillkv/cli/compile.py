@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import (DeviceOpt, EngineOpt, JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, err,
+from skillkv.cli.common import (DeviceOpt, EngineOpt, FollowOpt, JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, err,
                                 human_bytes, open_kv, out, print_json, printable, skills_dir)
 from skillkv.cli.progress import CompileProgress
 from skillkv.cli.table import Col, print_table
@@ -33,6 +33,7 @@ def compile_cmd(
     skills: Optional[Path] = SkillsArg,
     skills_opt: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     model: Optional[str] = ModelOpt,
     compress: str = typer.Option("none", "--compress", metavar="CODEC", help="none | zstd (per-layer, byte-plane "
                                  "shuffled)."),
@@ -47,7 +48,7 @@ def compile_cmd(
 
     Exit code 0: every skill compiled or up to date; 1: a skill was skipped (the others compiled); 2: usage error."""
     skills = skills_dir(skills, skills_opt)
-    kv = open_kv(model, store, skills, device, engine)
+    kv = open_kv(model, store, skills, device, engine, follow_symlinks=follow_symlinks)
     todo = kv.pick(only) if only else kv.load_skills().skills
     if not force:
         current = {s.skill.name for s in kv.status() if s.state == "current"}

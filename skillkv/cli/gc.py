@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import (JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, human_bytes, open_kv, out,
+from skillkv.cli.common import (FollowOpt, JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, human_bytes, open_kv, out,
                                 print_json, printable, skills_dir)
 
 
@@ -17,6 +17,7 @@ def gc_cmd(
     skills: Optional[Path] = SkillsArg,
     skills_opt: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     model: Optional[str] = ModelOpt,
     max_bytes: Optional[str] = typer.Option(None, "--max-bytes", metavar="SIZE", help="Then evict least recently "
                                             "used snapshots down to this size, e.g. 500MB or 2GiB (0 empties the "
@@ -28,7 +29,7 @@ def gc_cmd(
     from skillkv.config import parse_bytes
 
     cap = parse_bytes(max_bytes, allow_zero=True)
-    kv = open_kv(model, store, skills)
+    kv = open_kv(model, store, skills, follow_symlinks=follow_symlinks)
     kv.snapshots.ensure_writable()
     removed, freed = kv.gc(cap)
     if as_json:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import (JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, human_bytes, open_kv, out,
+from skillkv.cli.common import (FollowOpt, JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, human_bytes, open_kv, out,
                                 print_json, printable, skills_dir)
 from skillkv.cli.table import Col, print_table
 
@@ -20,12 +20,13 @@ def ls_cmd(
     skills: Optional[Path] = SkillsArg,
     skills_opt: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     model: Optional[str] = ModelOpt,
     as_json: bool = JsonOpt,
 ):
     """List skills with their snapshot state (current / stale / missing)."""
     skills = skills_dir(skills, skills_opt)
-    kv = open_kv(model, store, skills)
+    kv = open_kv(model, store, skills, follow_symlinks=follow_symlinks)
     rows = kv.status()
     problems = kv.load_skills().problems
     if as_json:

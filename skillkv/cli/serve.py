@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import DeviceOpt, ModelOpt, PinOpt, SkillsOpt, StoreOpt
+from skillkv.cli.common import DeviceOpt, FollowOpt, ModelOpt, PinOpt, SkillsOpt, StoreOpt
 
 
 @app.command("serve")
@@ -23,6 +23,7 @@ def serve_cmd(
     model: Optional[str] = ModelOpt,
     skills: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     device: Optional[str] = DeviceOpt,
     kv_budget: Optional[str] = typer.Option(None, "--gpu-kv-budget", "--kv-budget", metavar="SIZE", help="KV pool "
                                             "size, e.g. 2GiB (default: 2 GiB on the CPU, half the free GPU memory on "
@@ -59,7 +60,7 @@ def serve_cmd(
     cfg = ServeConfig(host=host, port=port, model=model, skills=skills, store=store, device=device,
                       kv_budget=budget, pins=pin or [], max_batch=max_batch, max_step_tokens=max_step_tokens,
                       attention=attention, batch_invariant=batch_invariant, watch=watch,
-                      default_max_tokens=max_tokens, body_limit=body)
+                      default_max_tokens=max_tokens, body_limit=body, follow_symlinks=follow_symlinks)
     if as_json:
         Server(cfg, log=lambda s: print_json({"event": "log", "message": s}), access=print_json).run()
     else:

@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import (JsonOpt, ModelOpt, SkillsOpt, StoreOpt, human_bytes, human_seconds, open_kv, out,
-                                print_json, printable, warn)
+from skillkv.cli.common import (FollowOpt, JsonOpt, ModelOpt, SkillsOpt, StoreOpt, human_bytes, human_seconds, open_kv,
+                                out, print_json, printable, warn)
 from skillkv.cli.table import Col, print_table
 from skillkv.report import collect
 
@@ -59,6 +59,7 @@ def _print(rep: dict, plot: Optional[Path]) -> None:
 def stats_cmd(
     skills: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     model: Optional[str] = ModelOpt,
     max_bytes: Optional[str] = typer.Option(None, "--max-bytes", metavar="SIZE", help="Store cap to compare "
                                             "against, e.g. 2GB (env SKILLKV_STORE_MAX_BYTES).", show_default=False),
@@ -70,7 +71,7 @@ def stats_cmd(
     from skillkv.config import parse_bytes
 
     cap = parse_bytes(max_bytes or os.environ.get("SKILLKV_STORE_MAX_BYTES") or None)
-    kv = open_kv(model, store, skills)
+    kv = open_kv(model, store, skills, follow_symlinks=follow_symlinks)
     rep, asks = collect(kv, cap)
     if plot is not None:
         from skillkv.stats import plot as draw

@@ -9,8 +9,8 @@ import typer
 from rich.text import Text
 
 from skillkv.cli import app
-from skillkv.cli.common import (DeviceOpt, EngineOpt, JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, err, open_kv,
-                                out, print_json, printable, skills_dir)
+from skillkv.cli.common import (DeviceOpt, EngineOpt, FollowOpt, JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, err,
+                                open_kv, out, print_json, printable, skills_dir)
 
 
 @app.command("watch")
@@ -18,6 +18,7 @@ def watch_cmd(
     skills: Optional[Path] = SkillsArg,
     skills_opt: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     model: Optional[str] = ModelOpt,
     compress: str = typer.Option("none", "--compress", metavar="CODEC", help="none | zstd."),
     debounce: float = typer.Option(0.3, "--debounce", min=0.0, help="Seconds of quiet before a skill recompiles."),
@@ -33,7 +34,7 @@ def watch_cmd(
     from skillkv.watch import Watcher, check_root
 
     check_root(skills)  # before the model is resolved: a wrong folder is reported at once
-    kv = open_kv(model, store, skills, device, engine)
+    kv = open_kv(model, store, skills, device, engine, follow_symlinks=follow_symlinks)
 
     def show(line) -> None:
         if as_json:

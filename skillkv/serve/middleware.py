@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from skillkv.serve.protocol import error_body
+from skillkv.skills import printable
 
 
 DRAIN = 64 << 20
@@ -114,12 +115,6 @@ def job_facts(job) -> dict:
     return {"skills": [s.name for s in job.chosen], "mode": job.mode, "cached_tokens": job.cached,
             "computed_tokens": max(0, prompt - job.cached), "completion_tokens": len(seq.output) if seq else 0,
             "ttft_ms": round((job.t_first - job.t_submit) * 1e3, 1) if job.t_first else None}
-
-
-def printable(text: str) -> str:
-    """Control and other non-printable characters made visible: a client's path cannot move the terminal."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
-                   for c in str(text))
 
 
 def format_entry(e: dict) -> str:

@@ -37,6 +37,7 @@ class ServeConfig:
     watch: bool = True
     default_max_tokens: int = 256
     body_limit: int = 1 << 20  # bytes of a request body; a larger one is answered 413 unread
+    follow_symlinks: bool = False  # load skill folders and files that link outside the skills folder
     log_level: str = "warning"
 
 
@@ -57,7 +58,8 @@ class Server:
         self.kv = kv or SkillKV(model=cfg.model, store=cfg.store, skills=cfg.skills, device=cfg.device,
                                 on_warning=lambda m: self.log(f"warning: {m}"), engine=cfg.engine,
                                 kv_budget=cfg.kv_budget, host_budget=cfg.host_budget, pin=list(cfg.pins),
-                                batch_invariant=cfg.batch_invariant, attention=cfg.attention)
+                                batch_invariant=cfg.batch_invariant, attention=cfg.attention,
+                                follow_symlinks=cfg.follow_symlinks)
         self.worker = Worker(self.kv, max_batch=cfg.max_batch, max_step_tokens=cfg.max_step_tokens, watch=cfg.watch,
                              default_max_tokens=cfg.default_max_tokens, on_log=self.log)
         self.app = create_app(self.worker, cfg.body_limit, self.access)

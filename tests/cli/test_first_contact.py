@@ -405,3 +405,18 @@ def test_watch_keeps_going_past_a_skill_that_cannot_compile(monkeypatch, capsys,
     assert {n: x["result"] for n, x in lines.items() if n != "huge-skill"} == dict.fromkeys(
         ["alpha-tool", "beta-codes", "gamma-notes"], "compiled")
     assert lines["huge-skill"]["result"] == "error" and "the model's context is 4,096" in lines["huge-skill"]["detail"]
+
+
+def test_follow_symlinks_flag(monkeypatch, capsys, tiny_skills, tmp_path):
+    """Issue 12: a skill folder linking outside the skills folder is refused in one line unless --follow-symlinks."""
+    outside = tmp_path / "elsewhere"
+    write_skill(outside, "linked-skill", "Use for the linked skill.", "Linked body.\n" * 10)
+    (tiny_skills / "linked-skill").symlink_to(outside / "linked-skill", target_is_directory=True)
+    code, out, _ = run(monkeypatch, capsys, "ls", str(tiny_skills), "--store", str(tmp_path / "s"), *TINY[:2],
+                       "--json")
+    rep = json.loads(out)
+    assert "linked-skill" not in {s["name"] for s in rep["skills"]} and any("links outside" in p for p in
+                                                                            rep["problems"])
+    code, out, _ = run(monkeypatch, capsys, "ls", str(tiny_skills), "--store", str(tmp_path / "s"), *TINY[:2],
+                       "--json", "--follow-symlinks")
+    assert code == 0 and "linked-skill" in {s["name"] for s in json.loads(out)["skills"]}
