@@ -72,8 +72,7 @@ class SkillKV:
     engine: str = "auto"  # auto | hf | paged (skillkv.runners)
     kv_budget: int | None = None  # bytes of the runner's resident KV (paged: its pool; default: half the free memory)
     pin: list[str] = field(default_factory=list)  # skills kept resident
-    host_budget: int | None = None  # bytes of the host tier (default: 4 GiB of pinned memory on CUDA; none on the
-    # CPU, where the OS page cache already holds recently read snapshots and the pool is host memory itself)
+    host_budget: int | None = None  # bytes of the host tier (default: 4 GiB pinned on CUDA, none on the CPU: tiers/)
     batch_invariant: bool = False  # every step's rows padded: an answer does not depend on its batch (serve)
     attention: str = "auto"  # the paged runner's attention backend
     follow_symlinks: bool = False  # load skill folders and files that link outside the skills folder
@@ -152,16 +151,17 @@ class SkillKV:
     # ------------------------------------------------------------------ compile
 
     def compile(self, names: list[str] | None = None, compression: str = "none", force: bool = False,
-                on_result: Callable[[CompileResult], None] | None = None) -> list[CompileResult]:
-        """Compile every skill (or `names`): skipped folders first, then one result per skill (skillkv.compile)."""
+                on_result: Callable[[CompileResult], None] | None = None,
+                neighbours: bool | None = None) -> list[CompileResult]:
+        """Compile every skill (or `names`): skipped folders first, then one result per skill (skillkv.compile).
+        `neighbours`: compose's neighbour snapshots too (default: where auto mode composes this model)."""
         loaded = self.load_skills()
-        results = [CompileResult(skill=folder.name, status="skipped", reason=p)
-                   for p, folder in zip(loaded.problems, loaded.problem_folders)]
+        results = [CompileResult(f.name, "skipped", reason=p) for p, f in zip(loaded.problems, loaded.problem_folders)]
         for r in results:
             on_result and on_result(r)
+        nb = self.composer.uses_neighbours() if neighbours is None else neighbours
         todo = loaded.skills if names is None else self.pick(names)
-        return results + self.compiler.compile(todo, compression, force, self.composer.uses_neighbours(),
-                                               on_result, current=loaded.skills)
+        return results + self.compiler.compile(todo, compression, force, nb, on_result, current=loaded.skills)
 
     def compile_skill(self, skill: Skill, compression: str = "none") -> CompileResult:
         """Compile one parsed skill (watch: the folder that changed), and the stored combinations it is part of

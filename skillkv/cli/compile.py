@@ -38,6 +38,9 @@ def compile_cmd(
     compress: str = typer.Option("none", "--compress", metavar="CODEC", help="none | zstd (per-layer, byte-plane "
                                  "shuffled)."),
     force: bool = typer.Option(False, "--force", help="Recompile even current snapshots."),
+    neighbours: Optional[bool] = typer.Option(None, "--compose-neighbours/--no-compose-neighbours",
+                                              help="Also compile compose mode's neighbour snapshots (default: when "
+                                              "auto mode composes this model).", show_default=False),
     only: Optional[list[str]] = typer.Option(None, "--skill", metavar="SKILL", help="Compile only these skills "
                                              "(repeatable).", show_default=False),
     device: Optional[str] = DeviceOpt,
@@ -56,7 +59,8 @@ def compile_cmd(
     progress = CompileProgress(kv.handle.name, [(s.name, len(kv.compiler.piece_ids([s], 0))) for s in todo],
                                enabled=not as_json)
     try:
-        results = kv.compile(only or None, compression=compress, force=force, on_result=progress.result)
+        results = kv.compile(only or None, compression=compress, force=force, on_result=progress.result,
+                             neighbours=neighbours)
     finally:
         progress.close()
     if as_json:

@@ -37,6 +37,9 @@ def serve_cmd(
     batch_invariant: bool = typer.Option(True, "--batch-invariant/--no-batch-invariant",
                                          help="Answers independent of batching (rows padded to 8)."),
     watch: bool = typer.Option(True, "--watch/--no-watch", help="Recompile skills edited on disk."),
+    neighbours: Optional[bool] = typer.Option(None, "--compose-neighbours/--no-compose-neighbours",
+                                              help="Compile compose mode's neighbour snapshots at start (default: "
+                                              "when auto mode composes this model).", show_default=False),
     max_tokens: int = typer.Option(256, "--default-max-tokens", min=1, help="Answer limit when a request sets none."),
     as_json: bool = typer.Option(False, "--json", help="Log lines as JSON objects on stdout (one per request: "
                                  "{\"event\": \"request\", ...})."),
@@ -60,7 +63,8 @@ def serve_cmd(
     cfg = ServeConfig(host=host, port=port, model=model, skills=skills, store=store, device=device,
                       kv_budget=budget, pins=pin or [], max_batch=max_batch, max_step_tokens=max_step_tokens,
                       attention=attention, batch_invariant=batch_invariant, watch=watch,
-                      default_max_tokens=max_tokens, body_limit=body, follow_symlinks=follow_symlinks)
+                      default_max_tokens=max_tokens, body_limit=body, follow_symlinks=follow_symlinks,
+                      compose_neighbours=neighbours)
     if as_json:
         Server(cfg, log=lambda s: print_json({"event": "log", "message": s}), access=print_json).run()
     else:

@@ -36,6 +36,7 @@ class ServeConfig:
     batch_invariant: bool = True
     watch: bool = True
     default_max_tokens: int = 256
+    compose_neighbours: bool | None = None  # compile compose's neighbour snapshots at start (None: as compile does)
     body_limit: int = 1 << 20  # bytes of a request body; a larger one is answered 413 unread
     follow_symlinks: bool = False  # load skill folders and files that link outside the skills folder
     log_level: str = "warning"
@@ -61,7 +62,8 @@ class Server:
                                 batch_invariant=cfg.batch_invariant, attention=cfg.attention,
                                 follow_symlinks=cfg.follow_symlinks)
         self.worker = Worker(self.kv, max_batch=cfg.max_batch, max_step_tokens=cfg.max_step_tokens, watch=cfg.watch,
-                             default_max_tokens=cfg.default_max_tokens, on_log=self.log)
+                             default_max_tokens=cfg.default_max_tokens, on_log=self.log,
+                             neighbours=cfg.compose_neighbours)
         self.app = create_app(self.worker, cfg.body_limit, self.access)
         self._uvicorn = None
         self._thread: threading.Thread | None = None
