@@ -5,17 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli as run
+from conftest import one_line_error, run_cli as run
 
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
-
-
-def one_line_error(code, err, needle):
-    assert code != 0
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("skillkv: error:") and needle in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 def json_error(code, out, err, needle):
