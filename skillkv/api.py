@@ -9,12 +9,11 @@ One path for every command (docs/ARCHITECTURE.md): skills are chosen (skillkv.se
 (compose/stage.py), the prefix is opened on the runner (runners/, one contract), the question is prefilled, the
 answer decoded and the ask recorded (skillkv.stats). `skillkv serve` shares `open` and batches the steps itself.
 
-Modes (`Answer.mode` is the one used, `Answer.mode_reason` says why)
-  exact    the skills' KV as an exact prefix: resident (L1), paged in from the host tier or the store, or computed
-           and stored (skillkv.residency). Identical to `full`, token for token.
-  full     no cache: the same pieces prefilled from scratch, then the question. The reference.
-  compose  approximate: skills placed in any order from their own snapshots, boundary tokens repaired.
-  auto     (the default) exact, or compose where this model's measured fidelity meets the bar.
+Modes (`Answer.mode` is the one used, `Answer.mode_reason` says why): exact (the skills' KV as an exact prefix:
+resident, paged in from the host tier or the store, or computed and stored; identical to full, token for token),
+full (no cache: the same pieces prefilled from scratch; the reference), compose (approximate: skills placed in any
+order from their own snapshots, boundary tokens repaired), auto (the default: exact, or compose where this model's
+measured fidelity meets the bar).
 """
 
 from __future__ import annotations
@@ -73,10 +72,10 @@ class SkillKV:
     engine: str = "auto"  # auto | hf | paged (skillkv.runners)
     kv_budget: int | None = None  # bytes of the runner's resident KV (paged: its pool; default: half the free memory)
     pin: list[str] = field(default_factory=list)  # skills kept resident
-    host_budget: int | None = None  # bytes of the host tier (default: 4 GiB of pinned memory on CUDA; none on the
-    # CPU, where the OS page cache already holds recently read snapshots and the pool is host memory itself)
+    host_budget: int | None = None  # bytes of the host tier (default: 4 GiB pinned on CUDA, none on the CPU: tiers/)
     batch_invariant: bool = False  # every step's rows padded: an answer does not depend on its batch (serve)
     attention: str = "auto"  # the paged runner's attention backend
+    follow_symlinks: bool = False  # load skill folders and files that link outside the skills folder
 
     def __post_init__(self):
         self.handle = resolve_model(self.model, self.device)
@@ -99,7 +98,6 @@ class SkillKV:
         self._skills: LoadResult | None = None
         self._runner: Runner | None = None
         self._pins_warm = False
-        self._load_reported = False  # the first ask's timings include the model load
         self._stats = None  # skillkv.stats.StatsDB, opened on the first recorded ask
 
     # ------------------------------------------------------------------ parts
@@ -125,7 +123,7 @@ class SkillKV:
 
     def load_skills(self) -> LoadResult:
         if self._skills is None:
-            self._skills = load_skills(self.skills_dir)
+            self._skills = load_skills(self.skills_dir, follow_symlinks=self.follow_symlinks)
             for w in self._skills.warnings:
                 self.on_warning(w)
         return self._skills
@@ -153,16 +151,17 @@ class SkillKV:
     # ------------------------------------------------------------------ compile
 
     def compile(self, names: list[str] | None = None, compression: str = "none", force: bool = False,
-                on_result: Callable[[CompileResult], None] | None = None) -> list[CompileResult]:
-        """Compile every skill (or `names`): skipped folders first, then one result per skill (skillkv.compile)."""
+                on_result: Callable[[CompileResult], None] | None = None,
+                neighbours: bool | None = None) -> list[CompileResult]:
+        """Compile every skill (or `names`): skipped folders first, then one result per skill (skillkv.compile).
+        `neighbours`: compose's neighbour snapshots too (default: where auto mode composes this model)."""
         loaded = self.load_skills()
-        results = [CompileResult(skill=Path(p.split("SKILL.md")[0]).name, status="skipped", reason=p)
-                   for p in loaded.problems]
+        results = [CompileResult(f.name, "skipped", reason=p) for p, f in zip(loaded.problems, loaded.problem_folders)]
         for r in results:
             on_result and on_result(r)
+        nb = self.composer.uses_neighbours() if neighbours is None else neighbours
         todo = loaded.skills if names is None else self.pick(names)
-        return results + self.compiler.compile(todo, compression, force, self.composer.uses_neighbours(),
-                                               on_result, current=loaded.skills)
+        return results + self.compiler.compile(todo, compression, force, nb, on_result, current=loaded.skills)
 
     def compile_skill(self, skill: Skill, compression: str = "none") -> CompileResult:
         """Compile one parsed skill (watch: the folder that changed), and the stored combinations it is part of
@@ -212,8 +211,9 @@ class SkillKV:
 
     def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
-            repair: Repair | None = None) -> Answer:
-        """Answer one question. `skills` names them explicitly; otherwise they are chosen from the question."""
+            repair: Repair | None = None, on_progress: Callable[[str, int], None] | None = None) -> Answer:
+        """Answer one question with the named `skills`, or those chosen from it. `on_progress(stage, tokens)` hears
+        ("skills", prefix tokens) before their KV is loaded or computed, ("question", tokens) before its prefill."""
         params = params or SamplingParams()
         if not question or not question.strip():
             raise SkillkvError("the question is empty")
@@ -228,13 +228,14 @@ class SkillKV:
         if params.max_tokens > room:
             self.on_warning(f"the answer is limited to {room:,} tokens by the model's context of "
                             f"{self.handle.max_context:,} (prompt {len(layout.ids):,} tokens)")
-        runner = self.runner
-        model_load = 0.0 if self._load_reported else self.handle.load_seconds
-        self._load_reported = True
         t0 = time.perf_counter()
+        runner = self.runner  # loads the model on first use: counted once, in model_load and in total
+        model_load, t0 = time.perf_counter() - t0, time.perf_counter()
+        on_progress and on_progress("skills", len(layout.ids) - len(q_ids))
         opened = self.open(chosen, mode, repair)
         try:
             try:
+                on_progress and on_progress("question", len(q_ids))
                 logits = runner.prefill([opened.seq], [q_ids])[0]
             except SnapshotError as e:  # a piece found damaged while it streamed in: never served
                 runner.release(opened.seq)

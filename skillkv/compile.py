@@ -102,12 +102,14 @@ class Compiler:
             self.store.remove([key])
             return None
 
-    def chain(self, skills: list[Skill], compression: str = "none",
-              recompute: bool = False) -> tuple[list[KV], dict]:
+    def chain(self, skills: list[Skill], compression: str = "none", recompute: bool = False,
+              rewrite: bool = False) -> tuple[list[KV], dict]:
         """The exact KV of preamble + `skills` in this order, as one KV per piece: stored pieces loaded, missing
         ones computed on the runner and stored; with `recompute` every piece is computed (the tier policy found
-        that faster than loading) and only the missing ones stored. Returns (pieces, info) with info = cached /
-        computed token counts, snapshot_load seconds and per skill where its KV came from ("l2" | "computed")."""
+        that faster than loading) and only the missing ones stored, or with `rewrite` too all of them (each
+        replaced atomically: a stored piece is never removed before its new file is in place). Returns (pieces,
+        info) with info = cached / computed token counts, snapshot_load seconds and per skill where its KV came
+        from ("l2" | "computed")."""
         info = {"cached": 0, "computed": 0, "snapshot_load": 0.0, "tiers": []}
         keys, pieces, start = self.keys(skills), [], 0
         for i, (skill, key) in enumerate(zip(skills, keys)):
@@ -121,7 +123,7 @@ class Compiler:
                 info["tiers"].append("l2")
             else:
                 kv = self._compute(keys[i - 1] if i else None, pieces, start, ids)
-                if not (recompute and self.store.contains(key)):
+                if rewrite or not (recompute and self.store.contains(key)):
                     self.store.put(Snapshot(keys=[k for k, _ in kv], values=[v for _, v in kv], token_ids=ids,
                                             fingerprint=self.fingerprint, key=key, skill=skill.name,
                                             content_hash=skill.content_hash, start=start,
@@ -146,10 +148,25 @@ class Compiler:
             runner.admit(parent, [ReadyKV(p) for p in pieces])
         seq = runner.open(parent)
         try:
+            t0 = time.perf_counter()
             runner.prefill([seq], [ids])
-            return runner.read(seq, start, start + len(ids))
+            kv = runner.read(seq, start, start + len(ids))
+            self._measured(len(ids), time.perf_counter() - t0)
+            return kv
         finally:
             runner.release(seq)
+
+    def _measured(self, tokens: int, seconds: float) -> None:
+        """Record the prefill rate of a computed piece: `skillkv stats` estimates time saved with it (skillkv.stats,
+        the way `skillkv bench` measures: a full prefill of a skill-sized prompt); never fails a compile."""
+        from skillkv.stats import MIN_RATE_TOKENS, StatsDB
+
+        if tokens >= MIN_RATE_TOKENS:
+            try:
+                StatsDB(self.store.root, on_warning=self.on_warning).record_prefill(self.store.dir.name, tokens,
+                                                                                    seconds)
+            except Exception as e:  # noqa: BLE001 - statistics are never worth a failed compile
+                self.on_warning(f"prefill rate not recorded ({type(e).__name__}: {e})")
 
     # ------------------------------------------------------------------ compile
 
@@ -184,12 +201,10 @@ class Compiler:
         try:
             existed = self.store.contains(key)
             fresh = force or not self.current([skill])
-            if fresh:
-                if force and existed:
-                    self.store.remove([key])
+            if fresh:  # --force recomputes and replaces: the old file stays until the new one is renamed over it
                 stale = not existed and any(e.skill == skill.name and not e.parent
                                             for e in self.store.entries().values())
-                self.chain([skill], compression)
+                self.chain([skill], compression, recompute=force, rewrite=force)
             reason = self._neighbour(skill, compression, force) if neighbours else ""
         except SkillkvError as e:
             return CompileResult(skill.name, "skipped", n, 0, time.perf_counter() - t0, f"{skill.name}: {e}")
@@ -204,7 +219,7 @@ class Compiler:
         if total + 1 > self.max_context:
             return f"no compose neighbour snapshot ({total:,} tokens with it; the context is {self.max_context:,})"
         if force or not self.current(chain):
-            self.chain(chain, compression)
+            self.chain(chain, compression, recompute=force, rewrite=force)
         return ""
 
     def _refresh_combinations(self, skills: list[Skill], compression: str) -> None:

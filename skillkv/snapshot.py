@@ -14,32 +14,33 @@ Reads map the file (mmap) and return the KV as read-only views of it, verified b
 only ever replaces a snapshot by rename (a new inode), so a mapping in use is never truncated under a reader.
 Writes go to a temporary file in the destination folder, are fsynced and renamed, so a failed or partial write
 is never visible. `read_snapshot` checks the header, every checksum, and whatever the caller expects
-(fingerprint, key, token ids); any mismatch raises SnapshotError and the caller recompiles.
+(fingerprint, key, token ids); any mismatch raises SnapshotError and the caller recompiles. A file is exactly
+its declared length (bytes after the last tensor are corruption), and every metadata field has its type: a
+hand-edited or damaged header gives SnapshotError, never another exception.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
 import struct
-import tempfile
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from skillkv import __version__
+from skillkv.atomic import write_atomic
 from skillkv.crc import crc32
 from skillkv.errors import SnapshotError
+from skillkv.kvcodec import scratch_buffer, shuffle_bytes, unzstd_into  # noqa: F401 - re-exported (tiers, measure, tests)
 from skillkv.lazy import torch  # headers are read without torch (`skillkv ls`, an up-to-date compile)
 
 FORMAT_VERSION = 2  # 2: KV stored NHD [tokens, kv_heads, head_dim]
+META_STRINGS = ("format", "fingerprint", "key", "parent", "skill", "content_hash", "start", "tokens", "layers",
+                "dtype", "shape", "compression", "checksums", "meta_crc")
 COMPRESSIONS = ("none", "zstd")
 ZSTD_LEVEL = 1  # on bf16 KV (random and real) level 1 compressed as well as 3 (0.68 vs 0.70) and decoded
                 # 14-35% faster on this CPU (`python -m skillkv.measure.bench_tiers`); decoders read any level
@@ -82,16 +83,6 @@ def _crc(t: torch.Tensor) -> int:
     return crc32(t.contiguous().view(torch.uint8).numpy()) if t.numel() else 0
 
 
-def shuffle_bytes(t: torch.Tensor) -> bytes:
-    """Byte planes: all first bytes of every element, then all second bytes, ... (one strided copy per plane)."""
-    size = t.element_size()
-    b = t.contiguous().view(torch.uint8).numpy().reshape(-1, size)
-    out = np.empty((size, b.shape[0]), dtype=np.uint8)
-    for j in range(size):
-        out[j] = b[:, j]
-    return out.tobytes()
-
-
 def encode(snap: Snapshot, compression: str = "none") -> bytes:
     """Serialize a snapshot to bytes (safetensors). KV tensors are moved to the CPU."""
     if compression not in COMPRESSIONS:
@@ -132,28 +123,10 @@ def _meta_crc(meta: dict) -> int:
 
 
 def write_snapshot(path: Path, snap: Snapshot, compression: str = "none") -> int:
-    """Atomically write `snap` to `path`; return the bytes written."""
-    data = encode(snap, compression)
+    """Atomically write `snap` to `path` (skillkv.atomic: a temp file `.tmp-<pid>-<random>.safetensors` in the same
+    folder, fsynced, renamed, the folder fsynced); return the bytes written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return len(data)
-
+    return write_atomic(path, encode(snap, compression), ".tmp-", ".safetensors", sync_dir=True)
 
 
 def read_header(path: Path) -> dict:
@@ -257,16 +230,24 @@ def parse_layout(header: bytes, file_size: int, name: str = "snapshot") -> Layou
         raise SnapshotError(f"{name}: truncated or corrupted ({why})") from None
     if not isinstance(meta, dict) or meta.get("format") is None:
         raise SnapshotError(f"{name}: not a skillkv snapshot")
+    end = max((sp.hi for sp in spans.values()), default=base)
+    if end != file_size:
+        raise SnapshotError(f"{name}: {file_size - end:,} bytes after its last tensor (appended or corrupted)")
+    bad_types = [k for k in META_STRINGS if not isinstance(meta.get(k), str)]
+    if bad_types:
+        raise SnapshotError(f"{name}: bad metadata ({', '.join(bad_types)} not strings)")
     try:
         if int(meta["format"]) != FORMAT_VERSION:
             raise SnapshotError(f"{name}: snapshot format {meta['format']} (this skillkv reads {FORMAT_VERSION})")
         if meta.get("meta_crc") != str(_meta_crc(meta)):
             raise SnapshotError(f"{name}: header checksum mismatch (corrupted on disk)")
         lay = Layout(meta=meta, spans=spans, checks={k: int(v) for k, v in json.loads(meta["checksums"]).items()},
-                     layers=int(meta["layers"]), dtype=getattr(torch, _KV_DTYPES[meta["dtype"]]),
-                     shape=json.loads(meta["shape"]), compression=meta["compression"], tokens=int(meta["tokens"]), start=int(meta["start"]))
-    except (KeyError, ValueError, TypeError) as e:
-        raise SnapshotError(f"{name}: bad metadata ({e})") from None
+                     layers=int(meta["layers"]), dtype=getattr(torch, _KV_DTYPES[meta["dtype"]]), shape=json.loads(meta["shape"]),
+                     compression=meta["compression"], tokens=int(meta["tokens"]), start=int(meta["start"]))
+        if not (isinstance(lay.shape, list) and all(type(d) is int for d in lay.shape)):
+            raise ValueError("shape is not a list of integers")
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
+        raise SnapshotError(f"{name}: bad metadata ({str(e)[:80]})") from None
     if set(lay.checks) != set(spans):
         raise SnapshotError(f"{name}: checksum mismatch (corrupted on disk)")
     if set(spans) != set(lay.kv_names) | {"token_ids"}:
@@ -303,51 +284,6 @@ def check_identity(meta: dict, token_ids: list[int], name: str, fingerprint: str
         raise SnapshotError(f"{name}: holds snapshot {k[:12]}, expected {key[:12]}")
     if expect_ids is not None and list(token_ids) != list(expect_ids):
         raise SnapshotError(f"{name}: token ids differ from the current tokenization (stale)")
-
-
-_local = threading.local()
-
-
-def scratch_buffer(attr: str, nbytes: int) -> np.ndarray:
-    """A per-thread reusable byte buffer of at least `nbytes` (decompression output, compressed input)."""
-    buf = getattr(_local, attr, None)
-    if buf is None or buf.size < nbytes:
-        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
-        setattr(_local, attr, buf)
-    return buf[:nbytes]
-
-
-def unzstd_into(frame, out: torch.Tensor, name: str = "snapshot") -> None:
-    """Decompress one zstd frame of a byte-plane-shuffled tensor into `out` (any dtype, contiguous, e.g. a slice
-    of a pinned buffer). The planes are interleaved back with one strided numpy copy per byte plane (~7x faster
-    than a transposing copy). Thread-safe (one decompressor per thread); zstd and numpy release the GIL.
-    Raises SnapshotError if the frame does not decompress to exactly out's bytes."""
-    import zstandard
-
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None:
-        dctx = _local.dctx = zstandard.ZstdDecompressor()
-    size = out.element_size()
-    nbytes = out.numel() * size
-    tmp = scratch_buffer("raw", nbytes + 1)  # one spare byte: a frame that is too long is caught
-    got, mv = 0, memoryview(tmp)
-    try:
-        with dctx.stream_reader(frame, read_across_frames=False) as r:
-            while got < len(tmp):
-                k = r.readinto(mv[got:])
-                if not k:
-                    break
-                got += k
-    except zstandard.ZstdError as e:
-        raise SnapshotError(f"{name}: damaged zstd frame ({e})") from None
-    if got != nbytes:
-        raise SnapshotError(f"{name}: a zstd frame decompressed to {got} bytes, expected {nbytes}")
-    if not nbytes:
-        return
-    planes = tmp[:nbytes].reshape(size, -1)
-    dst = out.view(torch.uint8).numpy().reshape(-1, size)
-    for j in range(size):
-        dst[:, j] = planes[j]
 
 
 def _view(data, sp: Span) -> torch.Tensor:

@@ -10,9 +10,11 @@ schema is unusable) is moved aside to `stats.sqlite.corrupt-<time>` and recreate
 that stays locked past a short timeout skips the write (or reads as empty) with a warning. Callers still wrap
 `record` so that nothing here can fail an ask.
 
-Estimated time saved: cached tokens divided by the measured prefill rate, where the rate is the sum of computed
-tokens over the sum of time-to-first-token of the exact-mode and full-mode asks recorded (the first token's time is
-dominated by the prefill of the computed tokens).
+Estimated time saved: cached tokens divided by the model's prefill rate, measured the way `skillkv bench` measures
+it: full prefills of skill-sized prompts, nothing else in the step. The compile stage records every piece of at
+least MIN_RATE_TOKENS tokens it computes (tokens, seconds; table `prefills`); the rate is the median over the last
+RATE_SAMPLES of them (a warm-up or a moment of load does not move a median). Asks are not used: their first-token
+time covers a short question whose fixed costs dominate, and a server's asks wait in batches.
 """
 
 from __future__ import annotations
@@ -49,7 +51,15 @@ CREATE TABLE IF NOT EXISTS ask_skills (
     tokens INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ask_skills_skill ON ask_skills(skill);
+CREATE TABLE IF NOT EXISTS prefills (
+    ts REAL NOT NULL,
+    model TEXT NOT NULL,
+    tokens INTEGER NOT NULL,
+    seconds REAL NOT NULL
+);
 """
+MIN_RATE_TOKENS = 256
+RATE_SAMPLES = 20
 
 
 @dataclass
@@ -151,32 +161,70 @@ class StatsDB:
                              for i, (s, t, n) in enumerate(zip(r.skills, r.tiers, r.skill_tokens))])
         self._run(write, None, "recording this ask")
 
+    def exists(self) -> bool:
+        """Whether the database file is there (readers do not create it)."""
+        return self.path.is_file()
+
+    def record_prefill(self, model: str, tokens: int, seconds: float) -> None:
+        """A full prefill of `tokens` that took `seconds` (the compile stage's pieces; module docstring)."""
+        if tokens < MIN_RATE_TOKENS or seconds <= 0:
+            return
+        self._run(lambda con: con.execute("INSERT INTO prefills (ts, model, tokens, seconds) VALUES (?,?,?,?)",
+                                          (time.time(), model, tokens, seconds)), None, "recording a prefill rate")
+
+    def prefill_rate(self, model: str) -> tuple[float | None, int]:
+        """(median tokens/s of the last RATE_SAMPLES recorded prefills of `model`, how many), or (None, 0)."""
+        if not self.exists():
+            return None, 0
+        return _median_rate(self._run(lambda con: _rates(con, model), [], "reading prefill rates"))
+
     def asks(self, model: str | None = None) -> list[dict]:
-        def read(con):
-            con.row_factory = sqlite3.Row
-            q, args = "SELECT * FROM asks", ()
-            if model:
-                q, args = q + " WHERE model = ?", (model,)
-            rows = [dict(x) for x in con.execute(q + " ORDER BY ts, id", args)]
-            by_id = {row["id"]: row for row in rows}
-            for row in rows:
-                row["skills"] = json.loads(row["skills"])
-                row["per_skill"] = []
-            for x in con.execute("SELECT * FROM ask_skills ORDER BY ask_id, pos"):
-                if x["ask_id"] in by_id:
-                    by_id[x["ask_id"]]["per_skill"].append({"skill": x["skill"], "tier": x["tier"],
-                                                            "tokens": x["tokens"]})
-            return rows
-        return self._run(read, [], "reading statistics")
+        return self._run(lambda con: _asks(con, model), [], "reading statistics")
+
+    def report(self, model: str) -> tuple[list[dict], float | None, int]:
+        """`asks(model)` and `prefill_rate(model)` in one read (one warning if the file is locked); nothing is
+        created when the database does not exist."""
+        if not self.exists():
+            return [], None, 0
+        asks, rates = self._run(lambda con: (_asks(con, model), _rates(con, model)), ([], []), "reading statistics")
+        return (asks, *_median_rate(rates))
 
 
-def summary(asks: list[dict]) -> dict:
-    """Totals and per-skill numbers from the rows of `StatsDB.asks` (store facts are added by the caller)."""
+def _asks(con, model: str | None) -> list[dict]:
+    con.row_factory = sqlite3.Row
+    q, args = "SELECT * FROM asks", ()
+    if model:
+        q, args = q + " WHERE model = ?", (model,)
+    rows = [dict(x) for x in con.execute(q + " ORDER BY ts, id", args)]
+    by_id = {row["id"]: row for row in rows}
+    for row in rows:
+        row["skills"] = json.loads(row["skills"])
+        row["per_skill"] = []
+    for x in con.execute("SELECT * FROM ask_skills ORDER BY ask_id, pos"):
+        if x["ask_id"] in by_id:
+            by_id[x["ask_id"]]["per_skill"].append({"skill": x["skill"], "tier": x["tier"], "tokens": x["tokens"]})
+    return rows
+
+
+def _rates(con, model: str) -> list[tuple[int, float]]:
+    return [tuple(r) for r in con.execute("SELECT tokens, seconds FROM prefills WHERE model = ? ORDER BY ts DESC "
+                                          "LIMIT ?", (model, RATE_SAMPLES)).fetchall()]
+
+
+def _median_rate(rows: list[tuple[int, float]]) -> tuple[float | None, int]:
+    rates = sorted(t / s for t, s in rows if s > 0)
+    if not rates:
+        return None, 0
+    mid = len(rates) // 2
+    return (rates[mid] if len(rates) % 2 else (rates[mid - 1] + rates[mid]) / 2), len(rates)
+
+
+def summary(asks: list[dict], rate: float | None = None) -> dict:
+    """Totals and per-skill numbers from the rows of `StatsDB.asks`; `rate` is the prefill rate (tokens/s,
+    `StatsDB.prefill_rate`) the time saved is estimated with (store facts are added by the caller)."""
     prompt = sum(a["prompt_tokens"] for a in asks)
     cached = sum(a["cached_tokens"] for a in asks)
     computed = sum(a["computed_tokens"] for a in asks)
-    timed = [a for a in asks if a["ttft_ms"] and a["computed_tokens"]]
-    rate = (sum(a["computed_tokens"] for a in timed) / (sum(a["ttft_ms"] for a in timed) / 1e3)) if timed else None
     tier_counts = dict.fromkeys(TIERS, 0)
     skills: dict[str, dict] = {}
     for a in asks:
@@ -214,24 +262,36 @@ def saved_over_time(asks: list[dict]) -> tuple[list[float], list[int]]:
     return ts, out
 
 
-def plot(asks: list[dict], per_skill: dict[str, dict], path: Path) -> None:
-    """Two panels: cumulative prefill tokens saved over time, uses per skill. Written atomically."""
+def plot(asks: list[dict], per_skill: dict[str, dict], path: Path, title: str = "",
+         rate: float | None = None) -> None:
+    """Two panels: cumulative prefill tokens saved over time (and, with the prefill `rate`, the seconds they
+    would have taken), uses per skill; `title` names the model and the store. Written atomically."""
     from skillkv.errors import SkillkvError
 
     try:
         import matplotlib
 
         matplotlib.use("Agg")
+        import matplotlib.dates as mdates
         import matplotlib.pyplot as plt
     except ImportError:
         raise SkillkvError("--plot needs matplotlib (pip install matplotlib)") from None
     import datetime as dt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    if title:
+        fig.suptitle(title)
     ts, saved = saved_over_time(asks)
-    ax1.step([dt.datetime.fromtimestamp(t) for t in ts], saved, where="post")
+    when = [dt.datetime.fromtimestamp(t) for t in ts]
+    ax1.step(when, saved, where="post")
+    if when and when[0] == when[-1]:  # one moment: an hour around it, not matplotlib's years
+        ax1.set_xlim(when[0] - dt.timedelta(minutes=30), when[0] + dt.timedelta(minutes=30))
     ax1.set_title("prefill tokens saved (cumulative)")
     ax1.set_ylabel("tokens")
+    ax1.xaxis.set_major_formatter(mdates.DateFormatter("%d %b %H:%M"))  # day and month, never a bare hour
+    if rate:
+        sec = ax1.secondary_yaxis("right", functions=(lambda t: t / rate, lambda s: s * rate))
+        sec.set_ylabel(f"seconds of prefill saved (at {rate:,.0f} tok/s)")
     fig.autofmt_xdate()
     names = sorted(per_skill, key=lambda n: -per_skill[n]["uses"])
     ax2.barh(names[::-1], [per_skill[n]["uses"] for n in names[::-1]])

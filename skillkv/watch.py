@@ -154,7 +154,7 @@ class Watcher:
             return self._emit(WatchLine(old, 0, round(time.perf_counter() - t0, 3), "deleted",
                                         f"{n} snapshot(s) now stale; skillkv gc removes them", folder))
         try:
-            skill = parse_skill(path)
+            skill = parse_skill(path, follow_symlinks=self.kv.follow_symlinks, root=self.root)
         except SkillError as e:
             return self._emit(WatchLine(old or folder, 0, round(time.perf_counter() - t0, 3), "error",
                                         f"{e}; last good snapshot kept", folder))

@@ -113,3 +113,15 @@ def composed_kv(kv, skills, repair):
         return kv.runner.read(o.seq, 0, o.seq.length), o.info
     finally:
         kv.runner.release(o.seq)
+
+
+TINY = ["--model", "dummy:tiny", "--device", "cpu"]
+
+
+def one_line_error(code, err, needle):
+    """A known error from the CLI: non-zero exit, one line on stderr naming it, no traceback."""
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("skillkv: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in err

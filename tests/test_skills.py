@@ -107,7 +107,7 @@ def test_missing_name_is_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("fm", ["name: [unclosed\ndescription: x", "name: a\n  description: : :", "name: 'open\ndescription: x",
-                                "\tname: tab"])
+                                "name: x\n- item"])
 def test_unparseable_yaml_is_skipped_others_still_load(tmp_path, fm):
     valid(tmp_path, "aaa-first")
     d = make_skill(tmp_path, "broken", fm)

@@ -100,12 +100,15 @@ def eval_cmd(
     if as_json:
         print_json({"summary": result["summary"], "record": rec, "out": str(out)})
         return
+    from skillkv.cli.table import Col, print_table
+
     best = fidelity.best_setting(rec)
     for g, modes in result["summary"].items():
         err.print(f"{g}:", markup=False)
-        for m, x in modes.items():
-            err.print(f"  {m:34s} top1 {x['top1']:.3f}  identical {x['identical']:.0%}  facts {x['facts']:.0%}  "
-                      f"KL1 {x['kl_first']:.4f}  ttft {x['ttft_ms']:.0f} ms  recomputed {x['recomputed']:.1%}",
-                      markup=False)
+        print_table([Col("setting"), Col("top1", right=True), Col("same", right=True), Col("facts", right=True),
+                     Col("KL1", right=True, drop=3), Col("ttft", right=True, drop=2),
+                     Col("recomp.", right=True, drop=1)],
+                    [[m, f"{x['top1']:.3f}", f"{x['identical']:.0%}", f"{x['facts']:.0%}", f"{x['kl_first']:.4f}",
+                      f"{x['ttft_ms']:.0f} ms", f"{x['recomputed']:.1%}"] for m, x in modes.items()], console=err)
     err.print(f"results: {out}; auto mode for this model: "
               f"{'compose with ' + best.label if best else 'exact (no setting meets the bar)'}", markup=False)

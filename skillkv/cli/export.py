@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from skillkv.cli import app
-from skillkv.cli.common import DeviceOpt, JsonOpt, ModelOpt, SkillsOpt, StoreOpt, open_kv, out, print_json
+from skillkv.cli.common import DeviceOpt, FollowOpt, JsonOpt, ModelOpt, SkillsOpt, StoreOpt, open_kv, out, print_json
 from skillkv.errors import SkillkvError
 
 
@@ -74,6 +74,7 @@ def export_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="The fleet's KV dtype; must equal the model's "
                                         "(default: the model's).", show_default=False),
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     skills_dir: Optional[Path] = SkillsOpt,
     model: Optional[str] = ModelOpt,
     device: Optional[str] = DeviceOpt,
@@ -98,7 +99,7 @@ def export_cmd(
         raise SkillkvError("--model-name is required: the name the fleet serves the model under")
     target, folder = to
     validate(target, model_name, tp, hash_, hash_seed, page_size, layout)
-    kv = open_kv(model, store, skills_dir, device)
+    kv = open_kv(model, store, skills_dir, device, follow_symlinks=follow_symlinks)
     r = export(kv, list(skills), target, folder, model_name, tp=tp, hash=hash_, hash_seed=hash_seed,
                page_size=page_size, layout=layout, dtype=dtype)
     print_json(r) if as_json else _print_export(r)

@@ -26,7 +26,8 @@ def loadtest_cmd(
     store: Optional[Path] = StoreOpt,
     device: Optional[str] = DeviceOpt,
     attention: str = typer.Option("auto", "--attention", help="auto | torch | flashinfer (own server)."),
-    kv_budget: Optional[str] = typer.Option(None, "--gpu-kv-budget", "--kv-budget", help="KV pool (own server).",
+    kv_budget: Optional[str] = typer.Option(None, "--gpu-kv-budget", "--kv-budget", metavar="SIZE",
+                                            help="KV pool (own server).",
                                             show_default=False),
     out: Optional[Path] = typer.Option(Path("bench_out/serve.json"), "--out", help="JSON results."),
     doc: Optional[Path] = typer.Option(None, "--doc", help="Write the Markdown table into this file's serve "
@@ -35,8 +36,13 @@ def loadtest_cmd(
     as_json: bool = JsonOpt,
 ):
     """Load-test a server: p50/p99 time to first token, throughput, every answer equal to its solo answer."""
-    from skillkv.measure.loadtest import run
+    from skillkv.cli.common import check_device, check_store
     from skillkv.config import parse_bytes
+
+    if url is None:
+        check_store(store)
+        device = check_device(device)
+    from skillkv.measure.loadtest import run
 
     server_args = {"model": model, "skills": skills, "store": store, "device": device, "attention": attention,
                    "kv_budget": parse_bytes(kv_budget)}

@@ -6,21 +6,27 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from skillkv.cli import app
-from skillkv.cli.common import JsonOpt, ModelOpt, StoreOpt, human_bytes, open_kv, out, print_json
+from skillkv.cli.common import (FollowOpt, JsonOpt, ModelOpt, SkillsArg, SkillsOpt, StoreOpt, human_bytes, open_kv, out,
+                                print_json, printable, skills_dir)
+from skillkv.cli.table import Col, print_table
+
+COLOR = {"current": "green", "stale": "yellow", "missing": "red"}
 
 
 @app.command("ls")
 def ls_cmd(
-    skills: Path = typer.Argument(Path("skills"), help="Folder of skills."),
+    skills: Optional[Path] = SkillsArg,
+    skills_opt: Optional[Path] = SkillsOpt,
     store: Optional[Path] = StoreOpt,
+    follow_symlinks: bool = FollowOpt,
     model: Optional[str] = ModelOpt,
     as_json: bool = JsonOpt,
 ):
     """List skills with their snapshot state (current / stale / missing)."""
-    kv = open_kv(model, store, skills)
+    skills = skills_dir(skills, skills_opt)
+    kv = open_kv(model, store, skills, follow_symlinks=follow_symlinks)
     rows = kv.status()
     problems = kv.load_skills().problems
     if as_json:
@@ -29,14 +35,10 @@ def ls_cmd(
                                 "tokens": r.tokens, "bytes": r.bytes} for r in rows],
                     "problems": problems})
         return
-    out.print(f"[bold]{kv.handle.name}[/] -> {kv.snapshots.dir}", soft_wrap=True)
-    t = Table()
-    for col in ("skill", "state", "tokens", "bytes", "description"):
-        t.add_column(col, overflow="ellipsis", no_wrap=col == "description", max_width=60)
-    color = {"current": "green", "stale": "yellow", "missing": "red"}
-    for r in rows:
-        t.add_row(r.skill.name, f"[{color[r.state]}]{r.state}[/]", str(r.tokens or ""),
-                  human_bytes(r.bytes) if r.bytes else "", r.skill.description)
-    out.print(t)
+    out.print(f"{kv.handle.name} -> {printable(str(kv.snapshots.dir))}", markup=False, soft_wrap=True)
+    print_table([Col("skill"), Col("state"), Col("tokens", right=True, drop=1), Col("size", right=True, drop=2),
+                 Col("description", flex=True)],
+                [[r.skill.name, (r.state, COLOR[r.state]), f"{r.tokens:,}" if r.tokens else "",
+                  human_bytes(r.bytes) if r.bytes else "", " ".join(r.skill.description.split())] for r in rows])
     for p in problems:
-        out.print(f"[red]skipped[/] {p}")
+        out.print(f"skipped: {printable(p)}", markup=False, soft_wrap=True, style="red")

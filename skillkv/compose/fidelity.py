@@ -27,11 +27,11 @@ least, or None: then `auto` uses exact mode.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from skillkv.compose.repair import Repair
+from skillkv.atomic import write_atomic
 from skillkv.errors import SkillkvError
 
 FILE = "compose-fidelity.json"
@@ -55,9 +55,7 @@ def path_for(model_dir: Path) -> Path:
 def _write_json(p: Path, record: dict) -> Path:
     """Atomically write `record` as JSON to `p`."""
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, p)
+    write_atomic(p, (json.dumps(record, indent=1) + "\n").encode())
     return p
 
 

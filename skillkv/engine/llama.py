@@ -56,7 +56,6 @@ class LlamaRunner:
         self.embed_weight = weights.get("model.embed_tokens.weight")
         eps = cfg.rms_norm_eps
         self.norm = RMSNorm(weights.get("model.norm.weight"), eps)
-        self.lm_head = weights.lm_head
         self.q_heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         # the cos/sin table on the CPU (vectorized sin/cos give a scalar tail other bits, module docstring) and in
@@ -64,7 +63,7 @@ class LlamaRunner:
         self.ops = make_ops(ops, weights.rotary, self.head_dim, cfg, pool.device,
                             fixed_rope=pool.device.type == "cpu" or row_block > 0, attention=backend.name)
         self.linear = lin = Linear(gemm, pool.device, weights.dtype)
-        self.lm_head = lin.prepare(self.lm_head)
+        self.lm_head = lin.prepare(weights.lm_head)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             w = weights.layer(i)

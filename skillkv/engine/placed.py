@@ -9,9 +9,9 @@ Placed entries. Skill s placed at start position `offset` is the pool entry `pla
 skill rows, keys rotated by (offset - preamble), every row in the slot its position maps to (slot = position %
 page_size: the entry's first page is filled from slot offset % page_size, PageTable's `start`). It is made once per
 (skill, offset) on the pool's device, from the resident single-skill entry (rows gathered from the pool) or else
-from the snapshot KV that `Part.load` supplies; afterwards it is an entry like any other (refcounted by the requests
-that use it, LRU-evicted when unreferenced). The first skill needs no placement: its single-skill entry is used as
-it is (no copy at all).
+from the snapshot KV that `Part.load` supplies (a runners/base.Part: key, tokens, context, load); afterwards it is
+an entry like any other (refcounted by the requests that use it, LRU-evicted when unreferenced). The first skill
+needs no placement: its single-skill entry is used as it is (no copy at all).
 
 Composed requests. The request's page list is in position order. A page that lies entirely inside one entry is
 that entry's page, shared and never written. A page where two entries meet (a boundary that falls inside a page)
@@ -34,7 +34,6 @@ references (PageTable invariants hold).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -55,20 +54,6 @@ def placed_source(key: str) -> str | None:
     return key[len("place:"):].rsplit("@", 1)[0] if key.startswith("place:") else None
 
 
-@dataclass
-class Part:
-    """One skill of a composed prefix: `key` is the chain key of the snapshot it is placed from, holding `tokens`
-    rows of which the first `context` are context (the preamble, or preamble + the compose neighbour; see
-    skillkv.compose.repair) and the rest the skill's own; `load()` supplies that snapshot's KV (per layer [tokens,
-    kv_heads, head_dim], any device) when the pool holds neither the needed placed entry nor the snapshot's own
-    entry."""
-
-    key: str
-    tokens: int
-    context: int
-    load: Callable[[], KV]
-
-
 class PagedComposer:
     """Composed requests over one engine. `rotary` is the model's rotary module (for re-rotation); `settle(key)`
     blocks until an entry still being paged in (engine/tiers.py) is complete, before its pages are read.
@@ -82,7 +67,7 @@ class PagedComposer:
 
     # ------------------------------------------------------------------ placed entries
 
-    def place(self, part: Part, preamble: int, offset: int) -> str:
+    def place(self, part, preamble: int, offset: int) -> str:
         """Ensure the placed entry of `part` at `offset` is resident. Returns "l1" if it was, "placed" when made
         now from the resident single-skill entry, "loaded" when made now from `part.load()`."""
         key = placed_key(part.key, offset)
@@ -131,7 +116,7 @@ class PagedComposer:
 
     # ------------------------------------------------------------------ requests
 
-    def open(self, parts: list[Part], preamble: int) -> tuple[Request, list[str]]:
+    def open(self, parts: list, preamble: int) -> tuple[Request, list[str]]:
         """A request over the composed prefix of `parts` in this order (all compiled after the same `preamble`
         tokens), and per part where its KV came from: "l1" (the entry it needs was resident), "placed" (placed now
         from the resident single-skill entry) or "loaded" (from `load()`). Every entry used is referenced until

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from skillkv import atomic
 from skillkv.errors import SkillkvError
 
 MANIFEST_PREFIX = "skillkv-export-"
@@ -46,19 +45,7 @@ def write_atomic(folder: Path, name: str, data: bytes) -> str:
     path = folder / name
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return "kept"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".skillkv-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic.write_atomic(path, data, ".skillkv-", ".tmp")
     return "written"
 
 

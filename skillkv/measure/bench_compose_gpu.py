@@ -31,27 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from skillkv.measure.timing import sync, kv_bytes_per_token, load_model, rel_err, timed_ms
-
-
-def timed_setup_ms(fn, setup, reps: int, warmup: int, device) -> tuple[float, list[float]]:
-    """Like bench_gpu.timed_ms, with `setup()` run (and synchronized) before each run, outside the timing."""
-    times = []
-    for _ in range(warmup + reps):
-        setup()
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times[warmup:]), times
+from skillkv.measure.timing import kv_bytes_per_token, load_model, rel_err, sync, timed_ms, versions
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,11 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
 
-    import transformers
-
     from skillkv.compose.repair import Repair, needs_probe, select_positions
     from skillkv.engine.paged import PagedEngine
-    from skillkv.engine.placed import PagedComposer, Part, placed_key
+    from skillkv.engine.placed import PagedComposer, placed_key
+    from skillkv.runners.base import Part
     from skillkv.engine.rope import check_composable, place
 
     dtype = getattr(torch, args.dtype)
@@ -98,16 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     budget = int((K * (P + S) + (K - 1) * S + 2 * chain + 64 * args.page_size * K) * kv_bytes_tok * 1.1) + (256 << 20)
     eng = PagedEngine(model, budget_bytes=budget, attention=args.attention, page_size=args.page_size)
     comp = PagedComposer(eng, model.model.rotary_emb)
-    fi_version = "-"
-    if cuda:
-        try:
-            import flashinfer
-            fi_version = flashinfer.__version__
-        except ImportError:
-            pass
-    res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-           "cuda": torch.version.cuda, "transformers": transformers.__version__, "flashinfer": fi_version,
-           "model": h.name, "dtype": args.dtype, "attention": eng.backend.name, "cuda_graphs": eng.graphs is not None,
+    res = {**versions(cuda), "model": h.name, "dtype": args.dtype, "attention": eng.backend.name, "cuda_graphs": eng.graphs is not None,
            "page_size": args.page_size, "skills": K, "skill_tokens": S, "preamble_tokens": P, "question_tokens": qn,
            "prefix_tokens": chain, "reps": args.reps, "warmup": args.warmup, "pool_bytes": eng.pool.nbytes}
 
@@ -198,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     t["compose"], _ = timed_ms(composed, args.reps, args.warmup, dev)
     res["check"]["placements_during_resident_runs"] = comp.placements - n0
     t["compose_open_only"], _ = timed_ms(open_only, args.reps, args.warmup, dev)  # no question: the overhead
-    t["compose_first"], _ = timed_setup_ms(composed, evict_placed, args.reps, args.warmup, dev)
+    t["compose_first"], _ = timed_ms(composed, args.reps, args.warmup, dev, setup=evict_placed)
     composed()  # placed entries resident again for the repaired runs
     for name, rep in (("compose_lead32", Repair(lead=32)), ("compose_front15", Repair(recompute=0.15)),
                       ("compose_dev15", Repair(recompute=0.15, select="deviation"))):

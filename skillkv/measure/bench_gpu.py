@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from skillkv.measure.timing import (disk_read_gbs, drop_cache, kv_bytes_per_token, load_model, rel_err, timed_ms,
-                                     version_of)
+                                     version_of, versions)
 
 
 def main() -> None:
@@ -78,17 +78,7 @@ def main() -> None:
     import inspect
 
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    import transformers
-
-    fi_version = "-"
-    if cuda:  # the CPU path never imports FlashInfer
-        try:
-            import flashinfer
-            fi_version = flashinfer.__version__
-        except ImportError:
-            pass
-    res = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-           "cuda": torch.version.cuda, "transformers": transformers.__version__, "flashinfer": fi_version,
+    res = {**versions(cuda),
            "driver": (os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader").read().strip()
                       if cuda else "-"),
            "fa3": version_of("tokenspeed-fa3"), "triton": version_of("triton"), "ops": eng.runner.ops.name,

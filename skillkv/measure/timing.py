@@ -17,10 +17,13 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_ms(fn, reps: int, warmup: int = 2, device="cuda") -> tuple[float, list[float]]:
-    """Median wall milliseconds of `fn` (device synchronized around each run) and every run, warm-up first."""
+def timed_ms(fn, reps: int, warmup: int = 2, device="cuda", setup=None) -> tuple[float, list[float]]:
+    """Median wall milliseconds of `fn` (device synchronized around each run) and every run, warm-up first;
+    `setup()`, if given, runs before each run, outside the timing."""
     times = []
     for i in range(warmup + reps):
+        if setup is not None:
+            setup()
         sync(device)
         t0 = time.perf_counter()
         fn()
@@ -78,3 +81,20 @@ def version_of(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "-"
+
+
+def versions(cuda: bool) -> dict:
+    """GPU, torch, CUDA, transformers and FlashInfer versions for a benchmark's result (FlashInfer only imported on
+    CUDA: the CPU path never loads it)."""
+    import transformers
+
+    fi = "-"
+    if cuda:
+        try:
+            import flashinfer
+
+            fi = flashinfer.__version__
+        except ImportError:
+            pass
+    return {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__, "flashinfer": fi}

@@ -93,6 +93,10 @@ class Tokenizer:
     def get_vocab(self) -> dict[str, int]:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
 
+    def __len__(self) -> int:
+        """The vocabulary with added tokens (transformers' len(tokenizer))."""
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
     def convert_tokens_to_ids(self, tokens):
         if isinstance(tokens, str):
             i = self.backend_tokenizer.token_to_id(tokens)

@@ -8,7 +8,9 @@ Routes
   GET  /stats                what `skillkv stats --json` prints
   GET  /health               status, model, running / waiting requests, pool pages
 
-Every error is {"error": {"message", "type", "param", "code"}} with a 4xx (the request's fault) or 5xx status.
+Every error is {"error": {"message", "type", "param", "code"}} with a 4xx (the request's fault) or 5xx status; a body
+over the limit (`body_limit`, default 1 MiB) is a 413 before it is read (serve/middleware.py). Each request is
+logged in one line when its response is complete (`access_log`).
 A client that disconnects (mid-stream, or while waiting for a non-streamed answer) cancels its request: the
 engine thread frees its pages before the next step.
 """
@@ -25,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from skillkv import __version__
+from skillkv.serve.middleware import AccessLog, BodyLimit
 from skillkv.serve.protocol import ApiError, ChatRequest, chunk, completion, completion_id, error_body
 from skillkv.serve.worker import Worker
 
@@ -45,8 +48,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {e.get('msg')}" if param else str(e.get("msg"))), param
 
 
-def create_app(worker: Worker) -> FastAPI:
+def create_app(worker: Worker, body_limit: int = 1 << 20, access_log=None) -> FastAPI:
     app = FastAPI(title="skillkv", version=__version__, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=body_limit)
+    if access_log is not None:
+        app.add_middleware(AccessLog, log=access_log)  # outermost: it sees every response, 413s included
     started = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -61,7 +67,9 @@ def create_app(worker: Worker) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code)
+        code = "request_too_large" if exc.status_code == 413 else None
+        return JSONResponse(error_body(str(exc.detail), kind, code=code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
@@ -116,6 +124,7 @@ def create_app(worker: Worker) -> FastAPI:
                 pass
 
         job = worker.submit(body, emit)
+        request.state.skillkv_job = job  # for the access log
         try:
             kind, val = await events.get()
         except asyncio.CancelledError:

@@ -53,6 +53,36 @@ def question_text(builder: PromptBuilder, messages: list[Message]) -> tuple[str,
     return _render(builder, system, turns), users[-1]
 
 
-def question_ids(builder: PromptBuilder, messages: list[Message]) -> tuple[list[int], str]:
+_CHARS_PER_TOKEN: dict[int, int] = {}
+
+
+def chars_per_token(tokenizer) -> int:
+    """The most characters one token of `tokenizer` can stand for: the longest entry of its vocabulary (a byte-level
+    or SentencePiece token's text is at least as long as what it decodes to); 64 when the vocabulary is hidden."""
+    key = id(tokenizer)
+    if key not in _CHARS_PER_TOKEN:
+        try:
+            _CHARS_PER_TOKEN[key] = max(map(len, tokenizer.get_vocab()))
+        except Exception:  # noqa: BLE001 - no vocabulary to read: a generous bound
+            _CHARS_PER_TOKEN[key] = 64
+    return _CHARS_PER_TOKEN[key]
+
+
+def check_length(builder: PromptBuilder, messages: list[Message], max_context: int) -> None:
+    """ApiError 400 (context_length_exceeded) for messages with more characters than `max_context` tokens can hold,
+    before anything is rendered or tokenized: a 10 MB message costs a length check, not a tokenization."""
+    limit = max_context * chars_per_token(builder.tokenizer)
+    size = sum(len(m.text) for m in messages)
+    if size > limit:
+        raise ApiError(400, f"messages hold {size:,} characters; the model's context of {max_context:,} tokens "
+                       f"holds at most {limit:,}", param="messages", code="context_length_exceeded")
+
+
+def question_ids(builder: PromptBuilder, messages: list[Message], max_context: int | None = None
+                 ) -> tuple[list[int], str]:
+    """The question segment's ids and the text skills are chosen from; with `max_context`, messages that cannot
+    fit are refused before tokenization (check_length)."""
+    if max_context is not None:
+        check_length(builder, messages, max_context)
     text, select_on = question_text(builder, messages)
     return builder.encode(text), select_on

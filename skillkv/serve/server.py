@@ -36,25 +36,35 @@ class ServeConfig:
     batch_invariant: bool = True
     watch: bool = True
     default_max_tokens: int = 256
+    compose_neighbours: bool | None = None  # compile compose's neighbour snapshots at start (None: as compile does)
+    body_limit: int = 1 << 20  # bytes of a request body; a larger one is answered 413 unread
+    follow_symlinks: bool = False  # load skill folders and files that link outside the skills folder
     log_level: str = "warning"
 
 
 class Server:
-    def __init__(self, cfg: ServeConfig, kv=None, log=None):
+    """`log(line)` takes the server's own lines (default: stderr), `access(entry)` one dict per request (default:
+    its text line through `log`; skillkv.serve.middleware)."""
+
+    def __init__(self, cfg: ServeConfig, kv=None, log=None, access=None):
         from skillkv.api import SkillKV
         from skillkv.serve.app import create_app
+        from skillkv.serve.middleware import format_entry
         from skillkv.serve.worker import Worker
 
         self.cfg = cfg
         self.log = log or (lambda s: print(f"skillkv serve: {s}", file=sys.stderr, flush=True))
+        self.access = access or (lambda e: self.log(format_entry(e)))
         # the same SkillKV as `skillkv ask` builds: one runner, its fingerprint and store, tiers, compose, pins
         self.kv = kv or SkillKV(model=cfg.model, store=cfg.store, skills=cfg.skills, device=cfg.device,
                                 on_warning=lambda m: self.log(f"warning: {m}"), engine=cfg.engine,
                                 kv_budget=cfg.kv_budget, host_budget=cfg.host_budget, pin=list(cfg.pins),
-                                batch_invariant=cfg.batch_invariant, attention=cfg.attention)
+                                batch_invariant=cfg.batch_invariant, attention=cfg.attention,
+                                follow_symlinks=cfg.follow_symlinks)
         self.worker = Worker(self.kv, max_batch=cfg.max_batch, max_step_tokens=cfg.max_step_tokens, watch=cfg.watch,
-                             default_max_tokens=cfg.default_max_tokens, on_log=self.log)
-        self.app = create_app(self.worker)
+                             default_max_tokens=cfg.default_max_tokens, on_log=self.log,
+                             neighbours=cfg.compose_neighbours)
+        self.app = create_app(self.worker, cfg.body_limit, self.access)
         self._uvicorn = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -92,12 +102,23 @@ class Server:
     def run(self) -> None:
         """Serve until interrupted."""
         sock = self._prepare()
-        self.log(f"serving on {self.url} (OpenAI API at {self.url}/v1)")
+        self.log(f"serving on {self.url} (OpenAI API at {self.url}/v1; Ctrl-C stops)")
+        handle_exit = self._uvicorn.handle_exit
+
+        def on_signal(sig, frame) -> None:
+            if not self._uvicorn.should_exit:
+                self.log("shutting down: finishing open requests (Ctrl-C again to stop at once)")
+            handle_exit(sig, frame)
+        self._uvicorn.handle_exit = on_signal
         try:
             self._uvicorn.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+            pass
         finally:
             self.worker.close()
             sock.close()
+        n = self.worker.served
+        self.log(f"stopped ({n:,} request{'' if n == 1 else 's'} answered)")
 
     def start_background(self, timeout: float = 120) -> Server:
         sock = self._prepare()

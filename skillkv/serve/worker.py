@@ -65,8 +65,9 @@ class Worker:
     """`kv` is the server's SkillKV (its pins are warmed at start)."""
 
     def __init__(self, kv, max_batch: int = 64, max_step_tokens: int = 4096, watch: bool = True,
-                 default_max_tokens: int = 256, on_log: Callable[[str], None] = print):
-        self.kv = kv
+                 default_max_tokens: int = 256, on_log: Callable[[str], None] = print,
+                 neighbours: bool | None = None):
+        self.kv, self.neighbours = kv, neighbours
         self.max_batch, self.max_step_tokens = max_batch, max_step_tokens
         self.watch, self.default_max_tokens, self.log = watch, default_max_tokens, on_log
         self.inbox: queue.Queue = queue.Queue()
@@ -110,7 +111,7 @@ class Worker:
         """Compile every skill that is out of date: one that cannot (malformed, too long for the model, ...) is
         logged and left out of serving with its reason (GET /skills), the others serve."""
         self.skipped = {}
-        for r in self.kv.compile():
+        for r in self.kv.compile(neighbours=self.neighbours):
             if r.status == "skipped":
                 self.skipped[r.skill] = r.reason
                 self.log(f"skipped: {r.reason}")
@@ -208,7 +209,7 @@ class Worker:
             if b.model not in (self.model_name, "default", "skillkv"):
                 raise ApiError(404, f"model {b.model!r} not found; this server serves {self.model_name!r}",
                                "not_found_error", "model", "model_not_found")
-            q_ids, job.select_on = question_ids(kv.builder, b.messages)
+            q_ids, job.select_on = question_ids(kv.builder, b.messages, kv.handle.max_context)
             if b.skills is not None:
                 try:
                     job.chosen = kv.pick(b.skills)

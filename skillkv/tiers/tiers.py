@@ -9,7 +9,8 @@ Reader threads land and verify a snapshot in host memory layer by layer (tiers/l
 hands those host buffers to the runner as KV sources (runners/base.KVSource) at once, so the runner's copies of
 layer i start as soon as layer i is verified, and the question's first layers compute while later ones still load
 (engine/page_in.py on the paged runner). A verified read is kept in the host cache (tiers/host_cache.py, LRU with a
-byte budget) for the next miss in L1. Whether to load at all is the policy's call (tiers/policy.py: measured once
+byte budget; SkillKV's default is 4 GiB of pinned memory on CUDA and none on the CPU, where the OS page cache
+already holds recently read snapshots and the pool is host memory itself) for the next miss in L1. Whether to load at all is the policy's call (tiers/policy.py: measured once
 per model and store on CUDA; on the CPU loading always wins: a CPU prefills hundreds of tokens per second and reads
 snapshots at GB/s).
 

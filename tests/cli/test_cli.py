@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli as run
+from conftest import one_line_error, run_cli as run
 
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
 
 
-def one_line_error(code, err, needle):
-    assert code != 0
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("skillkv: error:") and needle in lines[0], lines[0]
-    assert "Traceback" not in err
+def json_error(code, out, err, needle):
+    """With --json an error is one JSON object on stdout, the same exit code, nothing on stderr."""
+    assert code != 0 and err == "", err
+    obj = json.loads(out)
+    assert set(obj) == {"error"} and needle in obj["error"]["message"] and obj["error"]["exit_code"] == code
+    return obj["error"]
 
 
 def test_compile_then_ask_json(monkeypatch, capsys, tiny_skills, tmp_path):
@@ -79,7 +79,7 @@ def test_malformed_skill_is_skipped_others_compile(monkeypatch, capsys, tiny_ski
     (tiny_skills / "broken" / "SKILL.md").write_text("---\nname: broken\n---\nno description here\n")
     code, out, _ = run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", str(tmp_path / "s"), *TINY,
                        "--json")
-    assert code == 0
+    assert code == 1  # a skill was skipped; the others compiled
     res = {r["skill"]: r for r in json.loads(out)["results"]}
     assert sum(r["status"] == "compiled" for r in res.values()) == 3
     skipped = [r for r in res.values() if r["status"] == "skipped"]
@@ -108,7 +108,7 @@ def test_unwritable_store(monkeypatch, capsys, tiny_skills, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("I am a file, not a folder")
     code, _, err = run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", str(blocker / "store"), *TINY)
-    one_line_error(code, err, "not writable")
+    one_line_error(code, err, "is a file")
     assert blocker.read_text() == "I am a file, not a folder"
 
 
@@ -120,11 +120,31 @@ def test_prompt_too_long(monkeypatch, capsys, tiny_skills, tmp_path):
     one_line_error(code, err, "exceeds the model's context of 4,096 tokens")
 
 
-def test_bad_batch_file(monkeypatch, capsys, tiny_skills, tmp_path):
+def test_bad_batch_lines_get_their_own_error_lines(monkeypatch, capsys, tiny_skills, tmp_path):
+    """Issue 12: a bad line (not JSON, no "q", an unknown skill, too long) gets {"error": ...} on its own output
+    line, every other line is answered, and the exit code is 1."""
     f = tmp_path / "q.jsonl"
-    f.write_text('{"q": "fine"}\nnot json\n')
-    code, _, err = run(monkeypatch, capsys, "ask", "--batch", str(f), "--skills", str(tiny_skills), *TINY)
-    one_line_error(code, err, "q.jsonl:2")
+    f.write_text('{"q": "What does B-17 mean?", "skills": ["beta-codes"]}\nnot json\n\n{"skills": []}\n'
+                 '{"q": "hi", "skills": ["nope"]}\n{"q": "' + "word " * 5000 + '"}\n'
+                 '{"q": "What does B-42 mean?", "skills": ["beta-codes"]}\n')
+    code, out, err = run(monkeypatch, capsys, "ask", "--batch", str(f), "--skills", str(tiny_skills), "--store",
+                         str(tmp_path / "s"), *TINY, "--max-tokens", "2")
+    assert code == 1 and "Traceback" not in err
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert len(rows) == 6  # one per non-empty line, in order
+    assert rows[0]["skills"] == ["beta-codes"] and rows[5]["skills"] == ["beta-codes"]
+    errors = [r["error"] for r in rows[1:5]]
+    assert [e["line"] for e in errors] == [2, 4, 5, 6]
+    assert "q.jsonl:2: not a JSON object" in errors[0]["message"] and "'q'" in errors[1]["message"]
+    assert "unknown skill 'nope'" in errors[2]["message"] and errors[2]["type"] == "skill_error"
+    assert "exceeds the model's context" in errors[3]["message"] and errors[3]["type"] == "prompt_too_long"
+    # every line fine: exit 0; an unreadable file: one error, exit 2
+    f.write_text('{"q": "What does B-17 mean?", "skills": ["beta-codes"]}\n')
+    assert run(monkeypatch, capsys, "ask", "--batch", str(f), "--skills", str(tiny_skills), "--store",
+               str(tmp_path / "s"), *TINY, "--max-tokens", "2")[0] == 0
+    code, _, err = run(monkeypatch, capsys, "ask", "--batch", str(tmp_path / "none.jsonl"), *TINY)
+    one_line_error(code, err, "cannot read batch file")
+    assert code == 2
 
 
 def test_gc_cli(monkeypatch, capsys, tiny_skills, tmp_path):
@@ -149,5 +169,5 @@ def test_ask_on_the_paged_engine_and_its_option_errors(monkeypatch, capsys, tiny
     for args, needle in [(["--engine", "vllm"], "unknown engine"), (["--gpu-kv-budget", "lots"], "not a size"),
                          (["--engine", "paged", "--gpu-kv-budget", "1KB"], "holds no page"),
                          (["--engine", "paged", "--pin", "nope"], "unknown skill")]:
-        code, _, err = run(monkeypatch, capsys, *base, *args)
-        one_line_error(code, err, needle)
+        code, out, err = run(monkeypatch, capsys, *base, *args)
+        json_error(code, out, err, needle)

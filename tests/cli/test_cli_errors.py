@@ -43,8 +43,11 @@ def test_watch_folder_disappears(monkeypatch, capsys, tiny_skills, tmp_path):
     _after_initial_compile(store, 3, lambda: shutil.rmtree(tiny_skills))
     code, out, err = run(monkeypatch, capsys, "watch", str(tiny_skills), "--store", str(store), *TINY,
                          "--timeout", "20", "--json")
-    assert code != 0 and len(out.splitlines()) == 3  # the initial compile lines, then the error
-    assert one_line(err).startswith("skillkv: error: watched skills folder") and "disappeared" in err
+    lines = out.splitlines()
+    assert code != 0 and len(lines) == 4 and err == ""  # the initial compile lines, then the error (--json)
+    error = json.loads(lines[-1])["error"]
+    assert error["message"].startswith("watched skills folder") and "disappeared" in error["message"]
+    assert error["exit_code"] == code
     assert len(list(store.glob("*/snapshots/*.safetensors"))) == 3  # nothing stored was lost
 
 

@@ -243,7 +243,10 @@ def test_explicit_compose_mode_and_token_accounting(tiny_kv):
     assert tiny_kv.snapshots.contains(nb_key) and nb_key in tiny_kv.live_keys()  # gc keeps it
     from skillkv.report import collect
 
-    assert collect(tiny_kv, None)[0]["skills"][NEIGHBOUR.name]["state"] == "compose neighbour"  # not "removed"
+    rep = collect(tiny_kv, None)[0]  # the stand-in is reported apart, never as a user's (or removed) skill
+    assert NEIGHBOUR.name not in rep["skills"] and rep["internal"]["compose_neighbour"]["snapshots"] == 1
+    assert rep["internal"]["compose_neighbour"]["bytes"] + sum(s["snapshot_bytes"] for s in rep["skills"].values()) \
+        == rep["store"]["bytes"]
     ans = tiny_kv.ask(q, TWO, mode="compose", repair=Repair(lead=2), params=GREEDY)
     assert ans.mode == "compose" and ans.mode_reason == "requested"
     assert ans.tokens["computed"] == q_len + 2

@@ -12,7 +12,8 @@ from conftest import composed_kv
 from skillkv.compose.repair import Repair, compose, needs_probe, select_positions
 from skillkv.engine.paged import PagedEngine
 from skillkv.engine.pages import PoolFull
-from skillkv.engine.placed import PagedComposer, Part, placed_key
+from skillkv.engine.placed import PagedComposer, placed_key
+from skillkv.runners.base import Part
 from skillkv.engine.rope import place
 from skillkv.runners import ReadyKV
 from skillkv.runners.hf import HFRunner

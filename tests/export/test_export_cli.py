@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli as run
+from conftest import one_line_error, run_cli as run
 
 from export_support import manifest, served_prompt_ids
 
 TINY = ["--model", "dummy:tiny", "--device", "cpu"]
-
-
-def one_line_error(code, err, needle):
-    assert code != 0
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("skillkv: error:") and needle in lines[0], lines[0]
-    assert "Traceback" not in err
 
 
 def test_export_then_check_json(monkeypatch, capsys, tiny_skills, tmp_path):

@@ -147,5 +147,5 @@ def test_a_second_model_gets_its_own_doc_section(monkeypatch, capsys, eval_set, 
     gemma = text.split("<!-- compose-gemma:begin -->")[1]
     assert "second model family: `dummy-gemma3-tiny`" in gemma and "make eval-gemma" in gemma
     assert "### Method notes" not in gemma
-    code, _, err = run_cli(monkeypatch, capsys, *args, "--doc-section", "Bad Name!")
-    assert code != 0 and "bad docs section name" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--doc-section", "Bad Name!")  # --json: a JSON error
+    assert code != 0 and err == "" and "bad docs section name" in json.loads(out)["error"]["message"]
