@@ -10,6 +10,8 @@ Scenarios:
   cold process   wall time of a fresh `skillkv ask --max-tokens 1` process (import, model load, snapshot, token),
                  and of a fresh `skillkv ls` (no model computation: neither torch nor transformers is imported)
   batch          100 questions over shared skills in one process, exact vs full: questions/s, prefill tokens
+  reference      the same first-token, decode and cold-process measurements on the transformers runner
+                 (`--engine hf`, the CPU path before the lean runner became the default), in the same run
 """
 
 from __future__ import annotations
@@ -124,10 +126,11 @@ def bench_decode(kv, reps: int) -> dict:
     return {"tokens_per_s": round(statistics.median(rates), 1), "tokens": n, "reps": reps}
 
 
-def bench_cold(store: Path, reps: int) -> dict:
+def bench_cold(store: Path, reps: int, engine: str = "auto") -> dict:
     exe = Path(sys.executable).parent / "skillkv"
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "skillkv"]
-    cmd = base + ["ask", QUESTION, "--skill", SIZES["~2000"], "--store", str(store), "--max-tokens", "1", "--json"]
+    cmd = base + ["ask", QUESTION, "--skill", SIZES["~2000"], "--store", str(store), "--max-tokens", "1", "--json",
+                  "--engine", engine]
     walls, inner, ls = [], [], []
     for _ in range(reps + 1):
         t0 = time.perf_counter()
@@ -212,7 +215,22 @@ def markdown(r: dict) -> str:
                  f"vs full {b['full']['questions_per_s']} q/s: **{b['speedup']}x**; prefill tokens "
                  f"{b['exact']['prefill_tokens']:,} vs {b['full']['prefill_tokens']:,} ({b['prefill_token_ratio']}x "
                  f"fewer); identical answers {b['identical_answers']}/{b['questions']} |")
+    if "reference" in r:
+        lines += reference_rows(r)
     return "\n".join(lines)
+
+
+def reference_rows(r: dict) -> list[str]:
+    """Lean runner vs the transformers runner (`--engine hf`), measured in the same run."""
+    ref, lean = r["reference"], r["ttft"][-1]
+    t, d, c = ref["ttft"], ref["decode"], ref["cold"]
+    return [f"| transformers runner (`--engine hf`), first token, {t['skill_tokens']} skill tokens | exact "
+            f"{t['exact_ms']} ms vs full {t['full_ms']} ms: {t['speedup']}x; the lean runner's exact is "
+            f"**{round(t['exact_ms'] / lean['exact_ms'], 1)}x** faster |",
+            f"| transformers runner, decode | {d['tokens_per_s']} tokens/s; the lean runner "
+            f"**{round(r['decode']['tokens_per_s'] / d['tokens_per_s'], 2)}x** that |",
+            f"| transformers runner, cold `skillkv ask` process | {c['wall_ms']} ms wall; the lean runner "
+            f"**{round(c['wall_ms'] / r['cold']['wall_ms'], 1)}x** faster |"]
 
 
 def update_doc(doc: Path, section: str, text: str) -> None:
@@ -224,6 +242,25 @@ def update_doc(doc: Path, section: str, text: str) -> None:
     head, rest = body.split(begin, 1)
     _, tail = rest.split(end, 1)
     doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def bench_reference(model: str | None, store: Path, device: str | None, reps: int) -> dict:
+    """The transformers runner over the same store (its snapshots are its own: another fingerprint) at ~2,000 skill
+    tokens: first token exact vs full, decode, and a cold process, for the lean runner's rows to be read against."""
+    from skillkv.api import SkillKV
+
+    ref = SkillKV(model=model, store=store, skills="skills", device=device, engine="hf")
+    ref.runner
+    saved = dict(SIZES)
+    SIZES.clear()
+    SIZES["~2000"] = saved["~2000"]
+    try:
+        ttft = bench_ttft(ref, reps)[0]
+        decode = bench_decode(ref, reps)
+    finally:
+        SIZES.clear()
+        SIZES.update(saved)
+    return {"engine": ref.engine, "ttft": ttft, "decode": decode, "cold": bench_cold(store, max(2, reps - 2), "hf")}
 
 
 def run_bench(model: str | None = None, out: Path = Path("bench_out"), quick: bool = False,
@@ -250,6 +287,10 @@ def run_bench(model: str | None = None, out: Path = Path("bench_out"), quick: bo
         r["cold"] = bench_cold(store, 2 if quick else 3)
         print("bench: batch", file=sys.stderr)
         r["batch"] = bench_batch(kv, 20 if quick else 100)
+        if kv.engine != "hf":
+            print("bench: the transformers runner, for reference", file=sys.stderr)
+            kv.forget_resident()
+            r["reference"] = bench_reference(model, store, device, 2 if quick else 5)
     (out / "cpu.json").write_text(json.dumps(r, indent=1))
     md = markdown(r)
     print(md)
