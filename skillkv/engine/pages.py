@@ -52,8 +52,10 @@ class PageTable:
     def __post_init__(self):
         if self.num_pages <= 0 or self.page_size <= 0:
             raise SkillkvError(f"the KV pool needs at least one page (got {self.num_pages} of {self.page_size})")
-        # popped from the end: low page ids first, so a fresh pool hands out contiguous runs
+        # popped from the end: low page ids first, so a fresh pool hands out contiguous runs. `_where[p]` is p's
+        # index in `free` (-1: not free), so a given page is found and taken in O(1) (`alloc(near=)` on every step)
         self.free = list(range(self.num_pages - 1, -1, -1))
+        self._where = list(range(self.num_pages - 1, -1, -1))
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -76,24 +78,37 @@ class PageTable:
                            f"{self.num_pages} in all (raise --gpu-kv-budget)")
         if near is not None and 0 <= near and near + n <= self.num_pages:
             run = range(near, near + n)
-            free = set(self.free)
-            if all(p in free for p in run):
-                self.free = [p for p in self.free if p not in run]
+            if all(self._where[p] >= 0 for p in run):
+                for p in run:
+                    self._take(p)
                 if private:
                     self.private.update(run)
                 return list(run)
         victims = self._evictable()
         while len(self.free) < n:
             self.evict(victims.pop(0).key)
-        got = [self.free.pop() for _ in range(n)]
+        got = [self._take(self.free[-1]) for _ in range(n)]
         if private:
             self.private.update(got)
         return sorted(got)
 
+    def _take(self, page: int) -> int:
+        """Remove `page` from the free list in O(1) (the last free page moves into its place)."""
+        i, last = self._where[page], self.free.pop()
+        if last != page:
+            self.free[i], self._where[last] = last, i
+        self._where[page] = -1
+        return page
+
+    def _give(self, pages) -> None:
+        for p in pages:
+            self._where[p] = len(self.free)
+            self.free.append(p)
+
     def free_private(self, pages: list[int]) -> None:
         for p in pages:
             self.private.remove(p)
-            self.free.append(p)
+            self._give((p,))
 
     # ------------------------------------------------------------------ residents
 
@@ -139,7 +154,7 @@ class PageTable:
         if e.refs:
             raise SkillkvError(f"entry {key[:12]} is in use by {e.refs} request(s) and cannot be evicted")
         del self.entries[key]
-        self.free.extend(e.pages)
+        self._give(e.pages)
         self.evictions += 1
 
     # ------------------------------------------------------------------ checks
@@ -152,6 +167,8 @@ class PageTable:
         owned = [p for e in self.entries.values() for p in e.pages]
         everything = self.free + owned + list(self.private)
         assert sorted(everything) == list(range(self.num_pages)), "a page is lost or owned twice"
+        assert all(self._where[p] == i for i, p in enumerate(self.free)), "the free list's index is stale"
+        assert sum(w >= 0 for w in self._where) == len(self.free), "a page is marked free but is not"
         assert all(e.refs >= 0 for e in self.entries.values())
         assert all(len(e.pages) == self.pages_for(e.start + e.tokens) for e in self.entries.values())
         assert all(0 <= e.start < self.page_size for e in self.entries.values())
