@@ -2,17 +2,17 @@
 
     .venv/bin/python eval/cpu_threads.py [--store DIR] [--reps 5]
 
-For every combination of OMP_WAIT_POLICY (PASSIVE: what the CLI sets; ACTIVE; unset: the OpenMP runtime's own
-default) and torch threads (1, 2), a fresh process loads the default model on the lean runner and measures, on the
+For each setting of OpenMP's waiting (OMP_WAIT_POLICY PASSIVE, ACTIVE or unset: torch's libgomp then spins
+300,000 times before sleeping; GOMP_SPINCOUNT bounds that spin) and torch threads (1, 2), a fresh process loads the default model on the lean runner and measures, on the
 ~2,000-token skill: the cached first token (exact mode, the snapshot in memory), a full prefill's first token and
-greedy decode tokens/s (64 tokens). Medians of --reps. The machine's load average before each process is printed:
-the numbers only mean something on an otherwise idle machine. Writes docs/results/cpu-threads-<date>.json.
+greedy decode tokens/s (64 tokens). Medians of --reps. The machine's load average before each process is printed.
+--busy N runs N spinning processes alongside (a machine shared with other work: what made PASSIVE the default).
+Writes docs/results/cpu-threads-<date>[-busyN].json.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess
@@ -48,26 +48,41 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", default="cache_store")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--busy", type=int, default=0)
     args = ap.parse_args()
-    rows = []
-    for policy, threads in itertools.product(("PASSIVE", "ACTIVE", None), (2, 1)):
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(REPO)}
-        if policy:
-            env["OMP_WAIT_POLICY"] = policy
-        load = round(os.getloadavg()[0], 2)
-        p = subprocess.run([sys.executable, "-c", CHILD, args.store, str(threads), str(args.reps)], env=env,
-                           cwd=REPO, capture_output=True, text=True, check=True)
-        row = {"omp_wait_policy": policy or "unset", "threads": threads, "load_before": load,
-               **json.loads(p.stdout.splitlines()[-1])}
-        rows.append(row)
-        print(row, file=sys.stderr)
-    print("| OMP_WAIT_POLICY | threads | cached first token | full prefill | decode | load before |")
-    print("|---|---|---|---|---|---|")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        rows = [measure(policy, threads, args) for policy, threads in SETTINGS]
+    finally:
+        for p in busy:
+            p.kill()
+    print("| waiting | threads | cached first token | full prefill | full / cached | decode | load before |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['omp_wait_policy']} | {r['threads']} | {r['exact_ms']} ms | {r['full_ms']} ms | "
-              f"{r['decode_tok_s']} tok/s | {r['load_before']} |")
-    out = REPO / "docs" / "results" / f"cpu-threads-{time.strftime('%Y-%m-%d')}.json"
-    out.write_text(json.dumps({"cpu_count": os.cpu_count(), "rows": rows}, indent=1) + "\n")
+        print(f"| {r['wait']} | {r['threads']} | {r['exact_ms']} ms | {r['full_ms']} ms | "
+              f"{round(r['full_ms'] / r['exact_ms'], 1)}x | {r['decode_tok_s']} tok/s | {r['load_before']} |")
+    name = f"cpu-threads-{time.strftime('%Y-%m-%d')}" + (f"-busy{args.busy}" if args.busy else "")
+    (REPO / "docs" / "results" / f"{name}.json").write_text(json.dumps({"cpu_count": os.cpu_count(), "busy":
+                                                                         args.busy, "rows": rows}, indent=1) + "\n")
+
+
+SETTINGS = [("PASSIVE", 2), ("PASSIVE", 1), ("ACTIVE", 2), ("unset", 2), ("unset", 1), ("GOMP_SPINCOUNT=10000", 2),
+            ("GOMP_SPINCOUNT=100000", 2)]
+
+
+def measure(policy: str, threads: int, args) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = str(REPO)
+    if policy.startswith("GOMP_SPINCOUNT="):
+        env["GOMP_SPINCOUNT"] = policy.split("=", 1)[1]
+    elif policy != "unset":
+        env["OMP_WAIT_POLICY"] = policy
+    load = round(os.getloadavg()[0], 2)
+    p = subprocess.run([sys.executable, "-c", CHILD, args.store, str(threads), str(args.reps)], env=env, cwd=REPO,
+                       capture_output=True, text=True, check=True)
+    row = {"wait": policy, "threads": threads, "load_before": load, **json.loads(p.stdout.splitlines()[-1])}
+    print(row, file=sys.stderr)
+    return row
 
 
 if __name__ == "__main__":
