@@ -16,15 +16,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 if [[ $parts == *tests* ]]; then
   # the FA3 wheel set has no zstandard: its tier policy (tiers/policy.py) cannot run, so skip what needs it
   skip=""; python3 -c "import zstandard" 2>/dev/null || skip="not zstd and not test_exact_equals_full_on_the_gpu_paged"
-  timeout 220 python3 -m pytest -q -ra -p no:cacheprovider tests/test_triton_kernels.py tests/test_attention_backends.py \
-    tests/test_paged_engine.py tests/test_compose_paged.py tests/test_api_tiny.py tests/test_tiers.py tests/test_compose.py \
-    -m "gpu or triton" -k "${skip:-gpu or not gpu}" > "$out/tests.log" 2>&1; tail -60 "$out/tests.log"
+  timeout ${TESTS_S:-220} python3 -m pytest -q -ra -p no:cacheprovider tests -m "gpu or triton" \
+    -k "${skip:-gpu or not gpu}" > "$out/tests.log" 2>&1; tail -60 "$out/tests.log"
 fi
 if [[ $parts == *kernels* ]]; then
   timeout 170 python3 -m skillkv.measure.bench_kernels --out "$out" --parts "${KPARTS:-ceilings,gemm,attention,ops}" \
     2>&1 | tail -40 | tee "$out/kernels.log"
 fi
 if [[ $parts == *bench* ]]; then
-  timeout 330 python3 -m skillkv.measure.bench_gpu --out "$out" --reps 5 ${EXTRA_BENCH:-} 2>&1 | tail -30 \
+  timeout ${BENCH_S:-330} python3 -m skillkv.measure.bench_gpu --out "$out" --reps 5 ${EXTRA_BENCH:-} 2>&1 | tail -30 \
     | tee "$out/bench.log"
 fi
