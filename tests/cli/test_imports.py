@@ -30,13 +30,16 @@ def _heavy(mods: set[str], roots: tuple[str, ...]) -> set[str]:
 
 
 @pytest.mark.slow
-def test_ask_on_the_default_model_imports_no_transformers(real_kv, real_store):
+@pytest.mark.parametrize("pick", [["--skill", "git-commit-messages"], []], ids=["named-skill", "automatic-selection"])
+def test_ask_on_the_default_model_imports_no_transformers(real_kv, real_store, pick):
+    """With a named skill, and with automatic selection (its embedding model runs on select/bert.py)."""
     from skillkv.generate import SamplingParams
 
     real_kv.ask(Q, ["git-commit-messages"], params=SamplingParams(max_tokens=1))  # the snapshot is stored
-    mods = _imported(["ask", Q, "--skill", "git-commit-messages", "--store", str(real_store), "--skills",
-                      str(real_kv.skills_dir), "--max-tokens", "1", "--json", "--device", "cpu"])
+    mods = _imported(["ask", Q, *pick, "--store", str(real_store), "--skills", str(real_kv.skills_dir),
+                      "--max-tokens", "1", "--json", "--device", "cpu"])
     assert "torch" in mods and "skillkv.engine.llama" in mods  # it did run the lean runner
+    assert ("skillkv.select.bert" in mods) == (not pick)  # automatic selection embedded the question
     assert _heavy(mods, ("transformers", "sympy")) == set()
     assert not {m for m in mods if m.startswith(("torch._dynamo", "torch.distributed.tensor"))}
 
