@@ -151,17 +151,17 @@ class SkillKV:
     # ------------------------------------------------------------------ compile
 
     def compile(self, names: list[str] | None = None, compression: str = "none", force: bool = False,
-                on_result: Callable[[CompileResult], None] | None = None,
-                neighbours: bool | None = None) -> list[CompileResult]:
+                on_result: Callable[[CompileResult], None] | None = None, neighbours: bool | None = None,
+                verify: bool = False) -> list[CompileResult]:
         """Compile every skill (or `names`): skipped folders first, then one result per skill (skillkv.compile).
-        `neighbours`: compose's neighbour snapshots too (default: where auto mode composes this model)."""
+        `neighbours`: compose's neighbour snapshots too (default: where auto composes); `verify`: see compile.py."""
         loaded = self.load_skills()
         results = [CompileResult(f.name, "skipped", reason=p) for p, f in zip(loaded.problems, loaded.problem_folders)]
         for r in results:
             on_result and on_result(r)
         nb = self.composer.uses_neighbours() if neighbours is None else neighbours
         todo = loaded.skills if names is None else self.pick(names)
-        return results + self.compiler.compile(todo, compression, force, nb, on_result, current=loaded.skills)
+        return results + self.compiler.compile(todo, compression, force, nb, on_result, loaded.skills, verify)
 
     def compile_skill(self, skill: Skill, compression: str = "none") -> CompileResult:
         """Compile one parsed skill (watch: the folder that changed), and the stored combinations it is part of
@@ -197,8 +197,8 @@ class SkillKV:
         if mode == "compose":
             seq, info = self.composer.open(skills, repair)
             return Opened(seq, skills, mode, reason, repair, info)
-        info = self.residency.make_resident(skills, settle=settle)
-        return Opened(runner.open(pieces[-1][0]), skills, mode, reason, None, info)
+        seq, info = self.residency.open(skills, settle)
+        return Opened(seq, skills, mode, reason, None, info)
 
     def _combination_ready(self, skills: list[Skill], resident_only: bool = False) -> bool:
         """Whether the exact chain of `skills` is resident in the runner (or, unless `resident_only`, stored)."""

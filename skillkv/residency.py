@@ -12,7 +12,7 @@ from typing import Callable
 
 from skillkv.compile import Compiler
 from skillkv.errors import SnapshotError
-from skillkv.runners.base import ReadyKV, Runner
+from skillkv.runners.base import ReadyKV, Runner, Seq
 from skillkv.skills import Skill
 from skillkv.tiers.tiers import Tiers
 
@@ -47,6 +47,18 @@ class Residency:
         self.runner().admit(key, [ReadyKV(kv) for kv in kvs], pin=pin)
         self.tiers.keep(pieces, kvs)
         return info
+
+    def open(self, skills: list[Skill], settle: bool = False) -> tuple[Seq, dict]:
+        """A sequence over the exact prefix of `skills` made resident (`make_resident`) and its info. A piece whose
+        page-in already failed by then (damaged on the way in) is never served: the prefix is recomputed first."""
+        key = self.compiler.pieces(skills)[-1][0]
+        info = self.make_resident(skills, settle=settle)
+        try:
+            return self.runner().open(key), info
+        except SnapshotError as e:
+            self.damaged(e, skills)
+        info = self.make_resident(skills, settle=settle)
+        return self.runner().open(key), info
 
     def damaged(self, e: SnapshotError, skills: list[Skill]) -> None:
         """A damaged, foreign or stale snapshot: never served; removed from the store, so it is recompiled."""

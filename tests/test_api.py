@@ -101,6 +101,25 @@ def test_damaged_snapshot_is_recompiled_never_served(tiny_kv, tmp_path, tiny_ski
     assert again.tokens["cached"] > 0 and again.output_token_ids == reference.output_token_ids
 
 
+def test_compile_verify_recompiles_a_damaged_snapshot_no_ask_has_read(tiny_kv):
+    """A data bit flip leaves the header intact, so a plain compile finds the snapshot current; --verify reads every
+    stored piece back (here a compose neighbour snapshot) and recompiles the damaged one, leaving the rest."""
+    tiny_kv.compile(neighbours=True)
+    from skillkv.compose.neighbour import NEIGHBOUR
+
+    key = tiny_kv.compiler.keys([NEIGHBOUR, tiny_kv.pick(["beta-codes"])[0]])[-1]
+    path = tiny_kv.snapshots.snap_dir / tiny_kv.snapshots.entries()[key].file
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    plain = {r.skill: r.status for r in tiny_kv.compile(neighbours=True)}
+    assert set(plain.values()) == {"up to date"}
+    checked = {r.skill: r.status for r in tiny_kv.compile(neighbours=True, verify=True)}
+    assert checked.pop("beta-codes") == "recompiled" and set(checked.values()) == {"up to date"}
+    for k, e in tiny_kv.snapshots.entries().items():
+        tiny_kv.snapshots.get(k)  # every stored snapshot reads back and verifies
+
+
 def test_zstd_snapshots_answer_identically(tiny_kv):
     tiny_kv.compile(compression="zstd")
     e = next(iter(tiny_kv.snapshots.entries().values()))
@@ -224,3 +243,37 @@ def test_paged_engine_pages_stored_snapshots_in_through_the_tiers(tiny_skills, t
     assert any("recompil" in w for w in warnings)
     assert kv.runner.engine.table.check() is None and all(e.refs == 0 for e in kv.runner.engine.table.entries.values())
     assert open_kv().ask("how do pages work?", names, params=params).tiers == ["l2"] * 2  # stored again, sound
+
+
+@pytest.mark.slow
+def test_damage_found_by_the_page_in_before_the_sequence_opens(real_kv, tmp_path, monkeypatch):
+    """The default model's snapshots stream in layer by layer: a data bit flip in a middle layer is found by the
+    background page-in. When that happens before the sequence opens (the race `make faults` hit), the ask still
+    answers like a full prefill, from a recomputed prefix, and the store is repaired."""
+    from skillkv.api import SkillKV
+    from skillkv.residency import Residency
+
+    kv = SkillKV(model="default", store=tmp_path / "store", skills=real_kv.skills_dir, device="cpu",
+                 on_warning=lambda w: None)
+    q, skill = "How long should a commit subject line be?", ["git-commit-messages"]
+    kv.compile(skill, neighbours=False)
+    full = kv.ask(q, skill, mode="full", params=GREEDY)
+    path = _snapshot_file(kv, skill[0])
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # safetensors: header length, header, then the tensors
+    data[(start + len(data)) // 2] ^= 0xFF  # a middle layer's tensor
+    path.write_bytes(bytes(data))
+    kv.forget_resident()
+    make_resident = Residency.make_resident
+
+    def then_wait(self, skills, pin=False, settle=False):
+        info = make_resident(self, skills, pin, settle)
+        paging = self.runner()._pending.get(self.compiler.keys(skills)[-1])
+        paging and paging.finished.wait()
+        return info
+    monkeypatch.setattr(Residency, "make_resident", then_wait)
+    ans = kv.ask(q, skill, mode="exact", params=GREEDY)
+    assert ans.output_token_ids == full.output_token_ids and ans.tokens["cached"] == 0
+    kv.forget_resident()
+    again = kv.ask(q, skill, mode="exact", params=GREEDY)
+    assert again.tokens["cached"] > 0 and again.output_token_ids == full.output_token_ids
