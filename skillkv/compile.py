@@ -13,7 +13,8 @@ equals a full prefill of the same segments bit for bit.
     composed ask computes only its question and repair tokens;
   - the stored combinations it is part of (chains an exact-mode ask stored before) when a skill in them changed.
 A skill that cannot compile (longer than the model's context, a store error on its file...) is skipped with its
-reason, by name and numbers; every other skill still compiles.
+reason, by name and numbers; every other skill still compiles. With `verify`, a stored piece counts as current only
+once it reads back and verifies (every checksum, not only the header): a damaged one is removed and recomputed.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Compiler:
                  max_context: int, on_warning: Callable[[str], None]):
         self.store, self.builder, self.fingerprint = store, builder, fingerprint
         self.runner, self.max_context, self.on_warning = runner, max_context, on_warning
+        self._checked: set[str] = set()  # keys verified by this compile (`verify`)
+        self._repaired = 0  # damaged pieces `verify` removed (and so recomputed)
 
     # ------------------------------------------------------------------ chains
 
@@ -170,55 +173,72 @@ class Compiler:
 
     # ------------------------------------------------------------------ compile
 
-    def current(self, skills: list[Skill]) -> bool:
-        """Whether the chain's last piece is stored and its header says it is this content (no tensor read)."""
+    def current(self, skills: list[Skill], verify: bool = False) -> bool:
+        """Whether the chain's last piece is stored and its header says it is this content (no tensor read); with
+        `verify`, also whether every piece of the chain reads back and verifies (a damaged one is removed)."""
         key, ids = self.pieces(skills)[-1]
-        return self.store.contains(key) and self.store.header_matches(key, skills[-1].content_hash, len(ids))
+        if not (self.store.contains(key) and self.store.header_matches(key, skills[-1].content_hash, len(ids))):
+            return False
+        return not verify or all([self._verified(k, piece) for k, piece in self.pieces(skills)])
+
+    def _verified(self, key: str, ids: list[int]) -> bool:
+        if key in self._checked:
+            return True
+        try:
+            self.store.get(key, token_ids=ids)
+        except SnapshotError:
+            self.store.remove([key])
+            self._repaired += 1
+            return False
+        self._checked.add(key)
+        return True
 
     def compile(self, skills: list[Skill], compression: str = "none", force: bool = False, neighbours: bool = False,
                 on_result: Callable[[CompileResult], None] | None = None,
-                current: list[Skill] | None = None) -> list[CompileResult]:
+                current: list[Skill] | None = None, verify: bool = False) -> list[CompileResult]:
         """Compile `skills` (module docstring), one result per skill, in order; then refresh the stored
         combinations of `current` skills (default: `skills`) that changed. Never raises for one skill: its result
         is "skipped" with the reason."""
         if compression not in COMPRESSIONS:
             raise SkillkvError(f"unknown compression {compression!r} (choose from {', '.join(COMPRESSIONS)})")
         self.store.ensure_writable()
-        results = []
+        results, self._checked = [], set()
         for skill in skills:
-            r = self.compile_skill(skill, compression, force, neighbours)
+            r = self.compile_skill(skill, compression, force, neighbours, verify)
             results.append(r)
             on_result and on_result(r)
         self._refresh_combinations(current if current is not None else skills, compression)
         return results
 
     def compile_skill(self, skill: Skill, compression: str = "none", force: bool = False,
-                      neighbours: bool = False) -> CompileResult:
+                      neighbours: bool = False, verify: bool = False) -> CompileResult:
         """One skill's snapshots (module docstring); a failure is a "skipped" result, never an exception."""
         t0 = time.perf_counter()
         key = self.keys([skill])[0]
-        n = len(self.piece_ids([skill], 0))
+        n, repaired = len(self.piece_ids([skill], 0)), self._repaired
         try:
             existed = self.store.contains(key)
-            fresh = force or not self.current([skill])
+            fresh = force or not self.current([skill], verify)
             if fresh:  # --force recomputes and replaces: the old file stays until the new one is renamed over it
                 stale = not existed and any(e.skill == skill.name and not e.parent
                                             for e in self.store.entries().values())
                 self.chain([skill], compression, recompute=force, rewrite=force)
-            reason = self._neighbour(skill, compression, force) if neighbours else ""
+            reason = self._neighbour(skill, compression, force, verify) if neighbours else ""
         except SkillkvError as e:
             return CompileResult(skill.name, "skipped", n, 0, time.perf_counter() - t0, f"{skill.name}: {e}")
         e = self.store.entries()[key]
         status = "up to date" if not fresh else "recompiled" if (existed or stale) else "compiled"
+        if self._repaired > repaired:  # --verify found one of its pieces damaged (a neighbour snapshot too)
+            status = "recompiled"
         return CompileResult(skill.name, status, e.tokens, e.bytes, time.perf_counter() - t0, reason)
 
-    def _neighbour(self, skill: Skill, compression: str, force: bool) -> str:
+    def _neighbour(self, skill: Skill, compression: str, force: bool, verify: bool = False) -> str:
         """Store the skill's compose neighbour snapshot; returns a note when it cannot be made."""
         chain = [NEIGHBOUR, skill]
         total = sum(len(ids) for _, ids in self.pieces(chain))
         if total + 1 > self.max_context:
             return f"no compose neighbour snapshot ({total:,} tokens with it; the context is {self.max_context:,})"
-        if force or not self.current(chain):
+        if force or not self.current(chain, verify):
             self.chain(chain, compression, recompute=force, rewrite=force)
         return ""
 

@@ -38,6 +38,8 @@ def compile_cmd(
     compress: str = typer.Option("none", "--compress", metavar="CODEC", help="none | zstd (per-layer, byte-plane "
                                  "shuffled)."),
     force: bool = typer.Option(False, "--force", help="Recompile even current snapshots."),
+    verify: bool = typer.Option(False, "--verify", help="Read every stored snapshot back (all checksums, not only "
+                                "the header) and recompile the damaged ones."),
     neighbours: Optional[bool] = typer.Option(None, "--compose-neighbours/--no-compose-neighbours",
                                               help="Also compile compose mode's neighbour snapshots (default: when "
                                               "auto mode composes this model).", show_default=False),
@@ -53,14 +55,14 @@ def compile_cmd(
     skills = skills_dir(skills, skills_opt)
     kv = open_kv(model, store, skills, device, engine, follow_symlinks=follow_symlinks)
     todo = kv.pick(only) if only else kv.load_skills().skills
-    if not force:
+    if not force and not verify:  # the progress bar counts what is not current (by its header)
         current = {s.skill.name for s in kv.status() if s.state == "current"}
         todo = [s for s in todo if s.name not in current]
     progress = CompileProgress(kv.handle.name, [(s.name, len(kv.compiler.piece_ids([s], 0))) for s in todo],
                                enabled=not as_json)
     try:
         results = kv.compile(only or None, compression=compress, force=force, on_result=progress.result,
-                             neighbours=neighbours)
+                             neighbours=neighbours, verify=verify)
     finally:
         progress.close()
     if as_json:

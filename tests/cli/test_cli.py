@@ -35,6 +35,25 @@ def test_compile_then_ask_json(monkeypatch, capsys, tiny_skills, tmp_path):
     assert code == 0 and {s["state"] for s in json.loads(out)["skills"]} == {"current"}
 
 
+def test_compile_verify_recompiles_what_a_plain_compile_finds_current(monkeypatch, capsys, tiny_skills, tmp_path):
+    store = tmp_path / "store"
+    code, _, _ = run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", str(store), *TINY, "--json")
+    files = sorted(store.glob("*/snapshots/beta-codes-*.safetensors"))
+    assert code == 0 and len(files) == 1
+    data = bytearray(files[0].read_bytes())
+    data[-100] ^= 0xFF  # in the tensors: the header still says current
+    files[0].write_bytes(bytes(data))
+    statuses = []
+    for flags in ([], ["--verify"], ["--verify"]):
+        code, out, _ = run(monkeypatch, capsys, "compile", str(tiny_skills), "--store", str(store), *TINY, "--json",
+                           *flags)
+        statuses.append({r["skill"]: r["status"] for r in json.loads(out)["results"]})
+        assert code == 0
+    assert set(statuses[0].values()) == {"up to date"}
+    assert statuses[1].pop("beta-codes") == "recompiled" and set(statuses[1].values()) == {"up to date"}
+    assert set(statuses[2].values()) == {"up to date"}
+
+
 def test_ask_streams_text_and_stats(monkeypatch, capsys, tiny_skills, tmp_path):
     code, out, err = run(monkeypatch, capsys, "ask", "What does B-17 mean?", "-s", "beta-codes", "--skills",
                          str(tiny_skills), "--store", str(tmp_path / "s"), *TINY, "--max-tokens", "3")
