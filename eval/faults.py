@@ -92,15 +92,15 @@ def snapshot_trials(work: Path, kv: SkillKV, n: int, rng: random.Random, ctx: di
             res[name]["refused"] += refused
             res[name]["intact"] += intact
             totals["wrong_kv"] += wrong
-            if i % 5 == 0:
-                skill = files[victim]
+            if i % 5 == 0:  # the victim may be the compose stand-in's snapshot: then ask about the first skill
+                skill = files[victim] if files[victim] in QUESTIONS else SKILLS[0]
                 fresh = SkillKV(model="default", store=store_root, skills=kv.skills_dir, device="cpu",
                                 on_warning=lambda w: None)
                 a = fresh.ask(QUESTIONS[skill], skills=[skill], mode="exact", params=PARAMS)
                 totals["answered"] += 1
                 res[name]["answered"] += 1
                 totals["wrong_answers"] += a.output_token_ids != refs[skill]
-                fresh.compile()
+                fresh.compile(verify=True)  # also repairs a damaged snapshot the ask did not read
                 healed = read_all(Store(store_root, kv.tag, kv.fingerprint), pristine)
                 totals["healed"] += healed[1] == healed[2] == 0
                 totals["unhealed"] += healed[1] + healed[2] > 0

@@ -28,8 +28,8 @@ def write_doc(path: Path, r: dict) -> None:
         _row("snapshot and index faults", t["trials"], f"damaged KV served: {t['wrong_kv']}; tracebacks: "
              f"{t['tracebacks']}"),
         _row("  of which answered in exact mode (fresh process state)", t["answered"],
-             f"wrong answers (vs a clean full prefill): {t['wrong_answers']}; store healed by the next compile: "
-             f"{t['healed']}/{t['answered']}"),
+             f"wrong answers (vs a clean full prefill): {t['wrong_answers']}; store healed by the next "
+             f"`compile --verify`: {t['healed']}/{t['answered']}"),
         _row("stale snapshots (skill edited)", st["trials"], f"exact == full: {st['exact_equals_full']}/"
              f"{st['trials']}"),
         _row("kill -9 mid-compile (a skill edited before each run)", k["trials"], _kills(k)),
