@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from skillkv.measure.profile_gpu import replay_ms
 
 H, HQ, HK, D, INTER, VOCAB = 4096, 32, 8, 128, 14336, 128256
 SHAPES = {"qkv": ((HQ + 2 * HK) * D, H), "o": (H, H), "gate_up": (2 * INTER, H), "down": (H, INTER),
@@ -42,15 +43,7 @@ def graph_us(fn, calls: int, reps: int = 15) -> float:
     with torch.cuda.graph(g):
         for i in range(calls):
             fn(i)
-    times = []
-    for _ in range(reps + 2):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times[2:])
+    return replay_ms(g, reps) * 1e3 / calls
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
