@@ -1,10 +1,15 @@
-"""What each command imports, read from `python -X importtime` in a fresh process: `skillkv ask` on the default
-model (the lean runner) never imports transformers (nor the sympy / torch._dynamo it pulls in); `ls`, `stats`, `gc`
-and a `compile` with every snapshot up to date import neither torch nor transformers (on a CPU-only torch build:
-with a CUDA build, choosing the device asks torch whether a GPU is there)."""
+"""What each command imports, read from `sys.modules` of a fresh process once the command has run: `skillkv ask` on
+the default model (the lean runner) never imports transformers (nor the sympy / torch._dynamo it pulls in); `ls`,
+`stats`, `gc` and a `compile` with every snapshot up to date import neither torch nor transformers (on a CPU-only
+torch build: with a CUDA build, choosing the device asks torch whether a GPU is there).
+
+Not `-X importtime`: an ask imports torch from two threads at once (the tiers' reader and the main thread), and the
+interpreter's per-import lines then interleave on stderr, so a module's line can be lost (seen: torch missing from
+3 runs in 8)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,11 +23,16 @@ CPU_ONLY = pytest.mark.skipif(torch_build_has_accelerator(), reason="a CUDA buil
 Q = "How long should the subject line of a commit message be?"
 
 
+AFTER = ("import json, sys\nfrom skillkv.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+         "    assert e.code in (0, None), e.code\nprint(json.dumps(sorted(sys.modules)), file=sys.stderr)")
+
+
 def _imported(argv: list[str]) -> set[str]:
-    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "skillkv", *argv], capture_output=True, text=True,
-                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    """Every module loaded once `skillkv *argv` has run (main(), as the console entry point runs it)."""
+    p = subprocess.run([sys.executable, "-c", AFTER, *argv], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert p.returncode == 0, (argv, p.stderr[-800:])
-    return {line.split("|")[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")}
+    return set(json.loads(p.stderr.strip().splitlines()[-1]))
 
 
 def _heavy(mods: set[str], roots: tuple[str, ...]) -> set[str]:
