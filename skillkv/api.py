@@ -200,14 +200,20 @@ class SkillKV:
         seq, info = self.residency.open(skills, settle)
         return Opened(seq, skills, mode, reason, None, info)
 
-    def _combination_ready(self, skills: list[Skill], resident_only: bool = False) -> bool:
-        """Whether the exact chain of `skills` is resident in the runner (or, unless `resident_only`, stored)."""
+    def _combination_ready(self, skills: list[Skill]) -> bool:
+        """Whether the exact chain of `skills` is resident in the runner or stored."""
+        return self._resident(skills) or (bool(skills) and self.compiler.stored(skills))
+
+    def _resident(self, skills: list[Skill]) -> bool:
         keys = self.compiler.keys(skills)
-        if not keys:
-            return False
-        if self._runner is not None and self._runner.resident(keys[-1]):
-            return True
-        return not resident_only and self.compiler.stored(skills)
+        return bool(keys) and self._runner is not None and self._runner.resident(keys[-1])
+
+    def _prefetch(self, skills: list[Skill]) -> None:
+        """Start reading the stored pieces of `skills` into the host tier while the question is tokenized and the
+        model loads; not when resident, nor on a loaded runner that reads them in place (tiers.py)."""
+        in_place = self._runner is not None and self.tiers.reads_in_place(self._runner)
+        if not in_place and not self._resident(skills):
+            self.tiers.prefetch([p for p in self.compiler.pieces(skills) if self.snapshots.contains(p[0])])
 
     def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
@@ -219,8 +225,8 @@ class SkillKV:
             raise SkillkvError("the question is empty")
         t_start = time.perf_counter()
         chosen = self.select(question, skills)
-        if mode in ("auto", "exact") and not self._combination_ready(chosen, resident_only=True):
-            self.tiers.prefetch([p for p in self.compiler.pieces(chosen) if self.snapshots.contains(p[0])])
+        if mode in ("auto", "exact"):
+            self._prefetch(chosen)
         layout = self.builder.layout(chosen, question)
         q_ids = layout.segments[-1]
         self.check_fits(len(layout.ids), 1, len(q_ids))

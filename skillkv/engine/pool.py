@@ -68,13 +68,15 @@ class KVPool:
     def load_layer(self, layer: int, pages: list[int], k: torch.Tensor, v: torch.Tensor, offset: int = 0,
                    non_blocking: bool = True) -> None:
         """Copy keys/values [n, kv_heads, head_dim] of one layer to token positions [offset, offset + n) of
-        `pages` (on the current stream). Contiguous pages take one copy per tensor."""
+        `pages` (on the current stream). Contiguous pages take one copy per tensor, none when the source already
+        is that destination (a snapshot read in place: Runner.reserve)."""
         n = k.shape[0]
         if pages == list(range(pages[0], pages[0] + len(pages))):
             span = slice(pages[0], pages[0] + len(pages))
             for pool, src in ((self.k, k), (self.v, v)):
                 dst = pool[layer, span].view(-1, self.kv_heads, self.head_dim)[offset:offset + n]
-                dst.copy_(src, non_blocking=non_blocking)
+                if src.data_ptr() != dst.data_ptr() or src.device != dst.device:  # else read in place already
+                    dst.copy_(src, non_blocking=non_blocking)
         else:
             slots = self.slots(pages, offset, n)
             self.write(layer, slots, k.to(self.device, non_blocking=non_blocking),

@@ -103,6 +103,20 @@ class Runner(ABC):
         source makes that prefill (or `settle`) raise SnapshotError, after which the entry is dropped as soon as no
         sequence holds it. Post: resident(key). Raises PoolFull (nothing changed) when it cannot fit."""
 
+    def reserve(self, key: str, tokens: int, pin: bool = False) -> KV | None:
+        """Where a runner keeps KV in host memory (the paged runner on the CPU): make room for the prefix `key` of
+        `tokens` rows now and return per layer writable (keys, values) views [tokens, kv_heads, head_dim] of its
+        storage, so a reader fills them in place (one copy from the page cache instead of two). The caller then
+        calls `admit(key, sources)` with sources whose tensors are those views (its copies are skipped), or
+        `abandon(key)` if it gives up. None where the runner cannot (`reads_in_place` false; or this time, the room
+        it found not being one run): the caller uses `admit` alone.
+        Raises PoolFull (nothing changed) when it cannot fit."""
+        return None
+
+    def abandon(self, key: str) -> None:
+        """Give back the room `reserve(key, ...)` made, nothing having been admitted. Pre: no writer into the
+        views is still running."""
+
     @abstractmethod
     def settle(self, key: str) -> None:
         """Block until the resident prefix `key` has fully arrived; SnapshotError if a source was damaged."""
@@ -156,6 +170,7 @@ class Runner(ABC):
     # ------------------------------------------------------------------ capacity (serve's admission)
 
     page_size: int = 16
+    reads_in_place: bool = False  # `reserve` can hand out views of host-memory storage
     num_pages: int = 1 << 62  # pages sequences may hold in all (a runner without a fixed pool: no limit)
     batch_invariant: bool = False
 

@@ -54,11 +54,13 @@ class PagedRunner(Runner):
                                   page_size=page_size, cuda_graphs=cuda_graphs, row_block=8 if batch_invariant else 0,
                                   gemm=gemm)
         self.batch_invariant = batch_invariant
+        self.reads_in_place = self.device.type == "cpu"  # the pool is host memory: snapshots land in it directly
         self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
         self.composer = PagedComposer(self.engine, self.weights.rotary, settle=self.settle)
         self._pending: dict[str, PageIn] = {}
         self._retired: set[str] = set()  # entries to evict once no sequence holds them
         self._errors: dict[str, BaseException] = {}  # key -> why its page-in failed (until the next open)
+        self._reserved: dict[str, list[int]] = {}  # key -> pages reserved for a reader filling them in place
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="skillkv-copy")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -106,16 +108,43 @@ class PagedRunner(Runner):
         self._reap()
         return self.table.lookup(key) is not None
 
+    def reserve(self, key: str, tokens: int, pin: bool = False) -> KV | None:
+        """On the CPU: the entry's pages, allocated and held now, as per-layer views (Runner.reserve). None on
+        CUDA (the pool is device memory) and when the pages are not one run (rare: the views would not be
+        contiguous)."""
+        if self.device.type != "cpu" or tokens <= 0 or key in self._reserved:
+            return None
+        self._reap()
+        pages = self.table.alloc(self.table.pages_for(tokens))
+        if pages != list(range(pages[0], pages[0] + len(pages))):
+            self.table.free_private(pages)
+            return None
+        self._errors.pop(key, None)
+        self.table.add(key, pages, tokens, pinned=pin)
+        self.table.acquire(key)  # held by the page-in until its sources are complete
+        self._reserved[key] = pages
+        pool, span = self.engine.pool, slice(pages[0], pages[0] + len(pages))
+        shape = (-1, pool.kv_heads, pool.head_dim)
+        return [(pool.k[i, span].view(shape)[:tokens], pool.v[i, span].view(shape)[:tokens])
+                for i in range(pool.layers)]
+
+    def abandon(self, key: str) -> None:
+        if self._reserved.pop(key, None) is not None:
+            self.table.release(key)
+            self.table.evict(key)
+
     def admit(self, key: str, sources: list[KVSource], pin: bool = False) -> None:
         self._reap()
-        self._errors.pop(key, None)
         offsets, n = [], 0
         for s in sources:
             offsets.append(n)
             n += s.tokens
-        pages = self.table.alloc(self.table.pages_for(n))
-        self.table.add(key, pages, n, pinned=pin)
-        self.table.acquire(key)  # held by the page-in until its copies landed
+        pages = self._reserved.pop(key, None)
+        if pages is None:
+            self._errors.pop(key, None)
+            pages = self.table.alloc(self.table.pages_for(n))
+            self.table.add(key, pages, n, pinned=pin)
+            self.table.acquire(key)  # held by the page-in until its copies landed
         p = PageIn(key, list(sources), offsets, pages, self.engine.pool.layers, self.device)
         self._pending[key] = p
         self._copier.submit(p.run, self.engine.pool, self._stream)

@@ -54,10 +54,15 @@ def host_buffer(nbytes: int, pin: bool | None = None) -> torch.Tensor:
 class HostKV:
     """KV of one snapshot: per layer k, v [tokens, kv_heads, head_dim] as views of one host buffer, laid out
     k.0 v.0 k.1 v.1 ... Layers become ready in any order; `wait(layer)` blocks until layer `layer` is ready
-    and raises SnapshotError if the snapshot turned out damaged (then no layer is ever served from it)."""
+    and raises SnapshotError if the snapshot turned out damaged (then no layer is ever served from it).
+
+    With `into` (per layer (k, v) tensors of that shape and dtype: a runner's own pages, Runner.reserve) the entry
+    fills those tensors instead of a buffer of its own (`buffer` is None): such an entry is never cached, its memory
+    belongs to the runner."""
 
     def __init__(self, key: str, token_ids: list[int], layers: int, shape: list[int], dtype: torch.dtype,
-                 buffer: torch.Tensor | None = None, pin: bool | None = None, name: str = ""):
+                 buffer: torch.Tensor | None = None, pin: bool | None = None, name: str = "",
+                 into: list | None = None):
         self.key, self.token_ids, self.layers, self.name = key, list(token_ids), layers, name or key[:12]
         self.shape, self.dtype = list(shape), dtype
         count = 1
@@ -65,13 +70,13 @@ class HostKV:
             count *= d
         self.tensor_bytes = count * torch.empty((), dtype=dtype).element_size()
         self.nbytes = 2 * layers * self.tensor_bytes
-        self.buffer = host_buffer(self.nbytes, pin) if buffer is None else buffer
-        if self.buffer.numel() < self.nbytes:
-            raise SkillkvError(f"host buffer of {self.buffer.numel()} bytes cannot hold {self.nbytes}")
-        typed = self.buffer[:self.nbytes].view(dtype) if self.nbytes else torch.empty(0, dtype=dtype)
-        per = count
-        self.keys = [typed[(2 * i) * per:(2 * i + 1) * per].view(shape) for i in range(layers)]
-        self.values = [typed[(2 * i + 1) * per:(2 * i + 2) * per].view(shape) for i in range(layers)]
+        self.buffer = None
+        if into is not None:
+            if len(into) != layers or any(list(t.shape) != list(shape) or t.dtype != dtype for kv in into for t in kv):
+                raise SkillkvError(f"{self.name}: destination tensors do not match {layers} layers of {shape} {dtype}")
+            self.keys, self.values = [k for k, _ in into], [v for _, v in into]
+        else:
+            self._own_buffer(shape, dtype, count, buffer, pin)
         self._ready = [threading.Event() for _ in range(layers)]
         self._error: BaseException | None = None
         # set once the filler is done with the entry (after its completion callback, e.g. caching it); a filler
@@ -79,6 +84,17 @@ class HostKV:
         self.complete = threading.Event()
         self.complete.set()
         self.compression, self.file_bytes, self.read_seconds = "", 0, None  # set by the L2 reader
+
+    def _own_buffer(self, shape: list[int], dtype: torch.dtype, count: int, buffer: torch.Tensor | None,
+                    pin: bool | None) -> None:
+        layers = self.layers
+        self.buffer = host_buffer(self.nbytes, pin) if buffer is None else buffer
+        if self.buffer.numel() < self.nbytes:
+            raise SkillkvError(f"host buffer of {self.buffer.numel()} bytes cannot hold {self.nbytes}")
+        typed = self.buffer[:self.nbytes].view(dtype) if self.nbytes else torch.empty(0, dtype=dtype)
+        per = count
+        self.keys = [typed[(2 * i) * per:(2 * i + 1) * per].view(shape) for i in range(layers)]
+        self.values = [typed[(2 * i + 1) * per:(2 * i + 2) * per].view(shape) for i in range(layers)]
 
     @classmethod
     def from_kv(cls, key: str, token_ids: list[int], kv, pin: bool | None = None) -> HostKV:
@@ -97,7 +113,7 @@ class HostKV:
 
     @property
     def pinned(self) -> bool:
-        return self.buffer.is_pinned() if self.nbytes else False
+        return self.buffer.is_pinned() if self.nbytes and self.buffer is not None else False
 
     # ------------------------------------------------------------------ readiness (set by the filler)
 
@@ -181,6 +197,8 @@ class HostCache:
         entry of the same key is dropped) if it is larger than the whole budget."""
         if not kv.ready:
             raise SkillkvError(f"host cache: entry {key[:12]} is not fully read and verified")
+        if kv.buffer is None and kv.nbytes:
+            raise SkillkvError(f"host cache: entry {key[:12]} lives in a runner's memory, not a buffer of its own")
         with self._lock:
             self._drop(key)
             if kv.nbytes > self.budget_bytes:

@@ -72,12 +72,14 @@ class L2Reader:
 
     def read(self, path: Path, fingerprint: str | None = None, key: str | None = None,
              token_ids: list[int] | None = None, alloc: Callable[[int], torch.Tensor] | None = None,
-             on_done: Callable[[HostKV], None] | None = None) -> HostKV:
+             on_done: Callable[[HostKV], None] | None = None, into: list | None = None) -> HostKV:
         """Start reading `path`; return its HostKV at once (layers become ready as they land). Raises
         SnapshotError now for an unreadable, corrupted-header, foreign, wrong-key or stale snapshot; a damaged
         tensor found later fails the entry (its waiters raise). `alloc(nbytes)` supplies the host buffer
-        (default: pinned when CUDA is available). `on_done(kv)` runs in a reader thread once every layer is
-        verified (or the entry failed: check `kv.failed`)."""
+        (default: pinned when CUDA is available); `into` (per layer (k, v) tensors of the snapshot's shape and
+        dtype, e.g. a runner's pages: Runner.reserve) takes the bytes instead, read straight into them (one copy
+        from the page cache, no host buffer). `on_done(kv)` runs in a reader thread once every layer is verified
+        (or the entry failed: check `kv.failed`)."""
         path = Path(path)
         name = path.name
         try:
@@ -95,9 +97,15 @@ class L2Reader:
             check_identity(lay.meta, ids.tolist(), name, fingerprint, key, token_ids)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            nbytes = 2 * lay.layers * lay.kv_nbytes
-            buf = alloc(nbytes) if alloc is not None else host_buffer(nbytes, self.pin)
-            kv = HostKV(lay.meta["key"], ids.tolist(), lay.layers, lay.shape, lay.dtype, buffer=buf, name=name)
+            if into is not None:
+                if len(into) != lay.layers or any(list(t.shape) != list(lay.shape) or t.dtype != lay.dtype
+                                                  or not t.is_contiguous() for pair in into for t in pair):
+                    raise SnapshotError(f"{name}: its KV shape does not match the destination")
+                kv = HostKV(lay.meta["key"], ids.tolist(), lay.layers, lay.shape, lay.dtype, name=name, into=into)
+            else:
+                nbytes = 2 * lay.layers * lay.kv_nbytes
+                buf = alloc(nbytes) if alloc is not None else host_buffer(nbytes, self.pin)
+                kv = HostKV(lay.meta["key"], ids.tolist(), lay.layers, lay.shape, lay.dtype, buffer=buf, name=name)
             kv.compression, kv.file_bytes = lay.compression, size
         except BaseException:
             os.close(fd)
@@ -118,7 +126,7 @@ class L2Reader:
                 out = (kv.keys if kv_ == "k" else kv.values)[layer]
                 sp = lay.spans[tname]
                 if lay.compression == "none":
-                    dst = memoryview(out.view(torch.uint8).numpy()) if sp.nbytes else memoryview(b"")
+                    dst = memoryview(out.view(torch.uint8).numpy()).cast("B") if sp.nbytes else memoryview(b"")
                     check_tensor(lay, tname, _pread_into(job.fd, dst, sp.lo, self.chunk_bytes, job.name), job.name)
                 else:
                     frame = scratch_buffer("frame", sp.nbytes)
