@@ -208,13 +208,6 @@ class SkillKV:
         keys = self.compiler.keys(skills)
         return bool(keys) and self._runner is not None and self._runner.resident(keys[-1])
 
-    def _prefetch(self, skills: list[Skill]) -> None:
-        """Start reading the stored pieces of `skills` into the host tier while the question is tokenized and the
-        model loads; not when resident, nor on a loaded runner that reads them in place (tiers.py)."""
-        in_place = self._runner is not None and self.tiers.reads_in_place(self._runner)
-        if not in_place and not self._resident(skills):
-            self.tiers.prefetch([p for p in self.compiler.pieces(skills) if self.snapshots.contains(p[0])])
-
     def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
             repair: Repair | None = None, on_progress: Callable[[str, int], None] | None = None) -> Answer:
@@ -225,8 +218,9 @@ class SkillKV:
             raise SkillkvError("the question is empty")
         t_start = time.perf_counter()
         chosen = self.select(question, skills)
-        if mode in ("auto", "exact"):
-            self._prefetch(chosen)
+        if mode in ("auto", "exact") and not self._resident(chosen):  # read while the question is tokenized
+            stored = [p for p in self.compiler.pieces(chosen) if self.snapshots.contains(p[0])]
+            self.tiers.prefetch(stored, self._runner)
         layout = self.builder.layout(chosen, question)
         q_ids = layout.segments[-1]
         self.check_fits(len(layout.ids), 1, len(q_ids))

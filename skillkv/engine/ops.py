@@ -22,6 +22,13 @@ from skillkv.engine.rope import rotate_half
 
 
 ROPE_CHUNK = 1024  # positions per cos/sin table chunk (fixed_rope)
+# torch runs an element-wise op of more than GRAIN elements as an OpenMP parallel region. Under the CLI's
+# OMP_WAIT_POLICY=PASSIVE that wakes the sleeping worker thread, which costs more than the work in the MLP's
+# SiLU-and-mul of a question step: 100-108 vs 22 us at 24 x 1,536 on 2 cores (docs/BENCHMARKS.md). So on the CPU
+# `silu_mul` of up to SERIAL_MAX elements runs in row blocks of at most GRAIN elements, on the calling thread; the
+# bits are the same either way (element-wise; tests/engine/test_lean_modules.py checks it).
+GRAIN = 32768
+SERIAL_MAX = 1 << 17
 
 
 class RMSNorm:
@@ -80,7 +87,14 @@ class TorchOps:
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         g, u = gu.chunk(2, dim=-1)
-        return F.silu(g) * u
+        n = g.numel()
+        if gu.device.type != "cpu" or gu.dim() != 2 or not GRAIN < n <= SERIAL_MAX:
+            return F.silu(g) * u
+        out = torch.empty(g.shape, dtype=g.dtype)  # in row blocks below torch's grain: no parallel region
+        step = max(1, GRAIN // g.shape[1])
+        for i in range(0, g.shape[0], step):
+            torch.mul(F.silu(g[i:i + step]), u[i:i + step], out=out[i:i + step])
+        return out
 
 
 class FlashInferOps:

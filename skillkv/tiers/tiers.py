@@ -119,10 +119,13 @@ class Tiers:
             self._prefetch.submit(lambda key=key, ids=ids, kv=kv: self.host.put(
                 key, HostKV.from_kv(key, ids, kv, pin=self.host.pin)))
 
-    def prefetch(self, pieces: list[Piece]) -> None:
+    def prefetch(self, pieces: list[Piece], runner: Runner | None = None) -> None:
         """Start L2 -> host reads of snapshots a question needs, in the background (errors surface on use); not
-        when the policy, once asked, found recomputing them faster."""
+        when the policy, once asked, found recomputing them faster, nor for a loaded `runner` that reads them in
+        place (`reads_in_place`: they are read when made resident)."""
         if self._policy_asked and self._source(pieces, self._policy_value) == "recompute":
+            return
+        if runner is not None and self.reads_in_place(runner):
             return
         for key, ids in pieces:
             if self.host.contains(key):

@@ -65,6 +65,25 @@ def test_length_dependent_rope_is_left_to_the_hf_runner(rope):
         Rotary(cfg)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_silu_mul_in_row_blocks_equals_the_plain_formula_bit_for_bit(threads):
+    """TorchOps.silu_mul runs mid-sized steps in serial row blocks (engine/ops.py): the same bits as silu(g) * u
+    computed in one call, at every row count (blocked or not) and thread count."""
+    from skillkv.engine.ops import GRAIN, SERIAL_MAX, TorchOps
+
+    ops, old = TorchOps(None, 64), torch.get_num_threads()
+    torch.manual_seed(0)
+    try:
+        torch.set_num_threads(threads)
+        for cols in (1536, 2048, 5000):
+            for rows in sorted({1, 7, GRAIN // cols, GRAIN // cols + 1, 24, 40, SERIAL_MAX // cols, 200}):
+                gu = torch.randn(rows, 2 * cols) * 4
+                g, u = gu.chunk(2, dim=-1)
+                assert torch.equal(ops.silu_mul(gu), torch.nn.functional.silu(g) * u), (rows, cols)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rmsnorm_equals_transformers_bit_for_bit(dtype):
     torch.manual_seed(0)
