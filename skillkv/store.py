@@ -262,10 +262,13 @@ class Store:
         self.touch(key)
         return snap
 
-    def touch(self, key: str) -> None:
-        """Record a use of `key` (file mtime), for LRU without rewriting the index per read."""
-        e = self.entries().get(key)
-        p = self._own_file(e.file) if e is not None else None
+    def touch(self, key: str, path: Path | None = None) -> None:
+        """Record a use of `key` (file mtime), for LRU without rewriting the index per read. `path`: its file as
+        `file_path(key)` just returned it (saves looking it up again)."""
+        if path is None:
+            e = self.entries().get(key)
+            path = self._own_file(e.file) if e is not None else None
+        p = path
         if p is not None:
             with contextlib.suppress(OSError):
                 os.utime(p)

@@ -96,10 +96,7 @@ class TorchBackend(AttentionBackend):
             if s.q_len == 1 or s.q_len == s.kv_len:  # a decode token; a fresh sequence (SDPA's causal kernel)
                 self.masks.append(None)
                 continue
-            qpos = torch.arange(s.kv_len - s.q_len, s.kv_len, device=dev)
-            keep = torch.arange(s.kv_len, device=dev)[None, :] <= qpos[:, None]
-            self.masks.append(torch.zeros(keep.shape, dtype=self.pool.dtype, device=dev).masked_fill_(
-                ~keep, float("-inf")))
+            self.masks.append(tail_mask(s.q_len, s.kv_len, self.pool.dtype, dev))
 
     def rows(self, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [kv_len, kv_heads, head_dim] of sequence i of the plan (a view, or a gathered copy)."""
@@ -128,6 +125,20 @@ class TorchBackend(AttentionBackend):
                 outs.append(o[0].transpose(0, 1))
             off += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def tail_mask(q: int, kv: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive mask [q, kv] (0 / -inf) of `q` new tokens at the end of `kv`: each sees every earlier key and
+    itself. On the CPU built by numpy: a question's mask (24 x 1,883) is beyond torch's parallel grain, and each
+    torch op over it would wake the sleeping OpenMP worker (~0.3 ms a step)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        keep = torch.arange(kv, device=device)[None, :] <= torch.arange(kv - q, kv, device=device)[:, None]
+        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+    import numpy as np
+
+    m = np.zeros((q, kv), dtype=np.float32)
+    m[:, kv - q:] = np.triu(np.full((q, q), -np.inf, dtype=np.float32), 1)
+    return torch.from_numpy(m)
 
 
 class FlashInferBackend(AttentionBackend):

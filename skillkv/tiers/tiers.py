@@ -70,9 +70,10 @@ class Tiers:
                 self.host.put(key, kv)
             with self._lock:
                 self._reading.pop(key, None)
-        kv = self.reader.read(self.store.file_path(key), fingerprint=self.store.fingerprint, key=key, token_ids=ids,
-                              alloc=self.host.alloc, on_done=done)
-        self.store.touch(key)
+        path = self.store.file_path(key)
+        kv = self.reader.read(path, fingerprint=self.store.fingerprint, key=key, token_ids=ids, alloc=self.host.alloc,
+                              on_done=done)
+        self.store.touch(key, path)
         return kv
 
     def fetch(self, key: str, ids: list[int]) -> tuple[HostKV, str]:
@@ -217,9 +218,10 @@ class Tiers:
         try:
             for k, ids in pieces:
                 n = len(ids)
-                kv = self.reader.read(self.store.file_path(k), fingerprint=self.store.fingerprint, key=k,
-                                      token_ids=ids, into=[(a[off:off + n], b[off:off + n]) for a, b in into])
-                self.store.touch(k)
+                path = self.store.file_path(k)
+                kv = self.reader.read(path, fingerprint=self.store.fingerprint, key=k, token_ids=ids,
+                                      into=[(a[off:off + n], b[off:off + n]) for a, b in into])
+                self.store.touch(k, path)
                 got.append((kv, "l2"))
                 off += n
         except BaseException:
