@@ -22,6 +22,7 @@ threads (readers, prefetch) never touch the runner.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
@@ -123,10 +124,16 @@ class Tiers:
     def prefetch(self, pieces: list[Piece], runner: Runner | None = None) -> None:
         """Start L2 -> host reads of snapshots a question needs, in the background (errors surface on use); not
         when the policy, once asked, found recomputing them faster, nor for a loaded `runner` that reads them in
-        place (`reads_in_place`: they are read when made resident)."""
+        place (`reads_in_place`: they are read when made resident). Without a host tier (budget 0, the CPU's
+        default) a finished read would be dropped, so the files are only announced to the OS (readahead into the
+        page cache, no copy: a cold `skillkv ask` warms them while the model loads)."""
         if self._policy_asked and self._source(pieces, self._policy_value) == "recompute":
             return
         if runner is not None and self.reads_in_place(runner):
+            return
+        if self.host.budget_bytes == 0:
+            for key, _ in pieces:
+                self._advise(key)
             return
         for key, ids in pieces:
             if self.host.contains(key):
@@ -147,6 +154,21 @@ class Tiers:
                         self._reading.pop(key, None)
                     fut.set_exception(e)
             self._prefetch.submit(go)
+
+    def _advise(self, key: str) -> None:
+        """Ask the OS to read the snapshot file of `key` into its page cache in the background."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.store.file_path(key), os.O_RDONLY)
+        except (SnapshotError, OSError):  # surfaces when the snapshot is used
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def choose(self, key: str, pieces: list[Piece]) -> str:
         """Where the prefix `key` should come from: "l1" if resident; else "host" or "l2" (the slowest tier its
