@@ -1,6 +1,6 @@
 """Threads and OpenMP's wait policy on the lean CPU runner, measured (issue 15): which settings the CLI should use.
 
-    .venv/bin/python eval/cpu_threads.py [--store DIR] [--reps 5]
+    .venv/bin/python eval/cpu_threads.py [--store DIR] [--reps 5] [--busy N] [--settings W,W] [--rounds N]
 
 For each setting of OpenMP's waiting (OMP_WAIT_POLICY PASSIVE, ACTIVE or unset: torch's libgomp then spins
 300,000 times before sleeping; GOMP_SPINCOUNT bounds that spin) and torch threads (1, 2), a fresh process loads the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -55,13 +56,21 @@ def main() -> None:
     ap.add_argument("--store", default="cache_store")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--busy", type=int, default=0)
+    ap.add_argument("--settings", default="", help="comma-separated waits to run with 2 threads (default: all 7 "
+                    "rows), e.g. PASSIVE,unset,GOMP_SPINCOUNT=20000")
+    ap.add_argument("--rounds", type=int, default=1, help="run the settings this many times, interleaved; each row "
+                    "reports the median of its rounds (the cores are shared: rounds spread the noise evenly)")
     args = ap.parse_args()
+    settings = [(w, 2) for w in args.settings.split(",")] if args.settings else SETTINGS
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
-        rows = [measure(policy, threads, args) for policy, threads in SETTINGS]
+        runs = [[measure(policy, threads, args) for policy, threads in settings] for _ in range(args.rounds)]
     finally:
         for p in busy:
             p.kill()
+    rows = [dict(r[0], **{k: statistics.median(x[k] for x in r) for k in ("exact_ms", "store_ms", "full_ms",
+                                                                           "decode_tok_s")}, rounds=r)
+            for r in zip(*runs)]
     print("| waiting | threads | cached first token: resident / from the store | full prefill | full / cached "
           "(store) | decode | load before |")
     print("|---|---|---|---|---|---|---|")
@@ -69,7 +78,8 @@ def main() -> None:
         print(f"| {r['wait']} | {r['threads']} | {r['exact_ms']} / {r['store_ms']} ms | {r['full_ms']} ms | "
               f"{round(r['full_ms'] / r['exact_ms'], 1)}x ({round(r['full_ms'] / r['store_ms'], 1)}x) | "
               f"{r['decode_tok_s']} tok/s | {r['load_before']} |")
-    name = f"cpu-threads-{time.strftime('%Y-%m-%d')}" + (f"-busy{args.busy}" if args.busy else "")
+    name = f"cpu-threads-{time.strftime('%Y-%m-%d')}" + (f"-busy{args.busy}" if args.busy else "") + (
+        f"-{args.rounds}rounds" if args.rounds > 1 else "")
     (REPO / "docs" / "results" / f"{name}.json").write_text(json.dumps({"cpu_count": os.cpu_count(), "busy":
                                                                          args.busy, "rows": rows}, indent=1) + "\n")
 
