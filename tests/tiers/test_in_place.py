@@ -114,3 +114,20 @@ def test_pages_that_are_not_one_run_fall_back_to_a_copy(setup, monkeypatch):
     runner.release(r)
     assert reads == [False] and not runner._reserved
     eng.table.check()
+
+
+def test_prefetch_without_a_host_tier_only_warms_the_page_cache(setup, monkeypatch):
+    """A read into a host buffer would be dropped once done (no tier keeps it): the files are announced to the OS
+    instead, and a loaded runner that reads in place gets nothing at all."""
+    import os
+
+    runner, eng, store, tiers, reads = setup
+    pieces = _store_pieces(eng, store, [list(range(5, 27))])
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advised.append(how))
+    tiers.prefetch(pieces + [("f" * 32, [1, 2])])  # an unknown key is skipped; its error surfaces on use
+    assert advised == [os.POSIX_FADV_WILLNEED] and reads == [] and not tiers._reading
+    tiers.prefetch(pieces, runner)
+    assert advised == [os.POSIX_FADV_WILLNEED] and reads == []
+    assert tiers.make_resident("a", pieces) == "l2" and reads == [True]
+    runner.settle("a")
