@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from skillkv.errors import SnapshotError
-from skillkv.snapshot import parse_layout
 from skillkv.store import Store
 from skillkv.tiers.l2_reader import L2Reader
 from skillkv.tiers.tiers import Tiers
 
-from test_tiers import _runner, _store_pieces, tiny  # noqa: F401 - tiny: the fixture
+from test_tiers import _damage, _prefill_fails, _runner, _store_pieces, tiny  # noqa: F401 - tiny: the fixture
 
 
 def _piecewise_logits(eng, pieces):
@@ -68,19 +67,10 @@ def test_pieces_land_in_place_and_the_prefill_is_bit_identical(setup, compressio
 def test_a_damaged_piece_is_never_served_and_its_pages_come_back(setup):
     runner, eng, store, tiers, _ = setup
     (key, ids), = _store_pieces(eng, store, [list(range(5, 30))])
-    path = store.snap_dir / store.entries()[key].file
-    data = bytearray(path.read_bytes())
-    lay = parse_layout(bytes(data[8:8 + int.from_bytes(data[:8], "little")]), len(data))
-    data[lay.spans[f"v.{lay.layers - 1}"].lo + 3] ^= 0x01
-    path.write_bytes(bytes(data))
+    _damage(store, key, "v.{last}", byte=3, bit=0x01)
     free = len(eng.table.free)
     assert tiers.make_resident(key, [(key, ids)]) == "l2"
-    with pytest.raises(SnapshotError, match="checksum"):
-        r = runner.open(key)  # raises here if the damage was already found, else in the prefill
-        try:
-            runner.prefill([r], [[7, 8]])
-        finally:
-            runner.release(r)
+    _prefill_fails(runner, key)
     runner.settle("nothing")
     assert not eng.resident(key) and len(eng.table.free) == free
     eng.table.check()

@@ -188,6 +188,26 @@ def _store_pieces(eng, store, pieces_ids, compression="none"):
     return out
 
 
+def _damage(store, key, tensor, byte=0, bit=0x20):
+    """Flip one bit of `tensor` ("k.{last}": the last layer's keys) in the snapshot file of `key`."""
+    path = store.snap_dir / store.entries()[key].file
+    data = bytearray(path.read_bytes())
+    lay = parse_layout(bytes(data[8:8 + int.from_bytes(data[:8], "little")]), len(data))
+    data[lay.spans[tensor.format(last=lay.layers - 1)].lo + byte] ^= bit
+    path.write_bytes(bytes(data))
+
+
+def _prefill_fails(runner, key):
+    """A question over the resident `key` raises SnapshotError (checksum): at open if the damage was already
+    found, else in the prefill."""
+    with pytest.raises(SnapshotError, match="checksum"):
+        r = runner.open(key)
+        try:
+            runner.prefill([r], [[7, 8]])
+        finally:
+            runner.release(r)
+
+
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_paging_from_l2_then_host_is_exact(tmp_path, tiny, compression):
     h, model = tiny
@@ -223,20 +243,11 @@ def test_a_damaged_snapshot_fails_the_prefill_and_is_never_served(tmp_path, tiny
     runner, eng = _runner(model)
     store = Store(tmp_path, h.tag, h.fingerprint)
     (key, ids), = _store_pieces(eng, store, [list(range(5, 30))])
-    path = store.snap_dir / store.entries()[key].file
-    data = bytearray(path.read_bytes())
-    lay = parse_layout(bytes(data[8:8 + int.from_bytes(data[:8], "little")]), len(data))
-    data[lay.spans[f"k.{lay.layers - 1}"].lo] ^= 0x20
-    path.write_bytes(bytes(data))
+    _damage(store, key, "k.{last}")
     tiers = Tiers(store, 1 << 20, lambda: runner, reader_threads=2, pin=False)
     try:
         assert tiers.make_resident(key, [(key, ids)]) == "l2"
-        with pytest.raises(SnapshotError, match="checksum"):
-            r = runner.open(key)  # raises here if the damage was already found, else in the prefill
-            try:
-                runner.prefill([r], [[7, 8]])
-            finally:
-                runner.release(r)
+        _prefill_fails(runner, key)
         assert not eng.resident(key) and not tiers.host.contains(key)
         eng.table.check()
         with pytest.raises(SnapshotError, match="checksum"):  # asked again: read again, caught again
