@@ -268,10 +268,9 @@ class Store:
         if path is None:
             e = self.entries().get(key)
             path = self._own_file(e.file) if e is not None else None
-        p = path
-        if p is not None:
+        if path is not None:
             with contextlib.suppress(OSError):
-                os.utime(p)
+                os.utime(path)
 
     def header_matches(self, key: str, content_hash: str, tokens: int) -> bool:
         """Cheap currency check (header only, no tensor read): fingerprint, key, content hash, token count.

@@ -56,9 +56,9 @@ class HostKV:
     k.0 v.0 k.1 v.1 ... Layers become ready in any order; `wait(layer)` blocks until layer `layer` is ready
     and raises SnapshotError if the snapshot turned out damaged (then no layer is ever served from it).
 
-    With `into` (per layer (k, v) tensors of that shape and dtype: a runner's own pages, Runner.reserve) the entry
-    fills those tensors instead of a buffer of its own (`buffer` is None): such an entry is never cached, its memory
-    belongs to the runner."""
+    With `into` (per layer (k, v) contiguous tensors of `shape` and `dtype`: a runner's own pages, Runner.reserve)
+    the entry fills those tensors instead of a buffer of its own (`buffer` is None): such an entry is never cached,
+    its memory belongs to the runner."""
 
     def __init__(self, key: str, token_ids: list[int], layers: int, shape: list[int], dtype: torch.dtype,
                  buffer: torch.Tensor | None = None, pin: bool | None = None, name: str = "",
@@ -71,9 +71,7 @@ class HostKV:
         self.tensor_bytes = count * torch.empty((), dtype=dtype).element_size()
         self.nbytes = 2 * layers * self.tensor_bytes
         self.buffer = None
-        if into is not None:
-            if len(into) != layers or any(list(t.shape) != list(shape) or t.dtype != dtype for kv in into for t in kv):
-                raise SkillkvError(f"{self.name}: destination tensors do not match {layers} layers of {shape} {dtype}")
+        if into is not None:  # the filler checked them against the snapshot (l2_reader)
             self.keys, self.values = [k for k, _ in into], [v for _, v in into]
         else:
             self._own_buffer(shape, dtype, count, buffer, pin)

@@ -121,3 +121,16 @@ def test_prefetch_without_a_host_tier_only_warms_the_page_cache(setup, monkeypat
     assert advised == [os.POSIX_FADV_WILLNEED] and reads == []
     assert tiers.make_resident("a", pieces) == "l2" and reads == [True]
     runner.settle("a")
+
+
+def test_destinations_that_do_not_fit_the_snapshot_are_refused(setup):
+    runner, eng, store, tiers, _ = setup
+    (key, ids), = _store_pieces(eng, store, [list(range(5, 27))])
+    into = runner.reserve("a", len(ids) + 1)  # one row too many
+    try:
+        with pytest.raises(SnapshotError, match="does not match"):
+            tiers.reader.read(store.file_path(key), fingerprint=store.fingerprint, key=key, token_ids=ids, into=into)
+    finally:
+        runner.abandon("a")
+    assert not eng.resident("a") and not runner._reserved
+    eng.table.check()
