@@ -41,6 +41,7 @@ from skillkv.select import choose_skills
 from skillkv.skills import LoadResult, Skill, load_skills
 from skillkv.store import Store
 from skillkv.tiers.tiers import Tiers
+from skillkv.verdicts import Verdicts
 
 
 @dataclass
@@ -73,7 +74,7 @@ class SkillKV:
     kv_budget: int | None = None  # bytes of the runner's resident KV (paged: its pool; default: half the free memory)
     pin: list[str] = field(default_factory=list)  # skills kept resident
     host_budget: int | None = None  # bytes of the host tier (default: 4 GiB pinned on CUDA, none on the CPU: tiers/)
-    batch_invariant: bool = False  # every step's rows padded: an answer does not depend on its batch (serve)
+    batch_invariant: bool | None = False  # an answer does not depend on its batch: True required, None where it holds
     attention: str = "auto"  # the paged runner's attention backend
     follow_symlinks: bool = False  # load skill folders and files that link outside the skills folder
 
@@ -105,8 +106,10 @@ class SkillKV:
     @property
     def runner(self) -> Runner:
         if self._runner is None:
+            verdicts = Verdicts.load(self.snapshots.dir)  # the machine's GEMM check, shared by every command
             self._runner = make_runner(self.engine, self.handle, self.kv_budget, self.batch_invariant,
-                                       self.attention)
+                                       self.attention, verdicts)
+            verdicts.save()
         return self._runner
 
     def _policy(self):
@@ -183,7 +186,8 @@ class SkillKV:
         with `settle` they have arrived, a damaged one already replaced by a recomputed prefix."""
         if mode not in MODES:
             raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-        mode, repair, reason = self.composer.choose(mode, skills, self._combination_ready(skills), repair)
+        ready = self._resident(skills) or self.compiler.stored(skills)  # the exact chain: resident or stored
+        mode, repair, reason = self.composer.choose(mode, skills, ready, repair)
         self.warm_pins()
         runner, pieces = self.runner, self.compiler.pieces(skills)
         if not skills or mode == "full":
@@ -199,10 +203,6 @@ class SkillKV:
             return Opened(seq, skills, mode, reason, repair, info)
         seq, info = self.residency.open(skills, settle)
         return Opened(seq, skills, mode, reason, None, info)
-
-    def _combination_ready(self, skills: list[Skill]) -> bool:
-        """Whether the exact chain of `skills` is resident in the runner or stored."""
-        return self._resident(skills) or (bool(skills) and self.compiler.stored(skills))
 
     def _resident(self, skills: list[Skill]) -> bool:
         keys = self.compiler.keys(skills)

@@ -34,8 +34,10 @@ def serve_cmd(
     max_body: str = typer.Option("1MiB", "--max-body-size", metavar="SIZE", help="Largest request body; a larger "
                                  "one is answered 413 without being read."),
     attention: str = typer.Option("auto", "--attention", metavar="BACKEND", help="auto | torch | flashinfer."),
-    batch_invariant: bool = typer.Option(True, "--batch-invariant/--no-batch-invariant",
-                                         help="Answers independent of batching (rows padded to 8)."),
+    batch_invariant: Optional[bool] = typer.Option(None, "--batch-invariant/--no-batch-invariant",
+                                                   help="Answers independent of batching (rows padded to 8, a GEMM "
+                                                   "checked on this machine). Default: on where the check holds.",
+                                                   show_default=False),
     watch: bool = typer.Option(True, "--watch/--no-watch", help="Recompile skills edited on disk."),
     neighbours: Optional[bool] = typer.Option(None, "--compose-neighbours/--no-compose-neighbours",
                                               help="Compile compose mode's neighbour snapshots at start (default: "

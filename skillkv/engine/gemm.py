@@ -132,20 +132,22 @@ class Linear:
     2 threads, MKL vs oneDNN: 77 vs 25 ms at 24 rows (a question), 26 vs 15 ms at 1 row (decode; the lm_head alone
     7.2 vs 2.7 ms), 1,869 vs 877 ms at 1,861 rows (a prefill). oneDNN on weights reordered into its blocked layout
     (`_reorder_linear_weight`) was no faster at 1-24 rows and 27% faster at 688, for ~0.2 s of reordering per
-    process and a second copy of the weights: not done, the plain weights are used as they are. oneDNN's rows do
-    not depend on the row count M for M >= 8 (as MKL's multiples of 8 did; engine/llama.py pads steps to them), so
-    exact == full and batch invariance hold the same way (tests/engine/test_gemm_cpu.py).
+    process and a second copy of the weights: not done, the plain weights are used as they are.
+
+    Whether a row's bits depend on the row count is a property of the kernel on the machine, not assumed here:
+    engine/invariance.py checks it and picks the mode (and `block`) that holds. `block > 0` computes every call in
+    fixed blocks of that many rows (the caller pads to a multiple of it), so every kernel call has the same shape.
 
     Weights go through `prepare(w)` once (at runner construction); `linear(x, prepared, b)` computes x @ w^T + b."""
 
-    def __init__(self, mode: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, mode: str, device: torch.device, dtype: torch.dtype = torch.float32, block: int = 0):
         if mode == "auto":
             mode = "onednn" if device.type == "cpu" and dtype == torch.float32 and _has_onednn() else "cublas"
         if mode not in ("cublas", "triton", "onednn"):
             raise ValueError(f"unknown gemm {mode!r} (choose from auto, cublas, triton, onednn)")
         if mode == "onednn" and (device.type != "cpu" or dtype != torch.float32 or not _has_onednn()):
             raise ValueError("gemm onednn runs float32 on the CPU, with torch's oneDNN (mkldnn) build")
-        self.mode = mode
+        self.mode, self.block = mode, block
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
     def prepare(self, w: torch.Tensor) -> torch.Tensor:
@@ -153,6 +155,12 @@ class Linear:
         return w.contiguous() if self.mode == "onednn" else w
 
     def __call__(self, x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.block and x.shape[0] > self.block:
+            blk = self.block
+            return torch.cat([self._call(x[i:i + blk], w, b) for i in range(0, x.shape[0], blk)])
+        return self._call(x, w, b)
+
+    def _call(self, x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
         if self.mode == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
         if self.mode == "triton" and x.is_cuda:

@@ -9,19 +9,21 @@ into pool slots, and computes attention through an `AttentionBackend`. Weight GE
 are computed. Checked against transformers in tests (fp32 greedy identical, bf16 relative error).
 
 Batch-invariant mode (`row_block > 0`, used by `skillkv serve`): a request's logits are bitwise the same whether it
-runs alone or batched with any others. Two things break that in plain mode, both measured on the CPU (MKL sgemm,
-torch 2.13): (1) a GEMM's rows depend on the row count M (M = 1, a lone decode token, takes another kernel than
-M >= 8: the last bits differ, which can flip a greedy token), and (2) vectorized sin/cos give a scalar-tail element
-other bits than a vector-lane one, so RoPE of a position depends on where it sits in the batch. So in this mode
-every step's rows are padded with zeros to a multiple of `row_block` (one call per op, as before: on this CPU every
-M that is a multiple of 8 gives the same bits per row; tests check it), and cos/sin come from a table built in
-fixed chunks of positions, whose values never depend on the batch. Attention is already computed per sequence
-(torch backend). Cost: a lone decode token pays for `row_block` rows (on the CPU default model: 60 vs 41 ms a token).
+runs alone or batched with any others. Two things break that in plain mode: (1) a GEMM's rows may depend on the
+row count M (M = 1, a lone decode token, takes another kernel than M >= 8 everywhere; on some CPUs MKL's rows at
+M = 16 differ from M = 8), and (2) vectorized sin/cos give a scalar-tail element other bits than a vector-lane
+one, so RoPE of a position depends on where it sits in the batch. So in this mode every step's rows are padded with
+zeros to a multiple of `row_block`, the GEMM is one whose rows were *checked on this machine* not to depend on the
+row count or their place (engine/invariance.py: oneDNN, MKL, or either in fixed 8-row blocks; `self.gemm` says
+which, and whether any holds), and cos/sin come from a table built in fixed chunks of positions, whose values never
+depend on the batch. Attention is computed per sequence (engine/attention.py). Cost: a lone decode token pays for
+`row_block` rows (on the CPU default model: 60 vs 41 ms a token).
 
-Outside that mode the same two rules hold for every step of 8 rows or more (padded to a multiple of 8, at most 7
-rows of waste; the cos/sin table always), and only steps of fewer rows (decode tokens, tiny questions) run
-unpadded. So a skill's KV is the same bits whichever command computes it (`skillkv compile`, a full-mode ask, or the
-batch-invariant server): exact mode over a snapshot equals full mode in every runner configuration.
+Outside that mode the same rules hold for every step of 8 rows or more (padded to a multiple of 8, at most 7 rows
+of waste; the same checked GEMM; the cos/sin table always), and only steps of fewer rows (decode tokens, tiny
+questions) run unpadded. So a skill's KV is the same bits whichever command computes it (`skillkv compile`, a
+full-mode ask, or the batch-invariant server): exact mode over a snapshot equals full mode in every runner
+configuration where the check holds.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from skillkv.engine.attention import AttentionBackend, SeqView
-from skillkv.engine.gemm import Linear
+from skillkv.engine.invariance import GemmChoice, choose_gemm
 from skillkv.engine.ops import RMSNorm
 from skillkv.engine.pool import KVPool
 from skillkv.engine.support import SUPPORTED, unsupported  # noqa: F401 - SUPPORTED: re-exported
@@ -45,7 +47,7 @@ class LlamaRunner:
     model's parameters, shared)."""
 
     def __init__(self, weights, pool: KVPool, backend: AttentionBackend, ops: str = "auto", row_block: int = 0,
-                 gemm: str = "auto"):
+                 gemm: str | GemmChoice = "auto", verdicts=None):
         weights = as_weights(weights)
         cfg = weights.config
         self.row_block = row_block
@@ -62,7 +64,9 @@ class LlamaRunner:
         # batch-invariant mode; elsewhere the rotary embedding per step, which reads no host value (graph capture)
         self.ops = make_ops(ops, weights.rotary, self.head_dim, cfg, pool.device,
                             fixed_rope=pool.device.type == "cpu" or row_block > 0, attention=backend.name)
-        self.linear = lin = Linear(gemm, pool.device, weights.dtype)
+        # the GEMM whose rows do not depend on the row count on this machine (engine/invariance.py; cached)
+        self.gemm = gemm if isinstance(gemm, GemmChoice) else gemm_for(weights, gemm, verdicts)
+        self.linear = lin = self.gemm.linear
         self.lm_head = lin.prepare(weights.lm_head)
         self.layers = []
         for i in range(cfg.num_hidden_layers):
@@ -137,6 +141,15 @@ class LlamaRunner:
         if pad:
             h = F.pad(h, (0, 0, 0, pad))
         return lin(ops.norm(h, self.norm), self.lm_head)[:rows].float()
+
+
+def gemm_for(weights, mode: str = "auto", verdicts=None) -> GemmChoice:
+    """The checked GEMM choice (engine/invariance.py) for `weights` (LlamaWeights): one weight of each shape a step
+    multiplies by (layer 0's fused qkv, o, fused gate_up, down) and the lm_head."""
+    weights = as_weights(weights)
+    w0 = weights.layer(0)
+    probe = [torch.cat([w0["q"], w0["k"], w0["v"]]), w0["o"], torch.cat([w0["gate"], w0["up"]]), w0["down"]]
+    return choose_gemm(mode, weights.device, weights.dtype, probe, weights.lm_head, verdicts)
 
 
 def make_ops(name: str, rotary, head_dim: int, cfg, device: torch.device, fixed_rope: bool = False,

@@ -56,18 +56,19 @@ class PagedEngine:
     """One model (`weights`: engine/weights.LlamaWeights, or a transformers model whose parameters are used), one
     pool. `budget_bytes` caps the pool; `attention` is auto | torch | flashinfer[:KERNEL] |
     fa3[:SPLITS] (engine/attention.py); `ops` (auto | torch | flashinfer | triton) picks the element-wise kernels;
-    `gemm` (auto | cublas | triton) the weight GEMMs (engine/gemm.py); `cuda_graphs` replays short batches (any
+    `gemm` (auto | cublas | triton | onednn, or a checked GemmChoice) the weight GEMMs (engine/gemm.py,
+    engine/invariance.py; `verdicts` caches the check); `cuda_graphs` replays short batches (any
     backend that can be captured: flashinfer, fa3); `row_block > 0` makes every request's logits independent of
     what it is batched with (see engine/llama.py)."""
 
     def __init__(self, weights, budget_bytes: int, attention: str = "auto", page_size: int = 16,
-                 cuda_graphs: bool = True, ops: str = "auto", row_block: int = 0, gemm: str = "auto"):
+                 cuda_graphs: bool = True, ops: str = "auto", row_block: int = 0, gemm="auto", verdicts=None):
         weights = as_weights(weights)
         cfg = weights.config
         self.pool = KVPool.for_model(cfg, weights.dtype, weights.device, budget_bytes, page_size)
         head_dim = cfg.head_dim
         self.backend = make_backend(attention, self.pool, cfg.num_attention_heads, head_dim ** -0.5)
-        self.runner = LlamaRunner(weights, self.pool, self.backend, ops, row_block, gemm)
+        self.runner = LlamaRunner(weights, self.pool, self.backend, ops, row_block, gemm, verdicts)
         self.device = weights.device
         self.graphs = None  # CUDA graphs of short batches (questions, decode steps), where the backend allows
         if cuda_graphs and capturable(self.backend):

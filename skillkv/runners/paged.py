@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from skillkv.engine.page_in import PageIn
+from skillkv.engine.llama import gemm_for
 from skillkv.engine.paged import PagedEngine, Request
 from skillkv.engine.placed import PagedComposer, placed_source
 from skillkv.engine.weights import as_weights
-from skillkv.errors import SnapshotError
+from skillkv.errors import SkillkvError, SnapshotError
 from skillkv.runners.base import KV, KVSource, Part, Runner
 
 
@@ -47,13 +48,21 @@ class PagedRunner(Runner):
     name = "paged"
 
     def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto",
-                 batch_invariant: bool = False, page_size: int = 16, cuda_graphs: bool = True, gemm: str = "auto"):
+                 batch_invariant: bool | None = False, page_size: int = 16, cuda_graphs: bool = True,
+                 gemm: str = "auto", verdicts=None):
+        """`batch_invariant`: True requires it (SkillkvError with the reason where no GEMM of this machine holds
+        it), None turns it on where it holds, False off. `verdicts`: the persistent cache of the GEMM check
+        (engine/invariance.py)."""
         self.weights = as_weights(model)
         self.config, self.device = self.weights.config, self.weights.device
+        choice = gemm_for(self.weights, gemm, verdicts)
+        if batch_invariant and not choice.invariant:
+            raise SkillkvError(f"batch invariance cannot hold here: {choice.note}; use --no-batch-invariant")
+        self.batch_invariant = batch_invariant is not False and choice.invariant
+        self.invariance = choice.note  # what was checked and chosen (serve's start line, /health)
         self.engine = PagedEngine(self.weights, budget_bytes or default_budget(self.device), attention=attention,
-                                  page_size=page_size, cuda_graphs=cuda_graphs, row_block=8 if batch_invariant else 0,
-                                  gemm=gemm)
-        self.batch_invariant = batch_invariant
+                                  page_size=page_size, cuda_graphs=cuda_graphs,
+                                  row_block=8 if self.batch_invariant else 0, gemm=choice)
         self.reads_in_place = self.device.type == "cpu"  # the pool is host memory: snapshots land in it directly
         self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
         self.composer = PagedComposer(self.engine, self.weights.rotary, settle=self.settle)
@@ -223,7 +232,9 @@ class PagedRunner(Runner):
             resident_pages = None
         return {"pages": t.num_pages, "page_size": t.page_size, "free": len(t.free), "private": len(t.private),
                 "resident": len(t.entries), "resident_pages": resident_pages, "evictions": t.evictions,
-                "bytes": self.engine.pool.nbytes, "attention": self.engine.backend.name}
+                "bytes": self.engine.pool.nbytes, "attention": self.engine.backend.name,
+                "gemm": self.engine.runner.gemm.label, "batch_invariant": self.batch_invariant,
+                "invariance": self.invariance}
 
     def close(self) -> None:
         for p in list(self._pending.values()):

@@ -33,7 +33,7 @@ class ServeConfig:
     max_batch: int = 64
     max_step_tokens: int = 4096
     attention: str = "auto"
-    batch_invariant: bool = True
+    batch_invariant: bool | None = None  # True: required (refused where it cannot hold); None: where it holds
     watch: bool = True
     default_max_tokens: int = 256
     compose_neighbours: bool | None = None  # compile compose's neighbour snapshots at start (None: as compile does)
@@ -92,8 +92,9 @@ class Server:
         use = self.worker.runner.usage()
         pool = f"KV pool {use['bytes'] / 2**30:.2f} GiB, {use.get('attention', 'transformers')} attention, " \
             if "attention" in use else ""
+        invariance = f" ({use['invariance']})" if use.get("invariance") else ""
         self.log(f"{self.kv.handle.name} ready in {time.perf_counter() - t0:.1f} s ({self.kv.engine} runner, {pool}"
-                 f"batch-invariant {'on' if self.worker.runner.batch_invariant else 'off'})")
+                 f"batch-invariant {'on' if self.worker.runner.batch_invariant else 'off'}{invariance})")
         config = uvicorn.Config(self.app, log_level=self.cfg.log_level, timeout_graceful_shutdown=3,
                                 access_log=False)
         self._uvicorn = uvicorn.Server(config)

@@ -72,6 +72,8 @@ def test_health_models_skills_stats(tiny_server):
     url = tiny_server.url
     h = get(url, "/health")
     assert h["status"] == "ok" and h["model"] == "dummy-tiny" and h["pool"]["resident"] >= 1
+    # which GEMM holds batch invariance on this machine, checked at start (engine/invariance.py)
+    assert h["pool"]["batch_invariant"] is True and "rows independent of the row count" in h["pool"]["invariance"]
     assert [m["id"] for m in get(url, "/v1/models")["data"]] == ["dummy-tiny"]
     skills = {s["name"]: s for s in get(url, "/skills")["data"]}
     assert set(skills) == {"alpha-tool", "beta-codes"}
@@ -388,3 +390,36 @@ def test_loadtest_against_a_running_server(tiny_server, tmp_path):
     text = doc.read_text()
     assert "old" not in text and "**10/10**" in text and text.endswith("<!-- serve:end -->\ntail\n")
     assert json.loads((tmp_path / "serve.json").read_text())["requests"] == 10
+
+
+def test_where_no_gemm_is_batch_invariant_serve_says_so_and_refuses_the_flag(tmp_path, tiny_skills, monkeypatch,
+                                                                            capsys):
+    """The check's failing branch, forced on any CPU: every kernel gives a call's first row other bits."""
+    from skillkv.engine import invariance
+    from skillkv.engine.gemm import Linear
+    from skillkv.serve.server import ServeConfig, Server
+
+    plain = Linear._call
+
+    def place_dependent(self, x, w, b=None):
+        y = plain(self, x, w, b).clone()
+        y[0] = y[0] * (1 + 2 ** -20)
+        return y
+    monkeypatch.setattr(Linear, "_call", place_dependent)
+    monkeypatch.setattr(invariance, "_PROCESS", {})
+    lines = []
+    cfg = ServeConfig(port=0, model="dummy:tiny", skills=tiny_skills, store=tmp_path / "store", device="cpu",
+                      kv_budget=8 << 20, watch=False)
+    srv = Server(cfg, log=lines.append).start_background()
+    try:
+        h = get(srv.url, "/health")
+        assert h["pool"]["batch_invariant"] is False and h["pool"]["invariance"].startswith("no GEMM here")
+        assert any("batch-invariant off (no GEMM here" in ln for ln in lines)
+        code, r = post(srv.url, chat("What does code B-17 mean?", ["beta-codes"], max_tokens=3))
+        assert code == 200
+    finally:
+        srv.close()
+    code, out, err = run_cli(monkeypatch, capsys, "serve", "--model", "dummy:tiny", "--skills", str(tiny_skills),
+                             "--store", str(tmp_path / "s2"), "--device", "cpu", "--port", "0", "--batch-invariant",
+                             "--no-watch")
+    assert code == 2 and "batch invariance cannot hold here: no GEMM" in err and "Traceback" not in err
