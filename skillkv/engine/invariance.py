@@ -13,9 +13,9 @@ it. So it is checked, not assumed:
     choice.note        # one line: what was checked and what was chosen, or why nothing holds
 
 Candidates, in order, the first that holds wins: the requested mode (auto: oneDNN for float32 on the CPU, else
-F.linear: MKL / cuBLAS); on the CPU in float32 the other library; then the first candidate in fixed blocks of
-`ROWS` rows (every call exactly that many rows, so only a row's place in the block can matter, and that is
-checked too). When none holds, the first candidate is used and `invariant` is False: callers refuse an explicit
+F.linear: MKL / cuBLAS); on the CPU in float32 the other library; then, on the CPU, the first candidate in fixed
+blocks of `ROWS` rows (every call exactly that many rows, so only a row's place in the block can matter, and that
+is checked too). When none holds, the first candidate is used and `invariant` is False: callers refuse an explicit
 batch-invariant request with `note` as the reason.
 
 The check (`rows_hold`): per weight (the runner passes one of each shape it uses: qkv, o, gate_up, down, lm_head),
@@ -110,7 +110,8 @@ def candidates(mode: str, device: torch.device, dtype: torch.dtype) -> list[Line
             out.append(Linear(other, device, dtype))
         except ValueError:  # torch without oneDNN
             pass
-    out.append(Linear(first.mode, device, dtype, block=ROWS))
+    if device.type == "cpu":  # on a GPU, thousands of 8-row launches per prefill: reported as not invariant instead
+        out.append(Linear(first.mode, device, dtype, block=ROWS))
     return out
 
 
