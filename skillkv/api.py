@@ -36,7 +36,7 @@ from skillkv.generate import SamplingParams, decode_loop
 from skillkv.model import resolve_model
 from skillkv.prompt import PromptBuilder, check_fits
 from skillkv.residency import Residency
-from skillkv.runners import Runner, Seq, make_runner, resolve_engine
+from skillkv.runners import KERNELS, Runner, Seq, make_runner, resolve_engine
 from skillkv.select import choose_skills
 from skillkv.skills import LoadResult, Skill, load_skills
 from skillkv.store import Store
@@ -83,7 +83,7 @@ class SkillKV:
         self.engine = resolve_engine(self.engine, self.handle)
         self.fingerprint = self.handle.fingerprint
         if self.engine != "hf":  # another runner computes other roundings: its snapshots are its own
-            self.fingerprint = hashlib.sha256(f"{self.fingerprint}|engine={self.engine}".encode()).hexdigest()
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint}|engine={KERNELS[self.engine]}".encode()).hexdigest()
         self.tag = f"{self.handle.name}-{self.fingerprint[:16]}"
         self.store_root = Path(self.store or cfg.default_store())
         self.snapshots = Store(self.store_root, self.tag, self.fingerprint)

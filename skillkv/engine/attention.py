@@ -12,8 +12,8 @@ CUDA graphs (engine/cuda_graph.py): `for_graph(batch, tokens, pages)` returns a 
 device buffers at fixed addresses, so `run` can be captured once and replayed after every new plan; `graph_width`
 says which page-table width a batch needs (part of a graph's key). Backends that cannot be captured return None.
 
-  torch       SDPA over a view of consecutive pages (or pages gathered into a contiguous tensor); CPU and CUDA;
-              the reference
+  torch       attention in fixed key blocks over views of the pool (engine/block_attention.py): chunk-invariant;
+              CPU and CUDA; the reference
   flashinfer  FlashInfer's BatchPrefillWithPagedKVCacheWrapper (CSR page table: kv_indptr, kv_indices,
               kv_last_page_len, int32); CUDA only, imported only when chosen
   fa3         FlashAttention-3 `flash_attn_with_kvcache` (paged KV, split-KV by its own heuristic, GQA packing);
@@ -26,8 +26,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from skillkv.engine.block_attention import attend, blocks_of
 from skillkv.engine.pool import KVPool
 from skillkv.errors import SkillkvError
 
@@ -66,79 +66,26 @@ class AttentionBackend(ABC):
 
 
 class TorchBackend(AttentionBackend):
-    """SDPA per sequence. A sequence whose pages are consecutive in the pool (the usual case: the page table hands
-    out contiguous runs, and a request grows right after its prefix) attends over a view of the pool, no copy;
-    otherwise its pages are gathered into a contiguous tensor first (one copy per layer). Both are contiguous
-    [kv_len, kv_heads, head_dim] tensors at 64-byte aligned addresses, so SDPA computes the same bits either way
-    (tests/engine/test_attention_backends.py checks it). Three shapes of a step, three calls (measured on the
-    default model, 2 cores, per layer):
-      - a fresh sequence (no prefix: compile, the first piece of a full prefill) runs SDPA's own causal kernel,
-        which skips the blocks above the diagonal: 29 vs 49 ms over 1,839 tokens with an explicit mask;
-      - a decode token folds the grouped-query heads into the query rows (the q_heads / kv_heads query heads that
-        share a kv head attend as one head of that many rows), so SDPA reads each kv head once: 10 vs 12 ms of
-        attention per decode step over 1.9k tokens;
-      - any other step (a question over a prefix) takes an additive float mask (0 / -inf: what SDPA makes of a
-        boolean mask in every call), built once per plan and shared by every layer.
-    The choice depends only on the step's shape, so exact and full mode compute every piece the same way."""
+    """Attention in fixed key blocks (engine/block_attention.py), one sequence at a time: a query row's result
+    depends only on that row and the keys at or before it, never on how the sequence was cut into steps, what it is
+    batched with, or where its pages lie (a sequence whose pages are one run is read as a view of the pool, other
+    ones gathered: the same bits; tests/engine/test_attention_backends.py). So a prefix cache's reuse of KV
+    computed in other steps is bit for bit a full prefill (checked on the machine: `chunk_invariant`). CPU and
+    CUDA; the reference."""
 
     name = "torch"
 
     def plan(self, seqs: list[SeqView]) -> None:
-        self.seqs, self.masks, self.spans = seqs, [], []
-        dev, ps = self.pool.device, self.pool.page_size
-        for s in seqs:
-            pages = s.pages[:-(-s.kv_len // ps)]
-            first = pages[0] if pages else 0
-            if pages == list(range(first, first + len(pages))):
-                self.spans.append(slice(first, first + len(pages)))
-            else:
-                self.spans.append(torch.tensor(pages, device=dev))
-            if s.q_len == 1 or s.q_len == s.kv_len:  # a decode token; a fresh sequence (SDPA's causal kernel)
-                self.masks.append(None)
-                continue
-            self.masks.append(tail_mask(s.q_len, s.kv_len, self.pool.dtype, dev))
-
-    def rows(self, layer: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [kv_len, kv_heads, head_dim] of sequence i of the plan (a view, or a gathered copy)."""
-        span, n, pool = self.spans[i], self.seqs[i].kv_len, self.pool
-        shape = (-1, pool.kv_heads, pool.head_dim)
-        if isinstance(span, slice):
-            return pool.k[layer, span].view(shape)[:n], pool.v[layer, span].view(shape)[:n]
-        return (pool.k[layer].index_select(0, span).view(shape)[:n],
-                pool.v[layer].index_select(0, span).view(shape)[:n])
+        self.seqs = seqs
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor | None = None,
             v: torch.Tensor | None = None) -> torch.Tensor:
-        outs, off = [], 0
-        hk = self.pool.kv_heads
-        g, gqa = self.q_heads // hk, self.q_heads != hk
-        for i, (s, mask) in enumerate(zip(self.seqs, self.masks)):
-            k, v = self.rows(layer, i)
-            k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-            n, d = s.q_len, q.shape[-1]
-            if n == 1:  # folded: [1, kv_heads, g, d] attends as g rows of each kv head
-                o = F.scaled_dot_product_attention(q[off:off + 1].view(1, hk, g, d), k, v, scale=self.scale)
-                outs.append(o.view(1, self.q_heads, d))
-            else:
-                o = F.scaled_dot_product_attention(q[off:off + n].transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask,
-                                                   is_causal=mask is None, scale=self.scale, enable_gqa=gqa)
-                outs.append(o[0].transpose(0, 1))
-            off += n
+        pool, outs, off = self.pool, [], 0
+        for s in self.seqs:
+            kb, vb = blocks_of(pool.k[layer], pool.v[layer], s.pages, s.kv_len, pool.page_size, pool.zero_page)
+            outs.append(attend(q[off:off + s.q_len], kb, vb, s.kv_len - s.q_len, self.scale))
+            off += s.q_len
         return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-
-def tail_mask(q: int, kv: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The additive mask [q, kv] (0 / -inf) of `q` new tokens at the end of `kv`: each sees every earlier key and
-    itself. On the CPU built by numpy: a question's mask (24 x 1,883) is beyond torch's parallel grain, and each
-    torch op over it would wake the sleeping OpenMP worker (~0.3 ms a step)."""
-    if device.type != "cpu" or dtype != torch.float32:
-        keep = torch.arange(kv, device=device)[None, :] <= torch.arange(kv - q, kv, device=device)[:, None]
-        return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
-    import numpy as np
-
-    m = np.zeros((q, kv), dtype=np.float32)
-    m[:, kv - q:] = np.triu(np.full((q, q), -np.inf, dtype=np.float32), 1)
-    return torch.from_numpy(m)
 
 
 class FlashInferBackend(AttentionBackend):

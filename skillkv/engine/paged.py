@@ -27,6 +27,7 @@ from skillkv.engine.attention import SeqView, make_backend
 from skillkv.engine.cuda_graph import CudaGraphs, capturable
 from skillkv.engine.llama import LlamaRunner
 from skillkv.engine.pool import KV, KVPool
+from skillkv.engine.prefix_cache import ROOT, chain_key
 from skillkv.engine.weights import as_weights
 
 
@@ -46,6 +47,9 @@ class Request:
     keys: list[str] = field(default_factory=list)  # further entries referenced (a composed prefix's placed skills)
     owned: list[int] = field(default_factory=list)  # pages of `shared` that are the request's own copies
     tail: bool = False  # appends in the free tail of the prefix entry's last page (module docstring)
+    tokens: list[int] | None = None  # token ids in KV, kept for a cacheable request (its full pages are published)
+    chain: list[int] = field(default_factory=list)  # prefix-cache keys of its first len(chain) pages
+    held: list = field(default_factory=list)  # cached pages it holds (CachedPage: hits, and pages it published)
 
     @property
     def pages(self) -> list[int]:
@@ -102,19 +106,25 @@ class PagedEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def start(self, prefix_key: str | None, defer_copy: bool = False) -> Request:
+    def start(self, prefix_key: str | None, defer_copy: bool = False, tokens: list[int] | None = None) -> Request:
         """A request continuing the resident prefix `prefix_key` (None: empty prefix). With `defer_copy` the
         copy-on-write of a partly filled last page is left to the caller, layer by layer (`req.cow`; used while
-        the prefix is still being paged in, see engine/tiers.py)."""
+        the prefix is still being paged in, see engine/tiers.py). With `tokens` (the prefix's token ids) the
+        request is cacheable: its full pages, and the entry's, join the prefix cache as they fill (it then copies
+        the entry's partly filled last page rather than appending in its tail)."""
         if prefix_key is None:
-            return Request(None, 0, [])
+            return Request(None, 0, [], tokens=None if tokens is None else [])
         e = self.table.acquire(prefix_key)
         full = e.tokens // self.pool.page_size
         rem = e.tokens - full * self.pool.page_size
-        if rem and not e.tail_taken and e.start == 0:
+        if tokens is not None and len(tokens) != e.tokens:
+            self.table.release(prefix_key)
+            raise ValueError(f"{len(tokens)} token ids for a prefix of {e.tokens} tokens")
+        if rem and not e.tail_taken and e.start == 0 and tokens is None:
             e.tail_taken = True
             return Request(prefix_key, e.tokens, list(e.pages), length=e.tokens, tail=True)
-        req = Request(prefix_key, e.tokens, e.pages[:full], length=e.tokens)
+        req = Request(prefix_key, e.tokens, e.pages[:full], length=e.tokens,
+                      tokens=None if tokens is None else list(tokens))
         if rem:
             try:
                 (page,) = self.table.alloc(1)
@@ -127,6 +137,38 @@ class PagedEngine:
                 self.pool.copy_page_prefix(e.pages[full], page, rem)
             req.private.append(page)
         return req
+
+    def start_cached(self, ids: list[int]) -> Request:
+        """A cacheable request over the longest run of full pages of `ids` the prefix cache holds (at most
+        len(ids) - 1 tokens: the last one is computed for its logits); the caller prefills ids[req.length:]."""
+        hits = self.table.cache.match(ids, len(ids) - 1)
+        entries = sorted({cp.entry for cp in hits if cp.entry is not None})
+        for key in entries:
+            self.table.acquire(key)
+        for cp in hits:
+            self.table.hold(cp)
+        n = len(hits) * self.pool.page_size
+        return Request(None, 0, [cp.page for cp in hits], length=n, tokens=list(ids[:n]), keys=entries,
+                       chain=[cp.key for cp in hits], held=[cp for cp in hits if cp.entry is None])
+
+    def _publish(self, req: Request) -> None:
+        """Index the request's newly filled full pages (module docstring of engine/prefix_cache.py)."""
+        ps, table, pages = self.pool.page_size, self.table, req.pages
+        while (len(req.chain) + 1) * ps <= req.length:
+            i = len(req.chain)
+            tokens = tuple(req.tokens[i * ps:(i + 1) * ps])
+            parent = req.chain[-1] if req.chain else ROOT
+            key = chain_key(parent, tokens)
+            req.chain.append(key)
+            page = pages[i]
+            if page in table.cache.by_page:  # a hit, or an entry's page indexed by an earlier request
+                continue
+            if page in table.private:
+                cp = table.publish(page, key, parent, tokens, i)
+                if cp is not None:
+                    req.held.append(cp)
+            elif req.prefix_key is not None and page in table.entries[req.prefix_key].pages:
+                table.publish_entry(req.prefix_key, page, key, parent, tokens, i)
 
     def _grow(self, req: Request, new_tokens: int) -> None:
         need = self.table.pages_for(req.length + new_tokens) - len(req.pages)
@@ -161,12 +203,19 @@ class PagedEngine:
                                          layer_ready=layer_ready)
         for r, t in zip(reqs, ids):
             r.length += len(t)
+            if r.tokens is not None:
+                r.tokens.extend(t)
+                self._publish(r)
         return logits
 
     def finish(self, req: Request) -> None:
-        """Free the request's private (and owned) pages and release its references."""
-        self.table.free_private(req.private + req.owned)
-        req.private, req.owned = [], []
+        """Free the request's private (and owned) pages, release its references and its cached pages (the deepest
+        first: they are evicted first)."""
+        table = self.table
+        table.free_private([p for p in req.private + req.owned if p in table.private])
+        for cp in reversed(req.held):
+            table.unhold(cp)
+        req.private, req.owned, req.held = [], [], []
         if req.prefix_key is not None:
             if req.tail:
                 self.table.entries[req.prefix_key].tail_taken = False

@@ -1,6 +1,10 @@
 """The paged KV pool: one preallocated pair of tensors per model, sized by a byte budget.
 
-    k, v: [layers, num_pages, page_size, kv_heads, head_dim]   (per layer: FlashInfer's NHD paged layout)
+    k, v: [layers, num_pages + 1, page_size, kv_heads, head_dim]   (per layer: FlashInfer's NHD paged layout)
+
+Every slot holds a finite value from the start (zeros; on the CPU anonymous memory the OS zeroes page by page on
+first touch, so a 2 GiB pool costs nothing until used), and the last page (`zero_page`) is never handed out: the
+torch backend reads whole key blocks past a sequence's end (engine/block_attention.py), which must be finite.
 
 Bookkeeping (which pages are free, resident, referenced, pinned) lives in `PageTable` (engine/pages.py). The
 pool never grows: `budget_bytes` is a hard cap, and `nbytes` never exceeds it.
@@ -23,12 +27,13 @@ class KVPool:
         self.dtype, self.device = dtype, torch.device(device)
         elem = torch.empty((), dtype=dtype).element_size()
         self.page_bytes = 2 * layers * page_size * kv_heads * head_dim * elem
-        num_pages = int(budget_bytes // self.page_bytes)
+        num_pages = int(budget_bytes // self.page_bytes) - 1  # one page is the zero page
         if num_pages < 1:
-            raise SkillkvError(f"KV budget of {budget_bytes} bytes holds no page ({self.page_bytes} bytes each)")
-        shape = (layers, num_pages, page_size, kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=self.device)
-        self.v = torch.empty(shape, dtype=dtype, device=self.device)
+            raise SkillkvError(f"KV budget of {budget_bytes} bytes holds no page ({self.page_bytes} bytes each, "
+                               f"two at least)")
+        shape = (layers, num_pages + 1, page_size, kv_heads, head_dim)
+        self.k, self.v = _zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device)
+        self.zero_page = num_pages  # never handed out, never written: reads past a sequence's pages land here
         self.table = PageTable(num_pages, page_size)
         self.budget_bytes = budget_bytes
 
@@ -107,3 +112,18 @@ class KVPool:
         at = slice(None) if layer is None else layer
         self.k[at, dst, :n].copy_(self.k[at, src, :n])
         self.v[at, dst, :n].copy_(self.v[at, src, :n])
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the CPU over anonymous memory (zeroed lazily by the OS, not written here)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import mmap
+
+    n = 1
+    for x in shape:
+        n *= x
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)  # not shared with a forked child
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=flags) if flags else mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)

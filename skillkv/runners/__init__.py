@@ -17,9 +17,13 @@ from skillkv.model import ModelHandle
 from skillkv.runners.base import KV, KVSource, Part, ReadyKV, Runner, Seq
 
 ENGINES = ("auto", "hf", "paged")
+# what goes into the snapshot fingerprint for each runner: its name, and for the paged runner the version of its
+# arithmetic (bumped whenever a change gives the same KV other bits, so older snapshots are recompiled, not served
+# as if exact). paged 2: attention in fixed key blocks (engine/block_attention.py)
+KERNELS = {"hf": "hf", "paged": "paged-2"}
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
 
-__all__ = ["ENGINES", "KV", "KVSource", "Part", "ReadyKV", "Runner", "Seq", "make_runner", "resolve_engine"]
+__all__ = ["ENGINES", "KERNELS", "KV", "KVSource", "Part", "ReadyKV", "Runner", "Seq", "make_runner", "resolve_engine"]
 
 
 def resolve_engine(name: str, handle: ModelHandle) -> str:

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from skillkv.engine.page_in import PageIn
+from skillkv.engine.attention import TorchBackend
+from skillkv.engine.block_attention import chunk_invariance_fails
 from skillkv.engine.llama import gemm_for
 from skillkv.engine.paged import PagedEngine, Request
 from skillkv.engine.placed import PagedComposer, placed_source
@@ -63,6 +65,7 @@ class PagedRunner(Runner):
         self.engine = PagedEngine(self.weights, budget_bytes or default_budget(self.device), attention=attention,
                                   page_size=page_size, cuda_graphs=cuda_graphs,
                                   row_block=8 if self.batch_invariant else 0, gemm=choice)
+        self.prefix_cache, self.cache_note = self._chunk_invariant()
         self.reads_in_place = self.device.type == "cpu"  # the pool is host memory: snapshots land in it directly
         self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
         self.composer = PagedComposer(self.engine, self.weights.rotary, settle=self.settle)
@@ -72,6 +75,20 @@ class PagedRunner(Runner):
         self._reserved: dict[str, list[int]] = {}  # key -> pages reserved for a reader filling them in place
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="skillkv-copy")
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _chunk_invariant(self) -> tuple[bool, str]:
+        """Whether a row's KV is the same bits however its sequence is cut into steps, so the prefix cache serves
+        exact KV: every step padded with a checked GEMM (batch invariance) and the block attention of the torch
+        backend checked on this machine (engine/block_attention.py). Returns (on, why)."""
+        backend = self.engine.backend
+        if not self.batch_invariant:
+            return False, "off: batch invariance is off"
+        if not isinstance(backend, TorchBackend):
+            return False, f"off: the {backend.name} attention is not chunk-invariant"
+        cfg = self.config
+        why = chunk_invariance_fails(cfg.num_attention_heads, cfg.num_key_value_heads, self.engine.pool.head_dim,
+                                     self.device)
+        return (False, f"off: {why}") if why else (True, "on: KV chunk-invariant (checked)")
 
     @property
     def model(self):
@@ -177,6 +194,24 @@ class PagedRunner(Runner):
         self._failed(key)
         return self.engine.start(key, defer_copy=key in self._pending)
 
+    def cached_tokens(self, ids: list[int]) -> int:
+        if not self.prefix_cache:
+            return 0
+        return len(self.table.cache.match(ids, len(ids) - 1)) * self.page_size
+
+    def open_cached(self, ids: list[int], key: str | None = None, key_tokens: int = 0) -> tuple[Request, dict]:
+        self._failed(key)
+        cache = self.table.cache
+        hit = self.cached_tokens(ids)
+        cache.queries += len(ids)
+        if key is not None and key_tokens > hit:
+            req = self.engine.start(key, defer_copy=key in self._pending,
+                                    tokens=list(ids[:key_tokens]) if self.prefix_cache else None)
+            return req, {"prefix_cache": 0, "skill_kv": key_tokens}
+        req = self.engine.start_cached(ids) if self.prefix_cache else self.engine.start(None)
+        cache.hits += req.length
+        return req, {"prefix_cache": req.length, "skill_kv": 0}
+
     def open_composed(self, parts: list[Part], preamble: int) -> Request:
         req, _ = self.composer.open(parts, preamble)
         return req
@@ -234,7 +269,8 @@ class PagedRunner(Runner):
                 "resident": len(t.entries), "resident_pages": resident_pages, "evictions": t.evictions,
                 "bytes": self.engine.pool.nbytes, "attention": self.engine.backend.name,
                 "gemm": self.engine.runner.gemm.label, "batch_invariant": self.batch_invariant,
-                "invariance": self.invariance}
+                "invariance": self.invariance, "prefix_cache": self.cache_note, "cached_pages": len(t.cache),
+                "cache_queries": t.cache.queries, "cache_hits": t.cache.hits}
 
     def close(self) -> None:
         for p in list(self._pending.values()):
