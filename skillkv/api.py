@@ -31,30 +31,20 @@ from skillkv.compile import CompileResult, Compiler, SkillState
 from skillkv.compose import fidelity
 from skillkv.compose.repair import Repair
 from skillkv.compose.stage import MODES, ComposeStage
-from skillkv.errors import SkillError, SkillkvError, SnapshotError
-from skillkv.generate import SamplingParams, decode_loop
+from skillkv.errors import SkillError, SkillkvError
+from skillkv.generate import SamplingParams
 from skillkv.model import resolve_model
 from skillkv.prompt import PromptBuilder, check_fits
+from skillkv.prefixes import Opened, Prefixes
 from skillkv.residency import Residency
 from skillkv.runners import KERNELS, Runner, Seq, make_runner, resolve_engine
+from skillkv.sched.loop import Loop
+from skillkv.sched.request import Req
 from skillkv.select import choose_skills
 from skillkv.skills import LoadResult, Skill, load_skills
 from skillkv.store import Store
 from skillkv.tiers.tiers import Tiers
 from skillkv.verdicts import Verdicts
-
-
-@dataclass
-class Opened:
-    """A sequence over the prefix of `skills`, ready for the question: the mode used and why, the repair (compose)
-    and info (cached / computed tokens, snapshot_load seconds, per-skill tiers, compose's recomputed positions)."""
-
-    seq: Seq
-    skills: list[Skill]
-    mode: str
-    reason: str
-    repair: Repair | None
-    info: dict
 
 
 def _stderr_warning(msg: str) -> None:
@@ -96,8 +86,10 @@ class SkillKV:
         self.residency = Residency(self.compiler, self.tiers, lambda: self.runner, self.on_warning)
         self.composer = ComposeStage(lambda: self.runner, self.compiler.chain_kv, self.compiler.keys, self.compiler.piece_ids,
                                      self.builder.preamble_ids, self.builder.skill_ids, self.fidelity_record)
+        self.prefixes = Prefixes(self)
         self._skills: LoadResult | None = None
         self._runner: Runner | None = None
+        self._loop: Loop | None = None
         self._pins_warm = False
         self._stats = None  # skillkv.stats.StatsDB, opened on the first recorded ask
 
@@ -178,86 +170,71 @@ class SkillKV:
 
     # ------------------------------------------------------------------ ask
 
-    def open(self, skills: list[Skill], mode: str = "auto", repair: Repair | None = None,
-             settle: bool = False) -> Opened:
-        """A sequence over the prefix of `skills` in this order (preamble only with none), in `mode` (module
-        docstring). The caller prefills the question, decodes and releases `opened.seq` on the runner. Stored
-        pieces may still be arriving (the prefill waits per layer, and raises SnapshotError for a damaged one);
-        with `settle` they have arrived, a damaged one already replaced by a recomputed prefix."""
-        if mode not in MODES:
-            raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-        ready = self._resident(skills) or self.compiler.stored(skills)  # the exact chain: resident or stored
-        mode, repair, reason = self.composer.choose(mode, skills, ready, repair)
-        self.warm_pins()
-        runner, pieces = self.runner, self.compiler.pieces(skills)
-        if not skills or mode == "full":
-            seq = runner.open(None)
-            ids = [self.builder.preamble_ids()] if not skills else [ids for _, ids in pieces]
-            for p in ids:  # from scratch, cut where exact mode's pieces are cut
-                runner.prefill([seq], [p])
-            n = sum(map(len, ids))
-            return Opened(seq, skills, mode, reason, None, {"cached": 0, "computed": n, "snapshot_load": 0.0,
-                                                            "tiers": ["computed"] * len(skills)})
-        if mode == "compose":
-            seq, info = self.composer.open(skills, repair)
-            return Opened(seq, skills, mode, reason, repair, info)
-        seq, info = self.residency.open(skills, settle)
-        return Opened(seq, skills, mode, reason, None, info)
+    def open(self, skills: list[Skill], mode: str = "auto", repair: Repair | None = None, settle: bool = False,
+             ids: list[int] | None = None, pieces: list[list[int]] | None = None) -> Opened:
+        """A sequence over the prefix of `skills` in `mode` (skillkv.prefixes.Prefixes.open)."""
+        return self.prefixes.open(skills, mode, repair, settle, ids, pieces)
 
-    def _resident(self, skills: list[Skill]) -> bool:
+    def is_resident(self, skills: list[Skill]) -> bool:
+        """Whether the exact chain of `skills` is resident in the runner (without loading the model)."""
         keys = self.compiler.keys(skills)
         return bool(keys) and self._runner is not None and self._runner.resident(keys[-1])
+
+    # ------------------------------------------------------------------ requests: the loop (sched/)
+
+    def request(self, skills: list[Skill], rest: list[int], params: SamplingParams | None = None,
+                mode: str = "auto", repair: Repair | None = None, stop=(), emit=None, preamble: bool = True) -> Req:
+        """A request for the prompt [preamble][skills...][rest], or `rest` alone (`preamble` False, no skills: an
+        agent's conversation as the chat template renders it), checked against the model's context; the answer is
+        limited to the room left."""
+        params = params or SamplingParams()
+        if mode not in MODES:
+            raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+        pieces = [p for _, p in self.compiler.pieces(skills)] if skills else [self.builder.preamble_ids()] * preamble
+        n = sum(map(len, pieces)) + len(rest)
+        self.check_fits(n, 1, len(rest))
+        return Req([t for p in pieces for t in p] + list(rest), params, min(params.max_tokens, self.handle.max_context - n),
+                   skills=list(skills), pieces=pieces, mode=mode, repair=repair, stop=list(stop),
+                   **({"emit": emit} if emit else {}))
+
+    def make_loop(self, max_batch: int = 64, max_step_tokens: int = 4096) -> Loop:
+        """An engine loop over this SkillKV's runner (`ask` keeps one; serve builds its own)."""
+        return Loop(self.runner, self.prefixes.open_request, self.handle.stop_ids, self.handle.tokenizer, max_batch,
+                    max_step_tokens, on_damaged=lambda e, req: self.residency.damaged(e, req.skills))
 
     def ask(self, question: str, skills: list[str] | None = None, mode: str = "auto",
             params: SamplingParams | None = None, on_text: Callable[[str], None] | None = None,
             repair: Repair | None = None, on_progress: Callable[[str, int], None] | None = None) -> Answer:
-        """Answer one question with the named `skills`, or those chosen from it. `on_progress(stage, tokens)` hears
-        ("skills", prefix tokens) before their KV is loaded or computed, ("question", tokens) before its prefill."""
+        """Answer one question with the named `skills`, or those chosen from it: a request of one on the engine
+        loop. `on_progress(stage, tokens)` hears ("skills", prefix tokens) before their KV is loaded or computed,
+        ("question", tokens) before the rest is prefilled."""
         params = params or SamplingParams()
         if not question or not question.strip():
             raise SkillkvError("the question is empty")
         t_start = time.perf_counter()
         chosen = self.select(question, skills)
-        if mode in ("auto", "exact") and not self._resident(chosen):  # read while the question is tokenized
+        if mode in ("auto", "exact") and not self.is_resident(chosen):  # read while the question is tokenized
             stored = [p for p in self.compiler.pieces(chosen) if self.snapshots.contains(p[0])]
             self.tiers.prefetch(stored, self._runner)
-        layout = self.builder.layout(chosen, question)
-        q_ids = layout.segments[-1]
-        self.check_fits(len(layout.ids), 1, len(q_ids))
-        room = self.handle.max_context - len(layout.ids)
-        if params.max_tokens > room:
-            self.on_warning(f"the answer is limited to {room:,} tokens by the model's context of "
-                            f"{self.handle.max_context:,} (prompt {len(layout.ids):,} tokens)")
+
+        def emit(ev: tuple) -> None:
+            if ev[0] == "text" and on_text:
+                on_text(ev[1])
+            elif ev[0] == "opened" and on_progress:
+                on_progress("question", len(ev[1].pending))
+        req = self.request(chosen, self.builder.question_ids(question), params, mode, repair, emit=emit)
+        if params.max_tokens > req.max_new:
+            self.on_warning(f"the answer is limited to {req.max_new:,} tokens by the model's context of "
+                            f"{self.handle.max_context:,} (prompt {len(req.ids):,} tokens)")
         t0 = time.perf_counter()
-        runner = self.runner  # loads the model on first use: counted once, in model_load and in total
+        if self._loop is None:  # loads the model on first use: counted once, in model_load and in total
+            self._loop = self.make_loop()
         model_load, t0 = time.perf_counter() - t0, time.perf_counter()
-        on_progress and on_progress("skills", len(layout.ids) - len(q_ids))
-        opened = self.open(chosen, mode, repair)
-        try:
-            try:
-                on_progress and on_progress("question", len(q_ids))
-                logits = runner.prefill([opened.seq], [q_ids])[0]
-            except SnapshotError as e:  # a piece found damaged while it streamed in: never served
-                runner.release(opened.seq)
-                self.residency.damaged(e, chosen)
-                opened = self.open(chosen, opened.mode, opened.repair)
-                logits = runner.prefill([opened.seq], [q_ids])[0]
-            gen = decode_loop(lambda t: runner.prefill([opened.seq], [[t]])[0], logits, params,
-                              self.handle.stop_ids, self.handle.tokenizer, on_text, budget=room)
-        finally:
-            runner.release(opened.seq)
-        info = opened.info
-        ans = Answer(
-            question=question, answer=gen.text, output_token_ids=gen.token_ids, skills=[s.name for s in chosen],
-            mode=opened.mode, tokens={"prompt": len(layout.ids), "cached": info["cached"],
-                                      "computed": info["computed"] + len(q_ids)},
-            timings_ms={"model_load": round(model_load * 1e3, 1),
-                        "snapshot_load": round(info["snapshot_load"] * 1e3, 1),
-                        "ttft": round((gen.first_token_at - t0) * 1e3, 1) if gen.first_token_at else None,
-                        "total": round((time.perf_counter() - t_start) * 1e3, 1)},
-            model=self.handle.name, finish_reason=gen.finish_reason, tiers=info["tiers"], mode_reason=opened.reason)
-        if opened.mode == "compose":
-            ans.compose = self.composer.summary(opened.repair, info)
+        on_progress and on_progress("skills", req.skill_tokens)
+        self._loop.run(req)
+        ans = Answer.of(req, question, self.handle.name, model_load, t0, t_start)
+        if req.mode == "compose":
+            ans.compose = self.composer.summary(req.repair, req.compose)
         self.record(ans, chosen)
         return ans
 

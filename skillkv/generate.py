@@ -1,9 +1,9 @@
-"""The decode loop: sample, stop on the chat template's end-of-turn, stream text as it forms."""
+"""Sampling, incremental detokenization and stop strings: the parts of decoding the engine loop (sched/loop.py)
+uses for every request."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from skillkv.lazy import torch
@@ -17,14 +17,6 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-
-
-@dataclass
-class Generation:
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    first_token_at: float = 0.0  # perf_counter() when the first token was chosen
-    finish_reason: str = "length"
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
@@ -88,29 +80,3 @@ class StopText:
     def _send(self, s: str) -> None:
         self.text += s
         self.emit(s)
-
-
-def decode_loop(step: Callable[[int], torch.Tensor], first_logits: torch.Tensor, params: SamplingParams,
-                stop_ids: list[int], tokenizer, on_text: Callable[[str], None] | None = None,
-                budget: int | None = None) -> Generation:
-    """Generate from `first_logits`; `step(token)` feeds one token and returns the next logits.
-
-    Stops at a stop id (not included in the output), after `max_tokens`, or when `budget` (context room) ends.
-    """
-    gen = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
-    out, stream, logits = Generation(), TextStream(tokenizer, on_text), first_logits
-    limit = params.max_tokens if budget is None else min(params.max_tokens, budget)
-    stops = set(stop_ids)
-    for i in range(limit):
-        tok = sample(logits, params, gen)
-        if i == 0:
-            out.first_token_at = time.perf_counter()
-        if tok in stops:
-            out.finish_reason = "stop"
-            break
-        out.token_ids.append(tok)
-        stream.push(tok)
-        if i + 1 < limit:
-            logits = step(tok)
-    out.text = stream.text
-    return out

@@ -68,5 +68,6 @@ class Residency:
     def forget(self) -> None:
         """Evict every resident prefix no sequence holds and empty the host tier (the next ask reads the store)."""
         self.runner().retire(lambda key: False)
+        self.runner().clear_cache()
         for key in self.tiers.host.keys():
             self.tiers.host.evict(key)

@@ -203,6 +203,12 @@ class PageTable:
         if cp.entry is None:
             self.cache.hold(cp)
 
+    def drop_cached(self) -> None:
+        """Evict every unheld cached page."""
+        for cp in list(self.cache.lru.values()):
+            self.cache.drop(cp)
+            self._give((cp.page,))
+
     def unhold(self, cp: CachedPage) -> None:
         if cp.entry is None:
             self.cache.unhold(cp)

@@ -43,7 +43,8 @@ import torch
 
 from skillkv.compose import fidelity
 from skillkv.compose.repair import Repair
-from skillkv.generate import SamplingParams, decode_loop
+from skillkv.generate import SamplingParams
+from skillkv.sched.request import Req
 from skillkv.errors import SkillkvError
 
 DEFAULT_SET = Path(__file__).resolve().parents[2] / "eval" / "compose"
@@ -131,28 +132,22 @@ class Evaluator:
 
     def __init__(self, kv, max_tokens: int = 32):
         self.kv, self.runner, self.max_tokens = kv, kv.runner, max_tokens
+        self.loop = kv.make_loop()
 
-    def _decode(self, seq, first: torch.Tensor, record: list | None = None):
-        def step(t):
-            lg = self.runner.prefill([seq], [[t]])[0]
-            if record is not None:
-                record.append(lg)
-            return lg
-        return decode_loop(step, first, SamplingParams(max_tokens=self.max_tokens), self.kv.handle.stop_ids,
-                           self.kv.handle.tokenizer)
+    def _answer(self, open_: Callable[[], tuple[object, dict]], q_ids: list[int]):
+        """The greedy answer on the engine loop (the one decode of ask and serve) over the prefix `open_()` opens,
+        with the logits each token was chosen from."""
+        def opener(req) -> None:
+            req.seq, req.compose = open_()
+            req.pending = list(q_ids)
+        req = Req(list(q_ids), SamplingParams(max_tokens=self.max_tokens), self.max_tokens, opener=opener, logits=[])
+        return self.loop.run(req)
 
     def full(self, chosen: list, q_ids: list[int]) -> dict:
         t0 = time.perf_counter()
-        seq = self.kv.open(chosen, "full").seq
-        try:
-            first = self.runner.prefill([seq], [q_ids])[0]
-            ttft = time.perf_counter() - t0
-            steps: list[torch.Tensor] = []
-            gen = self._decode(seq, first, steps)
-        finally:
-            self.runner.release(seq)
-        logits = torch.stack([first] + steps)[: len(gen.token_ids) + (gen.finish_reason == "stop")]
-        return {"answer": gen.token_ids, "text": gen.text, "logits": logits, "ttft": ttft}
+        req = self._answer(lambda: (self.kv.open(chosen, "full").seq, {}), q_ids)
+        logits = torch.stack(req.logits)  # one per answer token, and the stop token's
+        return {"answer": list(req.output), "text": req.text, "logits": logits, "ttft": req.t_first - t0}
 
     def mode(self, ref: dict, q_ids: list[int], open_: Callable[[], tuple[object, dict]]) -> dict:
         """`open_()` -> (sequence over the mode's prefix, info); timed together with the question's prefill."""
@@ -171,11 +166,7 @@ class Evaluator:
         identical = bool(agree.all())
         text = ref["text"]
         if not identical:
-            seq, _ = open_()
-            try:
-                text = self._decode(seq, self.runner.prefill([seq], [q_ids])[0]).text
-            finally:
-                self.runner.release(seq)
+            text = self._answer(open_, q_ids).text
         return {"kl_first": float(kl[0]), "kl_mean": float(kl.mean()), "agree": int(agree.sum()), "positions": n,
                 "identical": identical, "text": text, "ttft": ttft, **info}
 

@@ -153,6 +153,10 @@ class Runner(ABC):
         """How many leading tokens of `ids` `open_cached` would take from the prefix cache now. Changes nothing."""
         return 0
 
+    def clear_cache(self) -> None:
+        """Drop every prefix-cache page no sequence holds (benchmarks: the next prompt is computed or read from the
+        store)."""
+
     @abstractmethod
     def open_composed(self, parts: list[Part], preamble: int) -> Seq:
         """A sequence over the composed prefix of `parts` (all compiled after the same `preamble` tokens): the

@@ -199,6 +199,9 @@ class PagedRunner(Runner):
             return 0
         return len(self.table.cache.match(ids, len(ids) - 1)) * self.page_size
 
+    def clear_cache(self) -> None:
+        self.table.drop_cached()
+
     def open_cached(self, ids: list[int], key: str | None = None, key_tokens: int = 0) -> tuple[Request, dict]:
         self._failed(key)
         cache = self.table.cache

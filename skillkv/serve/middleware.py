@@ -109,12 +109,14 @@ class AccessLog:
 
 
 def job_facts(job) -> dict:
-    """What the access log says about a chat completion (skillkv.serve.worker.Job)."""
-    seq = job.seq
-    prompt = seq.prefix_tokens + len(seq.prompt) if seq is not None else 0
-    return {"skills": [s.name for s in job.chosen], "mode": job.mode, "cached_tokens": job.cached,
-            "computed_tokens": max(0, prompt - job.cached), "completion_tokens": len(seq.output) if seq else 0,
-            "ttft_ms": round((job.t_first - job.t_submit) * 1e3, 1) if job.t_first else None}
+    """What the access log says about a chat completion (its request, skillkv.sched.request.Req)."""
+    req = job.req
+    if req is None:
+        return {"skills": [], "mode": job.body.mode, "cached_tokens": 0, "computed_tokens": 0,
+                "completion_tokens": 0, "ttft_ms": None}
+    return {"skills": [s.name for s in req.skills], "mode": req.mode, "cached_tokens": req.cached,
+            "computed_tokens": len(req.ids) - req.cached, "completion_tokens": len(req.output),
+            "ttft_ms": round((req.t_first - req.t_submit) * 1e3, 1) if req.t_first else None}
 
 
 def format_entry(e: dict) -> str:

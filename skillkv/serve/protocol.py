@@ -33,6 +33,21 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+def api_error(e: Exception) -> ApiError:
+    """The API error a failure inside the engine loop is answered with: 400 when the request is at fault (a
+    SkillkvError: too long for the pool, an unknown skill...), 500 otherwise."""
+    from skillkv.engine.pages import PoolFull
+    from skillkv.errors import SkillkvError
+
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, PoolFull):
+        return ApiError(400, str(e), param="max_tokens", code="kv_pool_exceeded")
+    if isinstance(e, SkillkvError):
+        return ApiError(400, str(e))
+    return ApiError(500, f"{type(e).__name__}: {e}", "server_error")
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

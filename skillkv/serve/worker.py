@@ -1,17 +1,16 @@
-"""The engine thread of `skillkv serve`: it alone touches the SkillKV (its runner, tiers, store) and the watcher.
+"""The engine thread of `skillkv serve`: threads, the queue and the HTTP mapping around the one engine loop.
 
-HTTP handlers talk to it through a queue (`submit`, `call`, `cancel`) and get events back on their own asyncio
-queue: ("accepted", info) or ("error", ApiError) first, then ("text", delta)..., then ("done", result) or
-("error", ApiError). One loop iteration: take new requests (validate, tokenize, choose skills), poll the watcher,
-drop cancelled sequences (their pages are freed at once), then run one batched step planned by the Scheduler
-and sample every sequence's next token.
+It alone touches the SkillKV (its runner, tiers, store), the loop (sched/loop.py: the same one `skillkv ask` runs
+a request of one on) and the watcher. HTTP handlers talk to it through a queue (`submit`, `call`, `cancel`) and get
+events back on their own asyncio queue: ("accepted", info) or ("error", ApiError) first, then ("text", delta)...,
+then ("done", result) or ("error", ApiError). One iteration: take new requests (validate, map the messages to a
+prompt, build the request: `SkillKV.request`), poll the watcher, run one loop step (admission, one batched runner
+step, sampling, stops; cancelled requests' pages freed first).
 
-A request is opened exactly as `skillkv ask` opens one (SkillKV.open: the same mode choice, L1 / host / L2 paging
-through the tiers, compose, pins, the same snapshots and fingerprint); continuous batching is the runner's batched
-prefill (a decode step is a 1-token prefill). Skill prefixes are resident entries of the runner keyed by their
-chain key, shared by every request that uses the same skills in the same order. When the watcher recompiles a
-skill, the entries whose chain is no longer current are retired as soon as no running request holds them (a request
-that started on the old version finishes on it), and pinned skills are warmed again.
+Requests are opened as `skillkv ask` opens one (`SkillKV.open_request`: the same mode choice, the prefix cache over
+every prompt, skill KV resident or paged in through the tiers, compose, pins, the same snapshots and fingerprint).
+When the watcher recompiles a skill, the entries whose chain is no longer current are retired as soon as no running
+request holds them (a request that started on the old version finishes on it), and pinned skills are warmed again.
 """
 
 from __future__ import annotations
@@ -24,41 +23,26 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
-from skillkv.generate import SamplingParams, StopText, TextStream, sample
-from skillkv.engine.pages import PoolFull
 from skillkv.errors import PromptTooLong, SkillError, SkillkvError
+from skillkv.generate import SamplingParams
+from skillkv.sched.loop import Loop
+from skillkv.sched.request import Req
 from skillkv.serve.messages import question_ids
-from skillkv.serve.protocol import ApiError, ChatRequest, usage
-from skillkv.serve.scheduler import Scheduler, Seq, Step
+from skillkv.serve.protocol import ApiError, ChatRequest, api_error, usage
 
 CHANGES = {"compiled", "recompiled", "deleted", "renamed"}
 
 
 @dataclass(eq=False)
 class Job:
-    """One chat request as the engine thread sees it."""
+    """One chat request as the engine thread sees it: the HTTP body, where its events go, and its request once
+    accepted (sched/request.Req)."""
 
     body: ChatRequest
     emit: Callable[[tuple], None]  # thread-safe: puts an event on the request's asyncio queue
     rid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     cancelled: bool = False
-    t_submit: float = field(default_factory=time.perf_counter)
-    seq: Seq | None = None
-    chosen: list = field(default_factory=list)
-    key: str | None = None  # the exact prefix's chain key (None: no skills)
-    mode: str = "auto"
-    select_on: str = ""
-    params: SamplingParams | None = None
-    gen: torch.Generator | None = None
-    stream: TextStream | None = None
-    stop: StopText | None = None
-    cached: int = 0
-    tiers: list[str] = field(default_factory=list)
-    snapshot_load: float = 0.0
-    t_start: float = 0.0
-    t_first: float = 0.0
+    req: Req | None = None
 
 
 class Worker:
@@ -72,7 +56,7 @@ class Worker:
         self.watch, self.default_max_tokens, self.log = watch, default_max_tokens, on_log
         self.inbox: queue.Queue = queue.Queue()
         self.runner = None
-        self.sched: Scheduler | None = None
+        self.loop: Loop | None = None
         self.watcher = None
         self.skipped: dict[str, str] = {}  # skill or folder -> why it is not served (invalid, too long, ...)
         self._pending: dict[str, float] = {}
@@ -98,9 +82,7 @@ class Worker:
             self.watcher = Watcher(kv, kv.skills_dir, on_line=lambda ln: self.log(f"watch: {ln}"))
             self.watcher.learn(kv.load_skills().skills)
         self.runner = kv.runner
-        self.sched = Scheduler(self.max_batch, self.max_step_tokens, self.runner.page_size,
-                               held=lambda s: self.runner.held_pages(s.req) if s.req is not None else 0)
-        self.stop_ids = set(kv.handle.stop_ids)
+        self.loop = kv.make_loop(self.max_batch, self.max_step_tokens)
         self._warm_pins()
         if self.watcher is not None:
             self.watcher.start()
@@ -142,8 +124,8 @@ class Worker:
     def cancel(self, job: Job) -> None:
         """The client is gone: free the request's pages at the next step (no-op once it is done)."""
         job.cancelled = True
-        if job.seq is not None:
-            job.seq.cancelled = True
+        if job.req is not None:
+            job.req.cancelled = True
         self.inbox.put(("wake",))
 
     def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
@@ -154,7 +136,8 @@ class Worker:
 
     def snapshot(self) -> dict:
         """Counters for /health, read without locking (approximate while a step runs)."""
-        return {"running": len(self.sched.running), "waiting": len(self.sched.waiting), "steps": self.steps,
+        sched = self.loop.sched
+        return {"running": len(sched.running), "waiting": len(sched.waiting), "steps": self.loop.steps,
                 "served": self.served, "runner": self.runner.name, "pool": self.runner.usage()}
 
     # ------------------------------------------------------------------ the loop (engine thread)
@@ -162,21 +145,13 @@ class Worker:
     def _run(self) -> None:
         while not self._stopping:
             try:
-                self._drain(block=not self.sched.has_work())
+                self._drain(block=not self.loop.has_work())
                 self._watch_tick()
-                for s in self.sched.drop_cancelled():
-                    self._release(s)
-                step = self.sched.plan(self._admit, self._fail)
-                if step is not None:
-                    self._step(step)
+                self.loop.step()
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server: fail what was running
                 self.log(f"error: engine step failed: {type(e).__name__}: {e}")
-                for s in list(self.sched.running):
-                    self.sched.finish(s)
-                    self._release(s)
-                    s.data.emit(("error", ApiError(500, f"engine error: {type(e).__name__}: {e}", "server_error")))
-        for s in list(self.sched.running) + list(self.sched.waiting):
-            s.data.emit(("error", ApiError(503, "server shutting down", "server_error")))
+                self.loop.fail_running(ApiError(500, f"engine error: {type(e).__name__}: {e}", "server_error"))
+        self.loop.fail_running(ApiError(503, "server shutting down", "server_error"))
 
     def _drain(self, block: bool) -> None:
         timeout = 0.1 if self.watcher is not None else None
@@ -200,7 +175,7 @@ class Worker:
                 return
 
     def _accept(self, job: Job) -> None:
-        """Validate and tokenize a new request; queue it or answer an error."""
+        """Validate the request and map its messages to a prompt; queue it on the loop or answer an error."""
         if job.cancelled:
             return
         kv, b = self.kv, job.body
@@ -209,30 +184,28 @@ class Worker:
             if b.model not in (self.model_name, "default", "skillkv"):
                 raise ApiError(404, f"model {b.model!r} not found; this server serves {self.model_name!r}",
                                "not_found_error", "model", "model_not_found")
-            q_ids, job.select_on = question_ids(kv.builder, b.messages, kv.handle.max_context)
+            q_ids, select_on = question_ids(kv.builder, b.messages, kv.handle.max_context)
             if b.skills is not None:
                 try:
-                    job.chosen = kv.pick(b.skills)
+                    chosen = kv.pick(b.skills)
                 except SkillError as e:
                     raise ApiError(400, str(e), param="skills", code="skill_not_found") from None
             else:
-                job.chosen = kv.select(job.select_on)
-            prefix = len(kv.builder.preamble_ids()) + sum(len(kv.builder.skill_ids(s)) for s in job.chosen)
-            total = prefix + len(q_ids)
-            want = b.answer_limit
+                chosen = kv.select(select_on)
+            params = SamplingParams(max_tokens=b.answer_limit or self.default_max_tokens,
+                                    temperature=b.temperature or 0.0, top_p=b.top_p if b.top_p is not None else 1.0,
+                                    seed=b.seed if b.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4],
+                                                                                          "little"))
             try:
-                kv.check_fits(total, want or 1, len(q_ids))
+                req = kv.request(chosen, q_ids, params, b.mode, stop=b.stop or [], emit=lambda ev: self._event(job, ev))
+                if b.answer_limit:
+                    kv.check_fits(len(req.ids), b.answer_limit, len(q_ids))
             except PromptTooLong as e:
                 raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
-            max_new = min(want or self.default_max_tokens, kv.handle.max_context - total)
-            job.key = kv.compiler.keys(job.chosen)[-1] if job.chosen else None
-            job.mode = b.mode
-            # full mode and a prompt without skills prefill their prefix into the request's own pages
-            seq = Seq(job.rid, q_ids, max_new, prefix, data=job, shared_prefix=bool(job.chosen) and b.mode != "full")
             r = self.runner
-            if seq.worst_pages(r.page_size) + r.pages_for(prefix) > r.num_pages:
-                raise ApiError(400, f"prompt of {total} tokens plus {max_new} answer tokens does not fit the KV pool "
-                               f"({r.num_pages} pages of {r.page_size} tokens; raise --gpu-kv-budget)",
+            if r.pages_for(len(req.ids) + req.max_new) > r.num_pages:
+                raise ApiError(400, f"prompt of {len(req.ids)} tokens plus {req.max_new} answer tokens does not fit "
+                               f"the KV pool ({r.num_pages} pages of {r.page_size} tokens; raise --gpu-kv-budget)",
                                param="max_tokens", code="kv_pool_exceeded")
         except ApiError as e:
             job.emit(("error", e))
@@ -240,110 +213,37 @@ class Worker:
         except SkillkvError as e:
             job.emit(("error", ApiError(400, str(e))))
             return
-        job.params = SamplingParams(max_tokens=max_new, temperature=b.temperature or 0.0,
-                                    top_p=b.top_p if b.top_p is not None else 1.0, seed=b.seed or 0)
-        if job.params.temperature > 0:
-            job.gen = torch.Generator().manual_seed(job.params.seed if b.seed is not None else
-                                                    int.from_bytes(uuid.uuid4().bytes[:4], "little"))
-        job.stop = StopText(b.stop or [], lambda s: job.emit(("text", s)))
-        job.stream = TextStream(kv.handle.tokenizer, job.stop.push)
-        job.seq = seq
-        self.sched.add(seq)
-        job.emit(("accepted", {"prompt_tokens": total, "skills": [s.name for s in job.chosen]}))
+        req.data, req.select_on, job.req = job, select_on, req
+        self.loop.add(req)
+        job.emit(("accepted", {"prompt_tokens": len(req.ids), "skills": [s.name for s in chosen]}))
 
-    def _admit(self, seq: Seq, reserved: int) -> bool:
-        """Open the sequence's prefix (SkillKV.open: resident, paged in, composed or computed) and start it, if the
-        pool can hold its worst case now."""
-        job, r = seq.data, self.runner
-        worst = seq.worst_pages(r.page_size)
-        if not (job.key is not None and r.resident(job.key)) and not r.can_alloc(
-                r.pages_for(seq.prefix_tokens) + reserved + worst):
-            return self._wait_or_fail()
-        opened = self.kv.open(job.chosen, job.mode, settle=True)
-        if not r.can_alloc(reserved + worst - r.held_pages(opened.seq)):
-            r.release(opened.seq)
-            return self._wait_or_fail()
-        info = opened.info
-        job.mode, job.cached, job.tiers, job.snapshot_load = opened.mode, info["cached"], info["tiers"], \
-            info["snapshot_load"]
-        seq.req, job.t_start = opened.seq, time.perf_counter()
-        return True
+    def _event(self, job: Job, ev: tuple) -> None:
+        """The loop's events of `job`'s request, as the HTTP handler hears them."""
+        kind = ev[0]
+        if kind == "text":
+            job.emit(ev)
+        elif kind == "done":
+            self._complete(job, ev[1])
+        elif kind == "error":
+            job.emit(("error", api_error(ev[1])))
 
-    def _wait_or_fail(self) -> bool:
-        if not self.sched.running:
-            raise PoolFull("the KV pool cannot hold this request even with nothing else running "
-                           "(raise --gpu-kv-budget)")
-        return False
-
-    def _fail(self, seq: Seq, e: Exception) -> None:
-        if isinstance(e, ApiError):
-            err = e
-        elif isinstance(e, PoolFull):
-            err = ApiError(400, str(e), param="max_tokens", code="kv_pool_exceeded")
-        elif isinstance(e, SkillkvError):
-            err = ApiError(400, str(e))
-        else:
-            err = ApiError(500, f"{type(e).__name__}: {e}", "server_error")
-        seq.data.emit(("error", err))
-
-    def _step(self, step: Step) -> None:
-        seqs = step.seqs
-        logits = self.runner.prefill([s.req for s in seqs], step.inputs())
-        self.steps += 1
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        now = time.perf_counter()
-        for i, s in enumerate(seqs):
-            job = s.data
-            tok = greedy[i] if job.params.temperature <= 0 else sample(logits[i], job.params, job.gen)
-            if not s.output and not job.t_first:
-                job.t_first = now
-            if tok in self.stop_ids:
-                self._complete(s, "stop")
-                continue
-            s.output.append(tok)
-            job.stream.push(tok)
-            if job.stop.hit:
-                self._complete(s, "stop")
-            elif len(s.output) >= s.max_new:
-                self._complete(s, "length")
-
-    def _release(self, s: Seq) -> None:
-        if s.req is not None:
-            self.runner.release(s.req)
-            s.req = None
-
-    def _complete(self, s: Seq, finish: str) -> None:
-        job, kv = s.data, self.kv
-        self.sched.finish(s)
-        self._release(s)
-        job.stop.flush()
+    def _complete(self, job: Job, req: Req) -> None:
         self.served += 1
-        end = time.perf_counter()
-        prompt = s.prefix_tokens + len(s.prompt)
-        timings = {"queue": round((job.t_start - job.t_submit) * 1e3, 1),
-                   "snapshot_load": round(job.snapshot_load * 1e3, 1),
-                   "ttft": round((job.t_first - job.t_submit) * 1e3, 1),
-                   "total": round((end - job.t_submit) * 1e3, 1)}
-        ext = {"skills": [x.name for x in job.chosen], "mode": job.mode, "tiers": job.tiers,
-               "output_token_ids": list(s.output), "timings_ms": timings}
+        ext = {"skills": [x.name for x in req.skills], "mode": req.mode, "tiers": req.tiers,
+               "tokens": req.tokens, "output_token_ids": list(req.output), "timings_ms": req.timings_ms()}
         try:  # queued before the answer is out, so a /stats after it waits for this record
-            self._stats.submit(self._record, job, s, prompt, finish, timings)
+            self._stats.submit(self._record, req)
         except RuntimeError:  # shutting down: statistics are never worth a failed request
             pass
-        job.emit(("done", {"text": job.stop.text, "finish": finish, "usage": usage(prompt, len(s.output), job.cached),
-                           "ext": ext}))
+        job.emit(("done", {"text": req.text, "finish": req.finish_reason,
+                           "usage": usage(len(req.ids), len(req.output), req.cached), "ext": ext}))
 
-    def _record(self, job: Job, s: Seq, prompt: int, finish: str, timings: dict) -> None:
+    def _record(self, req: Req) -> None:
         """Record the request in the store's statistics (a background thread; never fails a request)."""
         from skillkv.answer import Answer
 
-        ans = Answer(question=job.select_on, answer=job.stop.text, output_token_ids=list(s.output),
-                     skills=[x.name for x in job.chosen], mode=job.mode,
-                     tokens={"prompt": prompt, "cached": job.cached, "computed": prompt - job.cached},
-                     timings_ms={"model_load": 0.0, "snapshot_load": timings["snapshot_load"],
-                                 "ttft": timings["ttft"], "total": timings["total"]},
-                     model=self.model_name, finish_reason=finish, tiers=job.tiers)
-        self.kv.record(ans, job.chosen)
+        ans = Answer.of(req, req.select_on, self.model_name, 0.0, req.t_submit, req.t_submit)
+        self.kv.record(ans, req.skills)
 
     # ------------------------------------------------------------------ skills: pins and live edits
 

@@ -28,7 +28,8 @@ def test_compile_then_ask_json(monkeypatch, capsys, tiny_skills, tmp_path):
     assert code == 0
     ans = json.loads(out)
     assert set(ans) >= {"answer", "output_token_ids", "skills", "mode", "tokens", "timings_ms", "model"}
-    assert set(ans["tokens"]) == {"prompt", "cached", "computed"}
+    assert set(ans["tokens"]) == {"prompt", "cached", "computed", "prefix_cache", "skill_kv"}
+    assert ans["tokens"]["cached"] == ans["tokens"]["prefix_cache"] + ans["tokens"]["skill_kv"]
     assert set(ans["timings_ms"]) == {"model_load", "snapshot_load", "ttft", "total"}
     assert ans["skills"] == ["beta-codes"] and ans["mode"] == "exact" and ans["tokens"]["cached"] > 0
     code, out, _ = run(monkeypatch, capsys, "ls", str(tiny_skills), "--store", store, *TINY[:2], "--json")

@@ -93,8 +93,13 @@ def test_usage_reports_cached_and_computed_tokens(tiny_server):
     assert u["skillkv"]["computed_tokens"] == u["prompt_tokens"] - u["skillkv"]["cached_tokens"] > 0
     assert r["skillkv"]["tiers"] == ["l1"]  # pinned: resident since start
     assert u["completion_tokens"] == len(r["skillkv"]["output_token_ids"]) <= 5
+    t = r["skillkv"]["tokens"]  # where the prompt's KV came from
+    assert t["skill_kv"] + t["prefix_cache"] == u["skillkv"]["cached_tokens"] and t["computed"] == u["skillkv"][
+        "computed_tokens"]
     code, r = post(tiny_server.url, chat("What does code B-17 mean?", [], max_tokens=3))
-    assert code == 200 and r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 and r["skillkv"]["skills"] == []
+    assert code == 200 and r["skillkv"]["skills"] == [] and r["skillkv"]["tokens"]["skill_kv"] == 0
+    # no skill, but the preamble's full pages are in the prefix cache (published by the skill's requests)
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == r["skillkv"]["tokens"]["prefix_cache"] > 0
 
 
 @pytest.mark.parametrize("body,raw,status,param,code", [
@@ -162,7 +167,11 @@ def test_streaming_matches_non_streaming(tiny_server):
     assert text == whole["choices"][0]["message"]["content"]
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finish == [whole["choices"][0]["finish_reason"]]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    use, once = chunks[-1]["usage"], whole["usage"]
+    assert chunks[-1]["choices"] == [] and (use["prompt_tokens"], use["completion_tokens"]) == (
+        once["prompt_tokens"], once["completion_tokens"])
+    # the same prompt again: every full page of it is in the prefix cache now
+    assert use["prompt_tokens_details"]["cached_tokens"] >= once["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_disconnect_mid_stream_frees_pages(tiny_server):

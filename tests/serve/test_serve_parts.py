@@ -1,88 +1,11 @@
-"""skillkv serve, piece by piece: the scheduler (torch-free), batch invariance of the engine, the prompt mapping,
-stop strings."""
+"""skillkv serve, piece by piece: batch invariance of the engine, the prompt mapping, stop strings (the scheduler
+and the loop: tests/sched/)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from skillkv.engine.pages import PageTable
-from skillkv.serve.scheduler import Scheduler, Seq
-
-
-class FakeReq:
-    def __init__(self):
-        self.private = [0]
-
-
-def _admit_all(seq, reserved):
-    seq.req = FakeReq()
-    return True
-
-
-def test_scheduler_batches_decodes_with_new_prefills_and_respects_limits():
-    s = Scheduler(max_batch=3, max_step_tokens=10, page_size=4)
-    a, b, c, d = (Seq(x, [1] * n, max_new=5) for x, n in (("a", 4), ("b", 4), ("c", 4), ("d", 1)))
-    for q in (a, b, c, d):
-        s.add(q)
-    step = s.plan(_admit_all, lambda q, e: None)
-    assert step.prefills == [a, b] and step.decodes == []  # c would exceed 10 prompt tokens in this step
-    a.output.append(7)
-    b.output.append(8)
-    step = s.plan(_admit_all, lambda q, e: None)
-    assert step.decodes == [a, b] and step.prefills == [c]
-    assert step.inputs() == [[7], [8], [1, 1, 1, 1]]
-    c.output.append(9)
-    step = s.plan(_admit_all, lambda q, e: None)
-    assert step.prefills == [] and len(s.running) == 3 and list(s.waiting) == [d]  # max_batch reached
-    s.finish(a)
-    step = s.plan(_admit_all, lambda q, e: None)
-    assert step.prefills == [d]
-
-
-def test_scheduler_long_prompt_into_idle_engine_and_failures_and_cancel():
-    s = Scheduler(max_batch=4, max_step_tokens=8, page_size=4)
-    big, bad, later = Seq("big", [1] * 50, 2), Seq("bad", [1], 2), Seq("later", [1], 2)
-    for q in (big, bad, later):
-        s.add(q)
-    failed = []
-
-    def admit(seq, reserved):
-        if seq is bad:
-            raise ValueError("no")
-        return _admit_all(seq, reserved)
-    step = s.plan(admit, lambda q, e: failed.append((q.rid, str(e))))
-    assert step.prefills == [big]  # alone it may exceed max_step_tokens: nothing starves
-    big.output.append(1)
-    step = s.plan(admit, lambda q, e: failed.append((q.rid, str(e))))
-    assert failed == [("bad", "no")] and step.prefills == [later] and bad.state == "done"
-    later.cancelled = True
-    assert s.drop_cancelled() == [later] and s.running == [big]
-
-
-def test_scheduler_reserves_worst_case_pages():
-    table = PageTable(num_pages=10, page_size=4)
-    s = Scheduler(max_batch=8, max_step_tokens=100, page_size=4, held=lambda q: len(q.req.private))
-    seqs = [Seq(str(i), [1] * 4, max_new=8) for i in range(5)]  # 12 tokens worst case: 3 pages each
-    for q in seqs:
-        s.add(q)
-
-    def admit(seq, reserved):
-        if not table.can_alloc(reserved + seq.worst_pages(4)):
-            return False
-        seq.req = FakeReq()
-        seq.req.private = table.alloc(1)
-        return True
-    step = s.plan(admit, lambda q, e: None)
-    assert len(step.prefills) == 3  # 3 x 3 pages fit in 10, a 4th would not
-    assert s.reserved_pages() == 3 * 2
-
-
-def test_worst_pages_accounts_for_the_shared_prefix():
-    q = Seq("x", [1] * 3, max_new=5, prefix_tokens=10)  # 18 tokens -> 5 pages of 4; 2 full prefix pages shared
-    assert q.worst_pages(4) == 3
-    own = Seq("x", [1] * 3, max_new=5, prefix_tokens=10, shared_prefix=False)  # full mode: the prefix is its own
-    assert own.worst_pages(4) == 5
 
 
 @pytest.fixture(scope="module")

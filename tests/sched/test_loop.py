@@ -1,0 +1,114 @@
+"""The one engine loop (sched/loop.py) on the tiny random model: requests batched give each the answer it gets
+alone; a prompt fed in pieces equals it fed whole; a multi-turn conversation reuses every full page of the last
+turn's prompt and answer and still equals full mode token for token; cancellation frees pages; a snapshot found
+damaged mid-step is never served (the request is reopened); `ask` runs on the same loop."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from skillkv.errors import SnapshotError
+from skillkv.generate import SamplingParams
+
+
+@pytest.fixture
+def kv(tmp_path, tiny_skills):
+    from skillkv.api import SkillKV
+
+    k = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu", batch_invariant=True,
+                kv_budget=16 << 20, on_warning=lambda m: None)
+    assert k.runner.prefix_cache, k.runner.cache_note
+    return k
+
+
+def _req(kv, ids, mode="auto", max_tokens=8, skills=()):
+    return kv.request(list(skills), ids, SamplingParams(max_tokens=max_tokens), mode, preamble=False)
+
+
+def _ids(seed, n):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 250) for _ in range(n)]
+
+
+def test_batched_requests_get_the_answers_they_get_alone(kv):
+    loop = kv.make_loop(max_batch=8)
+    prompts = [_ids(i, 20 + 7 * i) for i in range(5)]
+    alone = [loop.run(_req(kv, p, "full")).output for p in prompts]
+    reqs = [_req(kv, p, "full") for p in prompts]
+    for r in reqs:
+        loop.add(r)
+    while any(r.state != "done" for r in reqs):
+        loop.step()
+    assert [r.output for r in reqs] == alone
+    kv.runner.table.check()
+
+
+def test_a_prompt_fed_in_pieces_equals_it_fed_whole(kv):
+    ids = _ids(7, 300)
+    whole = kv.make_loop().run(_req(kv, ids, "full"))
+    pieces = kv.make_loop(max_step_tokens=37)
+    req = _req(kv, ids, "full")
+    pieces.add(req)
+    steps = 0
+    while req.state != "done":
+        pieces.step()
+        steps += 1
+    assert req.output == whole.output and steps > len(req.output) + 1  # 300 tokens took several steps
+
+
+def test_a_conversation_reuses_the_last_turn_and_equals_full_mode(kv):
+    loop = kv.make_loop()
+    ids = _ids(9, 45)
+    for turn in range(4):
+        exact = loop.run(_req(kv, ids, "exact"))
+        full = loop.run(_req(kv, ids, "full"))
+        assert exact.output == full.output, turn
+        assert full.reused == {"prefix_cache": 0, "skill_kv": 0}  # full mode bypasses every cache
+        if turn:
+            # every full page of the last turn's prompt and answer (its last token was sampled, never fed)
+            assert exact.reused["prefix_cache"] == ((len(history) - 1) // 16) * 16
+        history = ids + exact.output
+        ids = history + _ids(turn, 11)
+    assert exact.tokens["computed"] == len(exact.ids) - exact.cached
+
+
+def test_cancelled_requests_free_their_pages(kv):
+    loop = kv.make_loop()
+    req = _req(kv, _ids(3, 50), max_tokens=50)
+    loop.add(req)
+    loop.step()
+    assert req.state == "running" and kv.runner.table.private
+    loop.cancel(req)
+    loop.step()
+    assert req.state == "done" and not kv.runner.table.private
+    kv.runner.table.check()
+
+
+def test_a_snapshot_damaged_mid_step_is_reopened_not_served(kv, monkeypatch):
+    loop = kv.make_loop()
+    kv.compile(["beta-codes"])
+    skill = kv.pick(["beta-codes"])
+    q = kv.builder.question_ids("What does B-17 mean?")
+    ref = loop.run(kv.request(skill, q, SamplingParams(max_tokens=6), "full"))
+    damaged = []
+    plain = kv.runner.prefill
+    fails = iter([True])
+
+    def prefill(seqs, ids, every=False):
+        if next(fails, False):
+            raise SnapshotError("beta: checksum mismatch")
+        return plain(seqs, ids, every)
+    monkeypatch.setattr(kv.runner, "prefill", prefill)
+    monkeypatch.setattr(kv.residency, "damaged", lambda e, skills: damaged.append((str(e), skills)))
+    req = loop.run(kv.request(skill, q, SamplingParams(max_tokens=6), "exact"))
+    assert req.output == ref.output and req.retries == 1 and damaged == [("beta: checksum mismatch", skill)]
+
+
+def test_ask_runs_on_the_loop(kv):
+    kv.compile(["beta-codes"])
+    a = kv.ask("What does B-17 mean?", ["beta-codes"], mode="exact", params=SamplingParams(max_tokens=5))
+    f = kv.ask("What does B-17 mean?", ["beta-codes"], mode="full", params=SamplingParams(max_tokens=5))
+    assert a.output_token_ids == f.output_token_ids and kv._loop.steps >= 2
+    assert a.tokens["skill_kv"] + a.tokens["prefix_cache"] == a.tokens["cached"] > 0
