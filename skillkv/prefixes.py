@@ -8,8 +8,10 @@ Modes: full (no cache: the pieces prefilled from scratch, cut where exact mode's
 compose (skills placed from their own snapshots, boundary tokens repaired: compose/stage.py), exact (the skills'
 chain as an exact prefix: resident, paged in from the host tier or the store, or computed and stored; and, for a
 whole prompt on a chunk-invariant runner, the prefix cache: full pages of earlier prompts and answers, whichever
-covers more), auto (exact, or compose where the model's measured fidelity meets the bar: compose/stage.py). Exact
-equals full token for token: the cache serves only KV the runner computes with the same bits in any chunking.
+covers more), auto (exact, or compose where the model's measured fidelity meets the bar: compose/stage.py; on a
+runner whose prefix cache is not exact, e.g. FlashInfer / FA3 attention on a GPU, auto also reuses the cache and
+says so: mode "cached"). Exact equals full token for token: it reads only KV the runner computes with the same
+bits in any chunking.
 
 `kv` is the SkillKV (duck-typed: runner, compiler, builder, residency, composer, warm_pins, is_resident).
 """
@@ -54,12 +56,15 @@ class Prefixes:
         if mode not in MODES:
             raise SkillkvError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
         ready = kv.is_resident(skills) or kv.compiler.stored(skills)  # the exact chain: resident or stored
+        asked = mode
         mode, repair, reason = kv.composer.choose(mode, skills, ready, repair)
         kv.warm_pins()
         runner = kv.runner
         if pieces is None:
             pieces = [p for _, p in kv.compiler.pieces(skills)] if skills else [kv.builder.preamble_ids()]
-        if mode == "full" or (not skills and not (ids is not None and runner.prefix_cache)):
+        approx = asked == "auto" and runner.prefix_cache and not runner.cache_exact
+        use_cache = ids is not None and (runner.cache_exact or approx)
+        if mode == "full" or (not skills and not use_cache):
             seq = runner.open(None)
             for p in pieces:  # from scratch, cut where exact mode's pieces are cut
                 runner.prefill([seq], [p])
@@ -71,28 +76,32 @@ class Prefixes:
         if ids is None:
             seq, info = kv.residency.open(skills, settle)
             return Opened(seq, skills, mode, reason, None, info)
-        seq, info = self._open_cached(skills, ids, sum(map(len, pieces)), settle)
+        seq, info = self._open_cached(skills, ids, sum(map(len, pieces)), settle, use_cache)
+        if approx and info["prefix_cache"]:
+            mode, reason = "cached", (f"auto: {info['prefix_cache']:,} tokens from the prefix cache, KV computed in "
+                                      f"other steps: not bit-identical to a full prefill here ({runner.cache_note})")
         return Opened(seq, skills, mode, reason, None, info)
 
-    def _open_cached(self, skills: list[Skill], ids: list[int], n: int, settle: bool) -> tuple[Seq, dict]:
-        """Exact mode over the prefix cache, or over the skills' chain made resident where the cache holds less
-        of it (`n` tokens)."""
+    def _open_cached(self, skills: list[Skill], ids: list[int], n: int, settle: bool,
+                     reuse: bool) -> tuple[Seq, dict]:
+        """Over the prefix cache (where `reuse`), or over the skills' chain made resident where the cache holds
+        less of it (`n` tokens)."""
         kv = self.kv
         runner, key = kv.runner, None
         info = {"cached": 0, "snapshot_load": 0.0, "tiers": ["l1"] * len(skills)}
         for attempt in (0, 1):
-            if skills and runner.cached_tokens(ids) < n:
+            if skills and (not reuse or runner.cached_tokens(ids) < n):
                 key, info = kv.compiler.keys(skills)[-1], kv.residency.make_resident(skills, settle=settle)
             try:
-                seq, reuse = runner.open_cached(ids, key, n)
+                seq, got = runner.open_cached(ids, key, n, reuse)
                 break
             except SnapshotError as e:  # its page-in failed already: never served, recomputed
                 if attempt:
                     raise
                 kv.residency.damaged(e, skills)
         skill_kv = info["cached"] if key is not None else 0
-        return seq, {**info, "prefix_cache": reuse["prefix_cache"], "skill_kv": skill_kv,
-                     "cached": reuse["prefix_cache"] + skill_kv}
+        return seq, {**info, "prefix_cache": got["prefix_cache"], "skill_kv": skill_kv,
+                     "cached": got["prefix_cache"] + skill_kv}
 
     def open_request(self, req) -> None:
         """The loop's admission (sched/loop.py): open `req`'s prefix, say where its reused tokens came from, and

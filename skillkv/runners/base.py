@@ -139,13 +139,15 @@ class Runner(ABC):
         until `release`; the sequence never writes the prefix's rows (it appends after them: in its own copy or
         pages, or in free slots of the prefix's storage that no other sequence uses meanwhile)."""
 
-    def open_cached(self, ids: list[int], key: str | None = None, key_tokens: int = 0) -> tuple[Seq, dict]:
-        """A sequence continuing the longest prefix of the prompt `ids` whose exact KV the runner holds: full pages
-        of earlier prompts and answers (its prefix cache, where `prefix_cache` is set), or the resident entry `key`
-        whose tokens are ids[:key_tokens] (a skill chain), whichever covers more. The caller prefills
+    def open_cached(self, ids: list[int], key: str | None = None, key_tokens: int = 0,
+                    reuse: bool = True) -> tuple[Seq, dict]:
+        """A sequence continuing the longest prefix of the prompt `ids` whose KV the runner holds: full pages of
+        earlier prompts and answers (its prefix cache, where `prefix_cache` is set and `reuse`), or the resident
+        entry `key` whose tokens are ids[:key_tokens] (a skill chain), whichever covers more. The caller prefills
         ids[seq.length:]; the sequence's own full pages join the cache as they fill (prompt and answer tokens), so
-        the next turn of a conversation finds them. Returns (seq, {"prefix_cache": tokens reused from the cache,
-        "skill_kv": tokens reused from the entry}). This default (no prefix cache): `open(key)`."""
+        the next turn of a conversation finds them. Cache pages are bit-identical to a full prefill only where
+        `cache_exact` (the runner is chunk-invariant). Returns (seq, {"prefix_cache": tokens reused from the
+        cache, "skill_kv": tokens reused from the entry}). This default (no prefix cache): `open(key)`."""
         seq = self.open(key)
         return seq, {"prefix_cache": 0, "skill_kv": seq.length}
 
@@ -191,7 +193,8 @@ class Runner(ABC):
     reads_in_place: bool = False  # `reserve` can hand out views of host-memory storage
     num_pages: int = 1 << 62  # pages sequences may hold in all (a runner without a fixed pool: no limit)
     batch_invariant: bool = False
-    prefix_cache: bool = False  # `open_cached` reuses earlier prompts' KV (exact: the runner is chunk-invariant)
+    prefix_cache: bool = False  # `open_cached` can reuse earlier prompts' KV
+    cache_exact: bool = False  # ... bit for bit what a full prefill computes (the runner is chunk-invariant)
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)

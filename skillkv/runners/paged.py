@@ -65,7 +65,13 @@ class PagedRunner(Runner):
         self.engine = PagedEngine(self.weights, budget_bytes or default_budget(self.device), attention=attention,
                                   page_size=page_size, cuda_graphs=cuda_graphs,
                                   row_block=8 if self.batch_invariant else 0, gemm=choice)
-        self.prefix_cache, self.cache_note = self._chunk_invariant()
+        # the prefix cache: serve's runner (batch invariance asked for or automatic) keeps one, exact where the
+        # runner is chunk-invariant; ask and compile keep none (one question per process)
+        self.prefix_cache = batch_invariant is not False
+        exact, why = self._chunk_invariant()
+        self.cache_exact = self.prefix_cache and exact
+        self.cache_note = ("off" if not self.prefix_cache else
+                           f"exact ({why})" if exact else f"approximate, used by auto mode only ({why})")
         self.reads_in_place = self.device.type == "cpu"  # the pool is host memory: snapshots land in it directly
         self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
         self.composer = PagedComposer(self.engine, self.weights.rotary, settle=self.settle)
@@ -82,13 +88,13 @@ class PagedRunner(Runner):
         backend checked on this machine (engine/block_attention.py). Returns (on, why)."""
         backend = self.engine.backend
         if not self.batch_invariant:
-            return False, "off: batch invariance is off"
+            return False, "batch invariance is off"
         if not isinstance(backend, TorchBackend):
-            return False, f"off: the {backend.name} attention is not chunk-invariant"
+            return False, f"the {backend.name} attention is not chunk-invariant"
         cfg = self.config
         why = chunk_invariance_fails(cfg.num_attention_heads, cfg.num_key_value_heads, self.engine.pool.head_dim,
                                      self.device)
-        return (False, f"off: {why}") if why else (True, "on: KV chunk-invariant (checked)")
+        return (False, why) if why else (True, "KV chunk-invariant, checked on this machine")
 
     @property
     def model(self):
@@ -202,16 +208,17 @@ class PagedRunner(Runner):
     def clear_cache(self) -> None:
         self.table.drop_cached()
 
-    def open_cached(self, ids: list[int], key: str | None = None, key_tokens: int = 0) -> tuple[Request, dict]:
+    def open_cached(self, ids: list[int], key: str | None = None, key_tokens: int = 0,
+                    reuse: bool = True) -> tuple[Request, dict]:
         self._failed(key)
-        cache = self.table.cache
-        hit = self.cached_tokens(ids)
+        cache, keep = self.table.cache, self.prefix_cache
+        hit = self.cached_tokens(ids) if reuse else 0
         cache.queries += len(ids)
         if key is not None and key_tokens > hit:
             req = self.engine.start(key, defer_copy=key in self._pending,
-                                    tokens=list(ids[:key_tokens]) if self.prefix_cache else None)
+                                    tokens=list(ids[:key_tokens]) if keep else None)
             return req, {"prefix_cache": 0, "skill_kv": key_tokens}
-        req = self.engine.start_cached(ids) if self.prefix_cache else self.engine.start(None)
+        req = self.engine.start_cached(ids) if keep and reuse else self.engine.start(None, tokens=[] if keep else None)
         cache.hits += req.length
         return req, {"prefix_cache": req.length, "skill_kv": 0}
 

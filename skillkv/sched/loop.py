@@ -37,7 +37,7 @@ class Loop:
         self.runner, self.opener, self.tokenizer = runner, opener, tokenizer
         self.stop_ids = set(stop_ids)
         self.on_damaged = on_damaged or (lambda e, req: None)
-        self.sched = Scheduler(max_batch, max_step_tokens, split=runner.prefix_cache, reserve=self._reserve)
+        self.sched = Scheduler(max_batch, max_step_tokens, split=runner.cache_exact, reserve=self._reserve)
         self.steps = 0
 
     # ------------------------------------------------------------------ requests

@@ -112,3 +112,17 @@ def test_ask_runs_on_the_loop(kv):
     f = kv.ask("What does B-17 mean?", ["beta-codes"], mode="full", params=SamplingParams(max_tokens=5))
     assert a.output_token_ids == f.output_token_ids and kv._loop.steps >= 2
     assert a.tokens["skill_kv"] + a.tokens["prefix_cache"] == a.tokens["cached"] > 0
+
+
+def test_where_the_cache_is_not_exact_only_auto_reuses_it_and_says_so(kv, monkeypatch):
+    """A GPU runner's FlashInfer / FA3 attention is not chunk-invariant: exact mode then never reads the cache;
+    auto does, and reports mode "cached" with the reason."""
+    monkeypatch.setattr(kv.runner, "cache_exact", False)
+    loop = kv.make_loop()
+    ids = _ids(11, 60)
+    loop.run(_req(kv, ids, "auto"))
+    again = ids + _ids(12, 5)
+    exact = loop.run(_req(kv, again, "exact"))
+    auto = loop.run(_req(kv, again, "auto"))
+    assert exact.reused["prefix_cache"] == 0 and exact.mode == "exact"
+    assert auto.reused["prefix_cache"] == 48 and auto.mode == "cached" and "not bit-identical" in auto.reason
