@@ -100,7 +100,7 @@ class SkillKV:
         if self._runner is None:
             verdicts = Verdicts.load(self.snapshots.dir)  # the machine's GEMM check, shared by every command
             self._runner = make_runner(self.engine, self.handle, self.kv_budget, self.batch_invariant,
-                                       self.attention, verdicts)
+                                       self.attention, verdicts, self.tiers.host.budget_bytes)
             verdicts.save()
         return self._runner
 

@@ -26,6 +26,7 @@ import torch
 from skillkv.engine.attention import SeqView, make_backend
 from skillkv.engine.cuda_graph import CudaGraphs, capturable
 from skillkv.engine.llama import LlamaRunner
+from skillkv.engine.page_spill import PageSpill
 from skillkv.engine.pool import KV, KVPool
 from skillkv.engine.prefix_cache import ROOT, chain_key
 from skillkv.engine.weights import as_weights
@@ -138,18 +139,46 @@ class PagedEngine:
             req.private.append(page)
         return req
 
-    def start_cached(self, ids: list[int]) -> Request:
+    def start_cached(self, ids: list[int], spill: PageSpill | None = None) -> Request:
         """A cacheable request over the longest run of full pages of `ids` the prefix cache holds (at most
-        len(ids) - 1 tokens: the last one is computed for its logits); the caller prefills ids[req.length:]."""
-        hits = self.table.cache.match(ids, len(ids) - 1)
+        len(ids) - 1 tokens: the last one is computed for its logits), continued from `spill` (pages evicted to
+        host memory, copied back into the pool); the caller prefills ids[req.length:]."""
+        table, ps = self.table, self.pool.page_size
+        hits = table.cache.match(ids, len(ids) - 1)
         entries = sorted({cp.entry for cp in hits if cp.entry is not None})
         for key in entries:
-            self.table.acquire(key)
+            table.acquire(key)
         for cp in hits:
-            self.table.hold(cp)
-        n = len(hits) * self.pool.page_size
+            table.hold(cp)
+        held = [cp for cp in hits if cp.entry is None]
+        parent = hits[-1].key if hits else ROOT
+        while spill is not None and spill.pages and (len(hits) + 1) * ps <= len(ids) - 1:
+            i = len(hits)
+            tokens = tuple(ids[i * ps:(i + 1) * ps])
+            back = spill.take(chain_key(parent, tokens), parent, tokens)
+            if back is None or not table.can_alloc(1):
+                break
+            (page,) = table.alloc(1)
+            self.pool.k[:, page].copy_(back.k, non_blocking=True)
+            self.pool.v[:, page].copy_(back.v, non_blocking=True)
+            cp = table.publish(page, back.key, parent, tokens, i)
+            if cp is None:  # the key is indexed already (a collision): not served
+                table.free_private([page])
+                break
+            hits.append(cp)
+            held.append(cp)
+            parent = cp.key
+        n = len(hits) * ps
         return Request(None, 0, [cp.page for cp in hits], length=n, tokens=list(ids[:n]), keys=entries,
-                       chain=[cp.key for cp in hits], held=[cp for cp in hits if cp.entry is None])
+                       chain=[cp.key for cp in hits], held=held)
+
+    def spill_to(self, spill: PageSpill) -> None:
+        """Copy every cached page the table evicts for room to host memory in `spill` first."""
+        def keep(cp) -> None:
+            k = self.pool.k[:, cp.page].to("cpu", copy=True)
+            v = self.pool.v[:, cp.page].to("cpu", copy=True)
+            spill.put(cp.key, cp.parent, cp.tokens, k, v)
+        self.table.on_evict = keep
 
     def _publish(self, req: Request) -> None:
         """Index the request's newly filled full pages (module docstring of engine/prefix_cache.py)."""

@@ -56,6 +56,7 @@ class PageTable:
     private: set = field(default_factory=set)
     evictions: int = 0
     tick: int = 0
+    on_evict: object = None  # called with each cached page evicted for room, before its page is reused (spill)
 
     def __post_init__(self):
         self.cache = PrefixCache(self.page_size)
@@ -115,6 +116,8 @@ class PageTable:
             if isinstance(v, Resident):
                 self.evict(v.key)
             else:
+                if self.on_evict is not None:
+                    self.on_evict(v)
                 self.cache.drop(v)
                 self._give((v.page,))
                 self.evictions += 1

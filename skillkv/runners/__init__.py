@@ -42,18 +42,19 @@ def resolve_engine(name: str, handle: ModelHandle) -> str:
 
 
 def make_runner(name: str, model, kv_budget: int | None = None, batch_invariant: bool | None = False,
-                attention: str = "auto", verdicts=None) -> Runner:
+                attention: str = "auto", verdicts=None, spill_bytes: int = 0) -> Runner:
     """The runner `name` (already resolved: hf | paged) over `model`: a ModelHandle (the paged runner reads its
     weights with safetensors, the hf runner loads the transformers model) or a loaded transformers model.
     `batch_invariant`: True required, None where it holds, False off (runners/paged.py); `verdicts`: the cache of
-    the paged runner's GEMM check (skillkv/verdicts.py)."""
+    the paged runner's GEMM check (skillkv/verdicts.py); `spill_bytes`: host memory for prefix-cache pages
+    evicted from the pool."""
     if name == "paged":
         from skillkv.engine.weights import LlamaWeights
         from skillkv.runners.paged import PagedRunner
 
         weights = LlamaWeights.from_handle(model) if isinstance(model, ModelHandle) else model
         return PagedRunner(weights, kv_budget, attention=attention, batch_invariant=batch_invariant,
-                           verdicts=verdicts)
+                           verdicts=verdicts, spill_bytes=spill_bytes)
     from skillkv.runners.hf import HFRunner
 
     return HFRunner(model.load() if isinstance(model, ModelHandle) else model, kv_budget)

@@ -29,6 +29,7 @@ from skillkv.engine.page_in import PageIn
 from skillkv.engine.attention import TorchBackend
 from skillkv.engine.block_attention import chunk_invariance_fails
 from skillkv.engine.llama import gemm_for
+from skillkv.engine.page_spill import PageSpill
 from skillkv.engine.paged import PagedEngine, Request
 from skillkv.engine.placed import PagedComposer, placed_source
 from skillkv.engine.weights import as_weights
@@ -51,10 +52,11 @@ class PagedRunner(Runner):
 
     def __init__(self, model, budget_bytes: int | None = None, attention: str = "auto",
                  batch_invariant: bool | None = False, page_size: int = 16, cuda_graphs: bool = True,
-                 gemm: str = "auto", verdicts=None):
+                 gemm: str = "auto", verdicts=None, spill_bytes: int = 0):
         """`batch_invariant`: True requires it (SkillkvError with the reason where no GEMM of this machine holds
         it), None turns it on where it holds, False off. `verdicts`: the persistent cache of the GEMM check
-        (engine/invariance.py)."""
+        (engine/invariance.py); `spill_bytes`: host memory for prefix-cache pages evicted from the pool
+        (engine/page_spill.py; 0: none)."""
         self.weights = as_weights(model)
         self.config, self.device = self.weights.config, self.weights.device
         choice = gemm_for(self.weights, gemm, verdicts)
@@ -72,6 +74,9 @@ class PagedRunner(Runner):
         self.cache_exact = self.prefix_cache and exact
         self.cache_note = ("off" if not self.prefix_cache else
                            f"exact ({why})" if exact else f"approximate, used by auto mode only ({why})")
+        self.spill = PageSpill(spill_bytes) if self.prefix_cache and spill_bytes > 0 else None
+        if self.spill is not None:
+            self.engine.spill_to(self.spill)
         self.reads_in_place = self.device.type == "cpu"  # the pool is host memory: snapshots land in it directly
         self.page_size, self.num_pages = self.engine.pool.page_size, self.engine.pool.num_pages
         self.composer = PagedComposer(self.engine, self.weights.rotary, settle=self.settle)
@@ -207,6 +212,8 @@ class PagedRunner(Runner):
 
     def clear_cache(self) -> None:
         self.table.drop_cached()
+        if self.spill is not None:
+            self.spill.clear()
 
     def open_cached(self, ids: list[int], key: str | None = None, key_tokens: int = 0,
                     reuse: bool = True) -> tuple[Request, dict]:
@@ -218,7 +225,10 @@ class PagedRunner(Runner):
             req = self.engine.start(key, defer_copy=key in self._pending,
                                     tokens=list(ids[:key_tokens]) if keep else None)
             return req, {"prefix_cache": 0, "skill_kv": key_tokens}
-        req = self.engine.start_cached(ids) if keep and reuse else self.engine.start(None, tokens=[] if keep else None)
+        if keep and reuse:
+            req = self.engine.start_cached(ids, self.spill)
+        else:
+            req = self.engine.start(None, tokens=[] if keep else None)
         cache.hits += req.length
         return req, {"prefix_cache": req.length, "skill_kv": 0}
 
@@ -280,7 +290,9 @@ class PagedRunner(Runner):
                 "bytes": self.engine.pool.nbytes, "attention": self.engine.backend.name,
                 "gemm": self.engine.runner.gemm.label, "batch_invariant": self.batch_invariant,
                 "invariance": self.invariance, "prefix_cache": self.cache_note, "cached_pages": len(t.cache),
-                "cache_queries": t.cache.queries, "cache_hits": t.cache.hits}
+                "cache_queries": t.cache.queries, "cache_hits": t.cache.hits,
+                "spilled_pages": len(self.spill.pages) if self.spill else 0,
+                "restored_pages": self.spill.restored if self.spill else 0}
 
     def close(self) -> None:
         for p in list(self._pending.values()):

@@ -24,12 +24,13 @@ def tiny_weights():
     return as_weights(resolve_model("dummy:tiny", device="cpu").load())
 
 
-def _runner(weights, pages=200):
+def _runner(weights, pages=200, spill_pages=0):
     from skillkv.runners.paged import PagedRunner
 
     page_bytes = 2 * weights.config.num_hidden_layers * PS * weights.config.num_key_value_heads * \
         weights.config.head_dim * 4
-    r = PagedRunner(weights, (pages + 1) * page_bytes, attention="torch", batch_invariant=True, page_size=PS)
+    r = PagedRunner(weights, (pages + 1) * page_bytes, attention="torch", batch_invariant=True, page_size=PS,
+                    spill_bytes=spill_pages * page_bytes)
     assert r.prefix_cache, r.cache_note
     return r
 
@@ -184,4 +185,23 @@ def test_a_skill_entry_joins_the_index_and_its_eviction_drops_it(tiny_weights):
     r.release(seq)
     r.retire(lambda key: False)
     assert not any(cp.entry for cp in r.table.cache.index.values())
+    r.table.check()
+
+
+def test_pages_evicted_to_host_memory_come_back_bit_for_bit(tiny_weights):
+    """With a spill budget, cached pages evicted for room are kept in host memory and copied back into the pool
+    when a prompt needs them again: the conversation is served as if they had never left."""
+    r = _runner(tiny_weights, pages=24, spill_pages=40)
+    rng = random.Random(5)
+    conv = [rng.randrange(3, 250) for _ in range(40)]
+    answer, _, _ = _turn(r, conv, 4, rng)  # 11 full pages of prompt and answer cached
+    for _ in range(3):  # other conversations fill the pool: the first one's pages are evicted to host memory
+        _turn(r, [rng.randrange(3, 250) for _ in range(60)], 0, rng)
+    assert r.table.cache.match(conv, 40) == [] and r.usage()["spilled_pages"] >= 10
+    nxt = conv + answer + [7, 8, 9]
+    _, first, reused = _turn(r, nxt, 2, rng)
+    assert reused == 44 and r.usage()["restored_pages"] >= 10  # the prompt and the 4 answer tokens fed back
+    assert torch.equal(first, _full(r, nxt))
+    r.clear_cache()
+    assert r.usage()["spilled_pages"] == 0 and len(r.table.cache) == 0
     r.table.check()
