@@ -1,15 +1,23 @@
 """Request and response shapes of the OpenAI-compatible API (chat completions), and its error shape.
 
 Requests are validated by pydantic; anything the server cannot honour is refused with a 400, never silently
-ignored when it would change the answer (n > 1, logprobs, tools). Unknown fields are accepted and ignored, as
-OpenAI-compatible servers do (clients send `user`, `presence_penalty`, ... routinely).
+ignored when it would change the answer (n > 1, logprobs, tool_choice "required" or a named function, non-text
+content parts). Unknown fields are accepted and ignored, as OpenAI-compatible servers do (clients send `user`,
+`presence_penalty`, ... routinely).
+
+Tools (OpenAI's chat-completions shapes): `tools` = [{"type": "function", "function": {name, description,
+parameters}}] (other tool types, e.g. Codex's `web_search`, are accepted and left out of the prompt), `tool_choice`
+"auto" | "none", `parallel_tool_calls`; assistant messages may carry `tool_calls` = [{id, type: "function",
+function: {name, arguments: JSON string}}] with `content` null or absent; `tool` messages carry `tool_call_id` (and
+optionally `name`). How they enter the prompt: skillkv/serve/render.py.
 
 skillkv extensions
-  request   `skills: [name, ...]`  use these skills in this order ([] = none); omitted: chosen from the messages
+  request   `skills: [name, ...]`  use these skills in this order ([] = none); omitted: serve/injection.py decides
             `mode: auto | exact | full | compose`  as `skillkv ask --mode` (default auto)
   response  `usage.prompt_tokens_details.cached_tokens` (as OpenAI) and `usage.skillkv` = {cached_tokens,
-            computed_tokens}; a top-level `skillkv` object: skills, mode, tiers (l1 | host | l2 | computed, where
-            each skill's KV came from), output_token_ids, timings_ms (queue, ttft, total; measured in the server)
+            computed_tokens}; a top-level `skillkv` object: skills, injection (why skills were or were not
+            injected), mode, tiers (l1 | host | l2 | computed, where each skill's KV came from), output_token_ids,
+            timings_ms (queue, ttft, total; measured in the server)
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import time
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ApiError(Exception):
@@ -59,10 +67,55 @@ class TextPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: Union[str, dict] = "{}"  # OpenAI sends a JSON string; an object is accepted as well
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+
+
+class Tool(BaseModel):
+    """A declared tool; only `function` tools reach the prompt (others are accepted and left out)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    function: Optional[FunctionDef] = None
+
+    @model_validator(mode="after")
+    def _function(self):
+        if self.type == "function" and self.function is None:
+            raise ValueError("a function tool needs a `function` object")
+        return self
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant only
+    tool_call_id: Optional[str] = None  # tool only (required there)
+    name: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _roles(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls are only valid on assistant messages, not {self.role}")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     @property
     def text(self) -> str:
@@ -97,7 +150,9 @@ class ChatRequest(BaseModel):
     n: int = 1
     stop: Union[str, list[str], None] = None
     logprobs: Optional[bool] = None
-    tools: Optional[list] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[str, dict, None] = None  # "auto" | "none" ("required" and a named function: refused)
+    parallel_tool_calls: Optional[bool] = None
     skills: Optional[list[str]] = None  # skillkv extension: these skills, in this order
     mode: Literal["auto", "exact", "full", "compose"] = "auto"  # skillkv extension: as `skillkv ask --mode`
 
@@ -110,14 +165,25 @@ class ChatRequest(BaseModel):
             raise ValueError("stop: at most 4 non-empty strings")
         return v
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v):
+        if isinstance(v, str) and v not in ("auto", "none", "required"):
+            raise ValueError(f"tool_choice must be 'auto', 'none', 'required' or a function, not {v!r}")
+        if isinstance(v, dict) and (v.get("type") != "function" or not (v.get("function") or {}).get("name")):
+            raise ValueError('a named tool_choice is {"type": "function", "function": {"name": ...}}')
+        return v
+
     def check(self) -> None:
         """Refuse what the server cannot honour (ApiError 400)."""
         if self.n != 1:
             raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
         if self.logprobs:
             raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
-        if self.tools:
-            raise ApiError(400, "tools are not supported", param="tools", code="unsupported_parameter")
+        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
+            raise ApiError(400, "tool_choice 'required' or a named function needs constrained tool calls, which are "
+                           "not supported yet (use 'auto' or 'none')", param="tool_choice",
+                           code="unsupported_parameter")
 
     @property
     def answer_limit(self) -> int | None:

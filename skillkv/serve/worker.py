@@ -23,12 +23,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from skillkv.errors import PromptTooLong, SkillError, SkillkvError
+from skillkv.errors import PromptTooLong, SkillkvError
 from skillkv.generate import SamplingParams
 from skillkv.sched.loop import Loop
 from skillkv.sched.request import Req
-from skillkv.serve.messages import question_ids
 from skillkv.serve.protocol import ApiError, ChatRequest, api_error, usage
+from skillkv.serve.render import render
 
 CHANGES = {"compiled", "recompiled", "deleted", "renamed"}
 
@@ -184,20 +184,15 @@ class Worker:
             if b.model not in (self.model_name, "default", "skillkv"):
                 raise ApiError(404, f"model {b.model!r} not found; this server serves {self.model_name!r}",
                                "not_found_error", "model", "model_not_found")
-            q_ids, select_on = question_ids(kv.builder, b.messages, kv.handle.max_context)
-            if b.skills is not None:
-                try:
-                    chosen = kv.pick(b.skills)
-                except SkillError as e:
-                    raise ApiError(400, str(e), param="skills", code="skill_not_found") from None
-            else:
-                chosen = kv.select(select_on)
+            rd = render(kv, b)  # the conversation as the template renders it; skills injected or not (why)
+            chosen, q_ids, select_on = rd.skills, rd.ids, rd.select_on
             params = SamplingParams(max_tokens=b.answer_limit or self.default_max_tokens,
                                     temperature=b.temperature or 0.0, top_p=b.top_p if b.top_p is not None else 1.0,
                                     seed=b.seed if b.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4],
                                                                                           "little"))
             try:
-                req = kv.request(chosen, q_ids, params, b.mode, stop=b.stop or [], emit=lambda ev: self._event(job, ev))
+                req = kv.request(chosen, q_ids, params, b.mode, stop=b.stop or [], preamble=bool(chosen),
+                                 emit=lambda ev: self._event(job, ev))
                 if b.answer_limit:
                     kv.check_fits(len(req.ids), b.answer_limit, len(q_ids))
             except PromptTooLong as e:
@@ -213,7 +208,7 @@ class Worker:
         except SkillkvError as e:
             job.emit(("error", ApiError(400, str(e))))
             return
-        req.data, req.select_on, job.req = job, select_on, req
+        req.data, req.select_on, req.injection, job.req = job, select_on, rd.injection, req
         self.loop.add(req)
         job.emit(("accepted", {"prompt_tokens": len(req.ids), "skills": [s.name for s in chosen]}))
 
@@ -229,7 +224,7 @@ class Worker:
 
     def _complete(self, job: Job, req: Req) -> None:
         self.served += 1
-        ext = {"skills": [x.name for x in req.skills], "mode": req.mode, "tiers": req.tiers,
+        ext = {"skills": [x.name for x in req.skills], "injection": req.injection, "mode": req.mode, "tiers": req.tiers,
                "tokens": req.tokens, "output_token_ids": list(req.output), "timings_ms": req.timings_ms()}
         try:  # queued before the answer is out, so a /stats after it waits for this record
             self._stats.submit(self._record, req)

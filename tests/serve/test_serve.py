@@ -96,10 +96,13 @@ def test_usage_reports_cached_and_computed_tokens(tiny_server):
     t = r["skillkv"]["tokens"]  # where the prompt's KV came from
     assert t["skill_kv"] + t["prefix_cache"] == u["skillkv"]["cached_tokens"] and t["computed"] == u["skillkv"][
         "computed_tokens"]
-    code, r = post(tiny_server.url, chat("What does code B-17 mean?", [], max_tokens=3))
+    ask = chat("What does code B-17 mean, and B-42? Say which is worse for a database on a full disk.", [],
+               max_tokens=3)
+    code, r = post(tiny_server.url, ask)
     assert code == 200 and r["skillkv"]["skills"] == [] and r["skillkv"]["tokens"]["skill_kv"] == 0
-    # no skill, but the preamble's full pages are in the prefix cache (published by the skill's requests)
-    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == r["skillkv"]["tokens"]["prefix_cache"] > 0
+    code, again = post(tiny_server.url, ask)  # no skill: the conversation itself, its full pages now cached
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["skillkv"]["tokens"]["prefix_cache"]
+    assert again["skillkv"]["tokens"]["prefix_cache"] == (r["usage"]["prompt_tokens"] - 1) // 16 * 16 > 0
 
 
 @pytest.mark.parametrize("body,raw,status,param,code", [
@@ -115,6 +118,14 @@ def test_usage_reports_cached_and_computed_tokens(tiny_server):
     (chat("x " * 3000, max_tokens=2000), None, 400, "messages", "context_length_exceeded"),
     ({"model": "default", "messages": [{"role": "system", "content": "only system"}]}, None, 400, "messages",
      "no_user_message"),
+    (chat("hi", tool_choice="required"), None, 400, "tool_choice", "unsupported_parameter"),
+    (chat("hi", tool_choice={"type": "function", "function": {"name": "f"}}), None, 400, "tool_choice",
+     "unsupported_parameter"),
+    (chat("hi", tool_choice="sometimes"), None, 400, "tool_choice", "invalid_request"),
+    ({"model": "default", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}, None,
+     400, "messages", "invalid_request"),
+    (chat("hi", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), None,
+     400, "messages", "unsupported_content"),
 ])
 def test_errors_have_the_openai_shape(tiny_server, body, raw, status, param, code):
     got, r = post(tiny_server.url, body, raw=raw)
@@ -124,6 +135,33 @@ def test_errors_have_the_openai_shape(tiny_server, body, raw, status, param, cod
     assert r["error"]["code"] == code
     if param:
         assert (r["error"]["param"] or "").startswith(param)
+
+
+AGENT_TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}, {"type": "web_search"}]
+
+
+def test_agent_turns_with_tools_are_answered_and_extend_the_prompt(tiny_server):
+    """An agent's request (tools, tool calls, tool results last) is answered with nothing injected; each turn's
+    prompt is longer than the last by the new messages and reuses it from the prefix cache; a plain client still
+    gets its skill injected."""
+    msgs = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "What is code B-17?"}]
+    prompts = []
+    for i in range(3):
+        code, r = post(tiny_server.url, {"model": "default", "messages": msgs, "tools": AGENT_TOOLS, "max_tokens": 3,
+                                         "tool_choice": "auto", "parallel_tool_calls": False})
+        assert code == 200, r
+        assert r["skillkv"]["skills"] == [] and "declares tools" in r["skillkv"]["injection"]
+        if prompts:  # every full page of the last turn's prompt is reused (its answer was not resent)
+            assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= prompts[-1] // 16 * 16
+        prompts.append(r["usage"]["prompt_tokens"])
+        msgs = msgs + [{"role": "assistant", "content": None, "tool_calls": [{"id": f"c{i}", "type": "function",
+                        "function": {"name": "read_file", "arguments": json.dumps({"path": f"f{i}.txt"})}}]},
+                       {"role": "tool", "tool_call_id": f"c{i}", "content": f"Code B-17 means the disk is full ({i})."}]
+    assert prompts[0] < prompts[1] < prompts[2]
+    code, r = post(tiny_server.url, chat("What does code B-17 mean?"))
+    assert code == 200 and r["skillkv"]["skills"] == ["beta-codes"]
+    assert r["skillkv"]["injection"] == "chosen from the first user message"
 
 
 def test_unknown_route_and_method(tiny_server):
@@ -366,9 +404,9 @@ def test_openai_client_end_to_end_on_the_real_model(real_server, real_kv):
     assert "".join(parts) == ref.answer and usage.completion_tokens == r.usage.completion_tokens
     multi = client.chat.completions.create(model=model, max_tokens=8, messages=[
         {"role": "system", "content": "You answer in one short sentence."},
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": q}])
-    assert multi.choices[0].message.content and multi.model_extra["skillkv"]["skills"]
+        {"role": "user", "content": q}, {"role": "assistant", "content": "About 50 characters."},
+        {"role": "user", "content": "Hi, and what about the body?"}])
+    assert multi.choices[0].message.content and multi.model_extra["skillkv"]["skills"]  # from the first question
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""skillkv serve, piece by piece: batch invariance of the engine, the prompt mapping, stop strings (the scheduler
-and the loop: tests/sched/)."""
+"""skillkv serve, piece by piece: batch invariance of the engine, stop strings (the scheduler and the loop:
+tests/sched/; the prompt mapping: test_render.py)."""
 
 from __future__ import annotations
 
@@ -58,25 +58,6 @@ def test_plain_engine_still_matches_within_tolerance(tiny_model):
     ids = list(range(3, 30))
     a, b = eng.start(None), inv.start(None)
     torch.testing.assert_close(eng.prefill([a], [ids]), inv.prefill([b], [ids]), rtol=1e-4, atol=1e-4)
-
-
-def test_single_user_message_maps_to_the_ask_prompt(tiny_kv):
-    from skillkv.serve.messages import question_ids, question_text
-    from skillkv.serve.protocol import ApiError, Message
-
-    b = tiny_kv.builder
-    q = "What does code B-17 mean?"
-    ids, sel = question_ids(b, [Message(role="user", content=q)])
-    assert ids == b.question_ids(q) and sel == q
-    text, sel = question_text(b, [Message(role="system", content="Answer in French."),
-                                  Message(role="user", content="first"),
-                                  Message(role="assistant", content="premier"),
-                                  Message(role="user", content=[{"type": "text", "text": "second"}])])
-    assert sel == "second"
-    assert text.startswith("Answer in French.") and text.index("first") < text.index("premier") < text.index("second")
-    assert text.endswith(b.tail)
-    with pytest.raises(ApiError):
-        question_text(b, [Message(role="system", content="only a system message")])
 
 
 def test_stop_strings_hold_back_and_cut():
