@@ -3,7 +3,7 @@
 It measures in a temporary store of its own (a fresh compile is one of the numbers), so it takes no --store.
 With --agent it runs the agent-trace benchmark instead (skillkv.measure.agent_bench): multi-turn agent conversations
 against skillkv serve, the same server in `mode: full`, and llama.cpp's server, side by side; the options marked
-"(--agent)" belong to it (and its --store / --skills are the server's).
+"(--agent)" belong to it (--skills: the catalog and bodies of the traces and the in-process server's skills).
 """
 
 from __future__ import annotations
@@ -21,14 +21,26 @@ from skillkv.cli.common import DeviceOpt, JsonOpt, ModelOpt, check_device, err, 
 from skillkv.errors import SkillkvError
 
 
+def _command(quick: bool, model: Optional[str], gguf: Optional[Path], given: dict) -> str:
+    """The command that measures the same thing again (where the output goes and the note left out)."""
+    keep = ["--conversations", "--turns", "--seed", "--scale", "--context", "--no-tools", "--concurrent",
+            "--no-llamacpp", "--skills"]
+    words = ["skillkv", "bench", "--agent"] + (["--quick"] if quick else []) + \
+        (["--model", model] if model else []) + (["--gguf", str(gguf)] if gguf else [])
+    for k in keep:
+        v = given[k]
+        words += [] if v is None else [k] if v is True else [k, str(v)]
+    return shlex.join(words)
+
+
 @app.command("bench")
 def bench_cmd(
     model: Optional[str] = ModelOpt,
     out: Path = typer.Option(Path("bench_out"), "--out", metavar="DIR", help="Folder for the JSON results."),
     quick: bool = typer.Option(False, "--quick", help="Fewer repetitions (smoke test); --agent: 6 turns."),
     device: Optional[str] = DeviceOpt,
-    agent: bool = typer.Option(False, "--agent", help="The agent-trace benchmark (issue 22) instead."),
-    url: Optional[str] = typer.Option(None, "--url", help="(--agent) A running skillkv server (default: start one "
+    agent: bool = typer.Option(False, "--agent", help="Agent conversations against skillkv serve, mode full and llama.cpp (issue 22) instead."),
+    url: Optional[str] = typer.Option(None, "--url", metavar="URL", help="(--agent) A running skillkv server (default: start one "
                                       "in-process).", show_default=False),
     conversations: Optional[int] = typer.Option(None, "--conversations", min=1, max=64,
                                                 help="(--agent) Conversations, default 4.", show_default=False),
@@ -47,8 +59,8 @@ def bench_cmd(
     no_llamacpp: bool = typer.Option(False, "--no-llamacpp", help="(--agent) Leave the llama.cpp column out."),
     gguf: Optional[Path] = typer.Option(None, "--gguf", metavar="FILE", help="(--agent) The GGUF llama.cpp "
                                         "serves (default: the default model's).", show_default=False),
-    skills: Optional[Path] = typer.Option(None, "--skills", metavar="DIR", help="(--agent) Skills folder.",
-                                          show_default=False),
+    skills: Optional[Path] = typer.Option(None, "--skills", metavar="DIR", help="(--agent) Skills folder (the "
+                                          "catalog and the bodies the traces bring).", show_default=False),
     store: Optional[Path] = typer.Option(None, "--store", metavar="DIR", help="(--agent) Snapshot store.",
                                          show_default=False),
     timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="(--agent) Seconds per column, default "
@@ -78,27 +90,31 @@ def bench_cmd(
             r = run_bench(model=model, out=out, quick=quick, device=device)
         print_json(r)
         return
-    if url is not None and any(v is not None for v in (model, skills, store, device)):
-        raise SkillkvError("--url measures a running server; --model/--skills/--store/--device configure an "
-                           "in-process one")
+    if url is not None and (store is not None or device is not None):
+        raise SkillkvError("--url measures a running server; --store/--device configure an in-process one (--model "
+                           "and --skills still say what the traces are made of)")
     if gguf is not None and not gguf.is_file():
         raise SkillkvError(f"--gguf {gguf}: no such file")
     from skillkv.cli.common import check_store
     from skillkv.measure.agent_bench import run
 
     check_store(store)
-    log = (lambda s: err.print(s, markup=False, soft_wrap=True)) if as_json else print
+    log = lambda s: err.print(s, markup=False, soft_wrap=True)  # noqa: E731 - progress on stderr, as bench's
     try:
         r = run(url=url.rstrip("/") if url else None, model=model, skills=skills, store=store, device=device,
                 conversations=conversations or 4, turns=turns or (6 if quick else 20), seed=seed or 0,
                 scale=scale or 1.0, context=context, tools=not no_tools, concurrent=concurrent,
                 llamacpp=not no_llamacpp, gguf=gguf, timeout=timeout or 3600, out=out / "agent.json", doc=doc,
-                note=note or "", command="skillkv " + shlex.join(sys.argv[1:]), log=log)
+                note=note or "", command=_command(quick, model, gguf, given), log=log)
     except (TimeoutError, RuntimeError, OSError) as e:
         raise SkillkvError(f"agent benchmark failed: {e}") from None
+    from skillkv.measure.agent_report import markdown
+
     if as_json:
         print_json({k: v for k, v in r.items() if k != "columns"} | {"columns": {
             n: c["summary"] for n, c in r["columns"].items()}})
+    else:
+        print(markdown(r))
     failed = any(c["summary"]["errors"] for c in r["columns"].values())
     if failed or r["identical"]["mismatches"]:
         raise typer.Exit(1)

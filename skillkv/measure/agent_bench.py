@@ -15,8 +15,9 @@ Per column: one warm-up request, then the conversations, round-robin one request
 per conversation). Each request streams with `stream_options.include_usage`, greedy, `max_tokens` of its step; the
 answer text is appended verbatim as the assistant message, with the step's scripted tool calls. A failed request
 is recorded (skillkv.measure.agent_client) and ends its conversation (its later turns: not sent); a column stops
-sending at `timeout` seconds. Report (skillkv.measure.agent_report): JSON to `out`, Markdown to `doc` between
-<!-- agent:begin/end -->. The CLI exits 1 when a request failed or a skillkv answer differs from mode full's.
+sending at `timeout` seconds. Progress goes to `log`. Report (skillkv.measure.agent_report): the returned dict, JSON
+to `out`, Markdown to `doc` between <!-- agent:begin/end -->. The CLI exits 1 when a request failed or a skillkv
+answer differs from mode full's.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def drive(url: str, traces: list[Trace], tools: bool = True, extra: dict | None 
                 **WARMUP, **(extra or {})})
     c.close()
     if w.error and w.error.split(":")[0] in ("ConnectionRefusedError", "ConnectionError", "TimeoutError", "OSError"):
-        raise SkillkvError(f"{label or url}: cannot reach the server ({w.error})")
+        raise SkillkvError(f"{label or 'bench'}: cannot reach the server at {url} ({w.error})")
     deadline = time.monotonic() + timeout
     records: dict[tuple[int, int], dict] = {}
     lock = threading.Lock()
@@ -149,8 +150,8 @@ def run(url: str | None = None, model: str | None = None, skills: Path | None = 
     context = context or min(handle.max_context, round(8192 * scale))
     traces = make_traces(found, conversations, turns, seed, scale, context, count, with_tools=tools)
     mc = machine()
-    meta = {"date": mc["date"], "device": f"{mc['cpu']} ({mc['cores']} cores, load average {mc['load_average']} "
-            "at the start)", "skillkv": __version__, "torch": mc["torch"], "model": handle.name, "context": context,
+    meta = {"date": mc["date"], "device": f"{mc['cpu']} ({mc['cores']} cores)", "load_average": mc["load_average"],
+            "skillkv": __version__, "torch": mc["torch"], "model": handle.name, "context": context,
             "conversations": conversations, "turns": turns, "seed": seed, "scale": scale, "tools": tools,
             "concurrent": concurrent, "threads": threads, "note": note, "command": command, "url": url}
     rep = {"meta": meta, "columns": {}, "ratios": {}, "notes": [], "traces": [
@@ -187,6 +188,7 @@ def run(url: str | None = None, model: str | None = None, skills: Path | None = 
         with peer.LlamaCpp(file, context, slots=conversations, threads=threads) as p:
             meta["llamacpp"] = p.settings
             column("llama.cpp", p.url, {"cache_prompt": True})
+    meta["load_average_end"] = round(__import__("os").getloadavg()[0], 2)
     cols = rep["columns"]
     for other in ("skillkv-full", "llama.cpp"):
         if other in cols:
@@ -199,8 +201,6 @@ def run(url: str | None = None, model: str | None = None, skills: Path | None = 
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rep, indent=1))
-    md = markdown(rep)
-    log(md)
     if doc is not None:
-        update_doc(doc, "agent", md)
+        update_doc(doc, "agent", markdown(rep))
     return rep

@@ -115,8 +115,10 @@ def markdown(rep: dict) -> str:
     r = {k: rep["ratios"].get(f"skillkv_vs_{k}") for k, _ in vs}
     peer = (f" (llama.cpp: the same GGUF, {m.get('gguf')}, {m['threads']} threads, one slot of {m['context']:,} "
             "tokens per conversation, prompt cache on)") if "llama.cpp" in names else ""
-    lines = [f"Measured {m['date']} on {m['device']}; skillkv {m['skillkv']}, torch {m['torch']}; model {m['model']}"
-             f"{peer}. {m['conversations']} conversations x {m['turns']} turns, "
+    load = f", load average {m['load_average']} at the start" if m.get("load_average") is not None else ""
+    load += f", {m['load_average_end']} at the end" if m.get("load_average_end") is not None else ""
+    lines = [f"Measured {m['date']} on {m['device']}{load}; skillkv {m['skillkv']}, torch {m['torch']}; model "
+             f"{m['model']}{peer}. {m['conversations']} conversations x {m['turns']} turns, "
              f"{'concurrent (one thread each)' if m['concurrent'] else 'interleaved round-robin'}, "
              f"{'tools sent (OpenAI shapes)' if m['tools'] else 'no tools (tool calls flattened into the text)'}, "
              f"answers of 16-32 tokens, greedy; seed {m['seed']}, scale {m['scale']}, traces planned to fill 90% of "

@@ -166,35 +166,64 @@ def test_agent_bench_end_to_end_on_the_tiny_model(monkeypatch, capsys, tiny_skil
     assert "old" not in text and text.endswith("<!-- agent:end -->\ntail\n") and "| skillkv vs full |" in text
 
 
-def test_agent_bench_records_errors_without_crashing(tiny_skills, tmp_path):
-    """Every request refused (tools to a server that refuses them, as main did): recorded, the conversation ends."""
-    from skillkv.measure.agent_bench import drive
-    from skillkv.serve.server import ServeConfig, Server
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    from conftest import write_skill
 
-    traces = make_traces(__import__("skillkv.skills").skills.load_skills(tiny_skills).skills, 2, 4, scale=0.1,
-                         context=4096, with_tools=False)
-    srv = Server(ServeConfig(port=0, model="dummy:tiny", skills=tiny_skills, store=tmp_path / "s", device="cpu",
+    from skillkv.serve.server import ServeConfig, Server
+    from skillkv.skills import load_skills
+
+    root = tmp_path_factory.mktemp("agent-tiny")
+    write_skill(root / "skills", "alpha-tool", "Use when the user asks about the alpha tool and its flags.",
+                "The alpha tool takes --frobnicate and --level N. Level 7 is the default.\n" * 3)
+    write_skill(root / "skills", "beta-codes", "Use for beta error codes and what they mean.",
+                "Code B-17 means the disk is full. Code B-42 means a checksum mismatch.\n" * 4)
+    srv = Server(ServeConfig(port=0, model="dummy:tiny", skills=root / "skills", store=root / "store", device="cpu",
                              watch=False), log=lambda s: None, access=lambda e: None).start_background()
-    try:
-        recs, _ = drive(srv.url, traces, tools=True, extra={"n": 2}, log=lambda s: None)
-    finally:
-        srv.close()
+    srv.traces = make_traces(load_skills(root / "skills").skills, 3, 5, scale=0.1, context=4096, with_tools=False)
+    yield srv
+    srv.close()
+
+
+def test_agent_bench_records_errors_without_crashing(tiny_server):
+    """Every request refused (a field the server refuses, as main refuses tools): recorded, the conversation ends."""
+    from skillkv.measure.agent_bench import drive
+
+    recs, _ = drive(tiny_server.url, tiny_server.traces, tools=True, extra={"n": 2}, log=lambda s: None)
     assert [(x["turn"], x["sent"], bool(x["error"])) for x in recs if x["conversation"] == 0] == \
-        [(0, True, True), (1, False, False), (2, False, False), (3, False, False)]
+        [(0, True, True), (1, False, False), (2, False, False), (3, False, False), (4, False, False)]
     assert recs[0]["error"].startswith("HTTP 400")
     s = summarize(recs, 1.0)
-    assert (s["errors"], s["not_sent"], s["answered"]) == (2, 6, 0)
+    assert (s["errors"], s["not_sent"], s["answered"]) == (3, 12, 0)
+
+
+def test_concurrent_conversations_get_the_round_robin_answers(tiny_server):
+    """One thread per conversation (batched together by the server) or one request at a time: the same answers."""
+    from skillkv.measure.agent_bench import drive
+
+    rr, _ = drive(tiny_server.url, tiny_server.traces, tools=False, log=lambda s: None)
+    cc, wall = drive(tiny_server.url, tiny_server.traces, tools=False, concurrent=True, log=lambda s: None)
+    assert [(x["conversation"], x["turn"]) for x in cc] == [(x["conversation"], x["turn"]) for x in rr]
+    assert all(x["output_ids"] and not x["error"] for x in rr + cc)
+    assert identical(cc, rr)["mismatches"] == [] and summarize(cc, wall)["answered"] == 15
 
 
 @pytest.mark.parametrize("argv,needle", [
     (["bench", "--turns", "5"], "--turns belongs to the agent benchmark: add --agent"),
     (["bench", "--agent", "--gguf", "nope.gguf"], "--gguf nope.gguf: no such file"),
     (["bench", "--agent", "--url", "http://127.0.0.1:9", *TINY], "--url measures a running server"),
+    (["bench", "--agent", "--url", "http://127.0.0.1:9", "--model", "dummy:tiny", "--scale", "0.1", "--context",
+      "4096", "--quick", "--no-tools", "--no-llamacpp"],
+     "skillkv: cannot reach the server at http://127.0.0.1:9 (ConnectionRefusedError"),
+    (["bench", "--agent", "--model", "dummy:tiny", "--turns", "60", "--scale", "0.1", "--context", "4096"],
+     "60 turns do not fit 90% of a 4,096-token context"),
 ])
-def test_agent_bench_bad_input_is_one_line(monkeypatch, capsys, argv, needle):
-    code, out, err = run_cli(monkeypatch, capsys, *argv)
+def test_agent_bench_bad_input_is_one_line(monkeypatch, capsys, tiny_skills, argv, needle):
+    """A one-line error and exit code 2 (after the progress lines of what had started), never a traceback."""
+    code, out, err = run_cli(monkeypatch, capsys, *argv, *(["--skills", str(tiny_skills)] if "--model" in argv else []))
     assert code == 2 and out == ""
-    one_line_error(code, err, needle)
+    one_line_error(code, err.strip().splitlines()[-1], needle)
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
