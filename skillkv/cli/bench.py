@@ -39,9 +39,10 @@ def bench_cmd(
     out: Path = typer.Option(Path("bench_out"), "--out", metavar="DIR", help="Folder for the JSON results."),
     quick: bool = typer.Option(False, "--quick", help="Fewer repetitions (smoke test); --agent: 6 turns."),
     device: Optional[str] = DeviceOpt,
-    agent: bool = typer.Option(False, "--agent", help="Agent conversations against skillkv serve, mode full and llama.cpp (issue 22) instead."),
-    url: Optional[str] = typer.Option(None, "--url", metavar="URL", help="(--agent) A running skillkv server (default: start one "
-                                      "in-process).", show_default=False),
+    agent: bool = typer.Option(False, "--agent", help="Agent conversations against skillkv serve, mode full and "
+                               "llama.cpp (issue 22) instead."),
+    url: Optional[str] = typer.Option(None, "--url", metavar="URL", help="(--agent) A running skillkv server "
+                                      "(default: start one in-process).", show_default=False),
     conversations: Optional[int] = typer.Option(None, "--conversations", min=1, max=64,
                                                 help="(--agent) Conversations, default 4.", show_default=False),
     turns: Optional[int] = typer.Option(None, "--turns", min=4, max=200, help="(--agent) Requests per "
