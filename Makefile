@@ -18,7 +18,7 @@ EXPORT_READERS := lmcache==0.5.6 sglang==0.5.23 cachetools==8.0.2 sortedcontaine
 	caio==0.12.10 aiofiles==25.1.0 msgspec==0.22.0 pyzmq==27.3.0 cryptography==50.0.2 cffi==2.1.1 \
 	pycparser==3.12 cbor2==6.3.0
 
-.PHONY: install test test-fast demo bench eval eval-gemma serve loadtest clean-store faults
+.PHONY: install test test-fast demo bench bench-agent eval eval-gemma serve loadtest clean-store faults
 
 install: $(STAMP)
 
@@ -47,6 +47,15 @@ demo: install
 
 bench: install
 	$(BIN)/skillkv bench
+
+# Agent traffic (issue 22): 4 conversations x 20 turns with tools, tool results and a skill body, interleaved, against
+# skillkv serve, the same server in mode full, and llama.cpp's own server on the same GGUF (2 threads, prompt cache
+# on) -> docs/BENCHMARKS.md (agent section). xllamacpp is installed here for this benchmark only: it is never a
+# skillkv dependency (without it the llama.cpp column is left out). ARGS pass through, e.g. ARGS="--no-tools".
+XLLAMACPP := xllamacpp==2026.10.11549
+bench-agent: install
+	$(BIN)/python -c "import xllamacpp" 2>/dev/null || $(BIN)/python -m pip install -q $(XLLAMACPP)
+	$(BIN)/skillkv bench --agent --doc docs/BENCHMARKS.md $(ARGS)
 
 # Fidelity of every mode vs a full prefill on eval/compose -> docs/EVAL.md, docs/results/, and the record that
 # `skillkv ask --mode auto` follows for this model (about 20 minutes on 2 CPU cores).
