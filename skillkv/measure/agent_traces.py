@@ -23,8 +23,8 @@ Contract:
   - the last request is planned to fit `fill` of `context` with `max_tokens` to spare, the tools' JSON counted
     unless `with_tools` is False (they are not sent then);
   - `request_messages(..., tools=False)` is the shape for servers without tool support: assistant tool calls
-    flattened into the content as `<tool_call>{"name", "arguments"}</tool_call>`, tool messages without
-    `tool_call_id`; the default sends the OpenAI shapes (`tool_calls` with id / type / function.name /
+    flattened into the content as `<tool_call>{"name", "arguments"}</tool_call>`, tool results as user messages
+    `<tool_response>...</tool_response>` (as the generic tool format writes them); the default sends the OpenAI shapes (`tool_calls` with id / type / function.name /
     function.arguments as a JSON string, `tool` messages with `tool_call_id`).
 A trace that cannot fit raises SkillkvError (one line: fewer turns, a smaller scale or a larger context).
 """
@@ -227,5 +227,6 @@ def request_messages(trace: Trace, i: int, answers: list[str], tools: bool = Tru
         if j:
             msgs.append(assistant(answers[j - 1], trace.steps[j - 1].calls, tools))
         for m in st.new:
-            msgs.append(m if tools or m["role"] != "tool" else {"role": "tool", "content": m["content"]})
+            msgs.append(m if tools or m["role"] != "tool" else
+                        {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
     return msgs

@@ -70,6 +70,8 @@ class PagedRunner(Runner):
         # the prefix cache: serve's runner (batch invariance asked for or automatic) keeps one, exact where the
         # runner is chunk-invariant; ask and compile keep none (one question per process)
         self.prefix_cache = batch_invariant is not False
+        if isinstance(self.engine.backend, TorchBackend):  # decode tokens' KV is reused: computed in blocks too
+            self.engine.backend.invariant_decode = self.prefix_cache
         exact, why = self._chunk_invariant()
         self.cache_exact = self.prefix_cache and exact
         self.cache_note = ("off" if not self.prefix_cache else
