@@ -150,7 +150,12 @@ def run(url: str | None = None, model: str | None = None, skills: Path | None = 
     context = context or min(handle.max_context, round(8192 * scale))
     traces = make_traces(found, conversations, turns, seed, scale, context, count, with_tools=tools)
     mc = machine()
-    meta = {"date": mc["date"], "device": f"{mc['cpu']} ({mc['cores']} cores)", "load_average": mc["load_average"],
+    where = f"{mc['cpu']} ({mc['cores']} cores)"
+    if device and device.startswith("cuda"):
+        import torch
+
+        where = f"{torch.cuda.get_device_name(torch.device(device))} ({where})"
+    meta = {"date": mc["date"], "device": where, "load_average": mc["load_average"],
             "skillkv": __version__, "torch": mc["torch"], "model": handle.name, "context": context,
             "conversations": conversations, "turns": turns, "seed": seed, "scale": scale, "tools": tools,
             "concurrent": concurrent, "threads": threads, "note": note, "command": command, "url": url}

@@ -145,13 +145,16 @@ def test_reuse_is_read_from_each_servers_fields():
     assert reuse(None, None, None) == (None, None, None, "")
 
 
-def test_agent_bench_end_to_end_on_the_tiny_model(monkeypatch, capsys, tiny_skills, tmp_path):
+@pytest.mark.parametrize("tools", [False, True], ids=["no-tools", "tools"])
+def test_agent_bench_end_to_end_on_the_tiny_model(monkeypatch, capsys, tiny_skills, tmp_path, tools):
+    """Every shape of agent conversation, with and without tools: answered, every answer equal to mode full token
+    for token, and the prefix cache reusing the earlier turns."""
     doc = tmp_path / "BENCH.md"
     doc.write_text("# Benchmarks\n\n<!-- agent:begin -->\nold\n<!-- agent:end -->\ntail\n")
-    code, out, err = run_cli(monkeypatch, capsys, "bench", "--agent", "--quick", "--no-tools", *TINY, "--skills",
-                             str(tiny_skills), "--store", str(tmp_path / "store"), "--scale", "0.1", "--context",
-                             "4096", "--conversations", "3", "--out", str(tmp_path / "out"), "--doc", str(doc),
-                             "--json")
+    code, out, err = run_cli(monkeypatch, capsys, "bench", "--agent", "--quick", *([] if tools else ["--no-tools"]),
+                             *TINY, "--skills", str(tiny_skills), "--store", str(tmp_path / "store"), "--scale", "0.1",
+                             "--context", "4096", "--conversations", "3", "--out", str(tmp_path / "out"), "--doc",
+                             str(doc), "--json")
     assert code == 0, err
     r = json.loads(out)
     assert set(r["columns"]) == {"skillkv", "skillkv-full"} and "llama.cpp column left out" in r["notes"][0]
@@ -159,7 +162,9 @@ def test_agent_bench_end_to_end_on_the_tiny_model(monkeypatch, capsys, tiny_skil
         assert (s["requests"], s["answered"], s["errors"]) == (18, 18, 0), name
         assert s["ttft_ms"]["later"]["n"] == 12 and s["answers_per_s"] > 0
     assert r["columns"]["skillkv-full"]["reused_share_after_first"] == 0.0
+    assert r["columns"]["skillkv"]["reused_share_after_first"] > 0.8  # every earlier turn from the prefix cache
     assert r["identical"]["compared"] == 18 and r["identical"]["mismatches"] == []
+    assert {t["shape"] for t in r["traces"]} == {"tool", "shell", "user"}
     full = json.loads((tmp_path / "out" / "agent.json").read_text())
     assert all(x["output_ids"] and x["source"] for x in full["columns"]["skillkv"]["records"])
     text = doc.read_text()
