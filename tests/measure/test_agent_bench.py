@@ -149,12 +149,20 @@ def test_reuse_is_read_from_each_servers_fields():
 def test_agent_bench_end_to_end_on_the_tiny_model(monkeypatch, capsys, tiny_skills, tmp_path, tools):
     """Every shape of agent conversation, with and without tools: answered, every answer equal to mode full token
     for token, and the prefix cache reusing the earlier turns."""
+    from skillkv.model.presets import DUMMY_PRESETS
+
     doc = tmp_path / "BENCH.md"
     doc.write_text("# Benchmarks\n\n<!-- agent:begin -->\nold\n<!-- agent:end -->\ntail\n")
+    model = TINY  # the tiny model's byte tokenizer makes the tools' JSON ~4x longer: a context that holds them
+    if tools:
+        (tmp_path / "tiny16k").mkdir()
+        (tmp_path / "tiny16k" / "config.json").write_text(json.dumps({**DUMMY_PRESETS["tiny"],
+                                                                      "max_position_embeddings": 16384}))
+        model = ("--model", f"dummy:{tmp_path / 'tiny16k' / 'config.json'}", "--device", "cpu")
     code, out, err = run_cli(monkeypatch, capsys, "bench", "--agent", "--quick", *([] if tools else ["--no-tools"]),
-                             *TINY, "--skills", str(tiny_skills), "--store", str(tmp_path / "store"), "--scale", "0.1",
-                             "--context", "4096", "--conversations", "3", "--out", str(tmp_path / "out"), "--doc",
-                             str(doc), "--json")
+                             *model, "--skills", str(tiny_skills), "--store", str(tmp_path / "store"), "--scale", "0.1",
+                             "--context", "12000" if tools else "4096", "--conversations", "3", "--out",
+                             str(tmp_path / "out"), "--doc", str(doc), "--json")
     assert code == 0, err
     r = json.loads(out)
     assert set(r["columns"]) == {"skillkv", "skillkv-full"} and "llama.cpp column left out" in r["notes"][0]
