@@ -28,6 +28,9 @@ def serve_cmd(
     kv_budget: Optional[str] = typer.Option(None, "--gpu-kv-budget", "--kv-budget", metavar="SIZE", help="KV pool "
                                             "size, e.g. 2GiB (default: 2 GiB on the CPU, half the free GPU memory on "
                                             "CUDA).", show_default=False),
+    host_budget: Optional[str] = typer.Option(None, "--host-budget", metavar="SIZE", help="Host memory for the host "
+                                              "tier (snapshots) and for prefix-cache pages evicted from the KV pool, "
+                                              "each (default: 4 GiB on CUDA, none on the CPU).", show_default=False),
     pin: Optional[list[str]] = PinOpt,
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most requests decoded together."),
     max_step_tokens: int = typer.Option(4096, "--max-step-tokens", min=1, help="Prompt tokens admitted per step."),
@@ -55,7 +58,7 @@ def serve_cmd(
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise SkillkvError("skillkv serve needs FastAPI and uvicorn: pip install 'skillkv[serve]'")
-    budget, body = parse_bytes(kv_budget), parse_bytes(max_body)
+    budget, body, host = parse_bytes(kv_budget), parse_bytes(max_body), parse_bytes(host_budget, allow_zero=True)
     check_store(store)
     device = check_device(device)
     from skillkv.serve.server import ServeConfig, Server
@@ -63,7 +66,7 @@ def serve_cmd(
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"binding {host}: the server has no authentication")
     cfg = ServeConfig(host=host, port=port, model=model, skills=skills, store=store, device=device,
-                      kv_budget=budget, pins=pin or [], max_batch=max_batch, max_step_tokens=max_step_tokens,
+                      kv_budget=budget, host_budget=host, pins=pin or [], max_batch=max_batch, max_step_tokens=max_step_tokens,
                       attention=attention, batch_invariant=batch_invariant, watch=watch,
                       default_max_tokens=max_tokens, body_limit=body, follow_symlinks=follow_symlinks,
                       compose_neighbours=neighbours)
