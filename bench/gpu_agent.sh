@@ -10,7 +10,7 @@ site=${TMPDIR:-/tmp}/skillkv-site
 python3 -c "import fastapi, flashinfer" 2>/dev/null || PYTHONPATH=$site python3 -c "import fastapi, flashinfer" \
   2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
   .whl/*.whl .whl-serve/*.whl
-export PYTHONPATH=.:$site PYTHONUNBUFFERED=1
+export PYTHONPATH=.:$site PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.txt"
 python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'flashinfer', flashinfer.__version__)" \
   | tee -a "$out/env.txt"
@@ -27,5 +27,5 @@ bench() {  # NAME SECONDS ARGS...
 [[ $parts == *smoke* ]] && bench smoke 240 --conversations 4 --turns 4 --scale 0.5 --timeout 90
 # 32 conversations growing to ~20k tokens each hold more KV than an H100's pool: evicted pages spill to host memory
 [[ $parts == *agent* ]] && bench agent ${AGENT_S:-540} --conversations 32 --turns 8 --scale 3 --timeout 230 \
-  --host-budget 48GiB ${AGENT_ARGS:-}
+  --host-budget 48GiB --gpu-kv-budget ${KV:-26GiB} ${AGENT_ARGS:-}
 exit 0

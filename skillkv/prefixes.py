@@ -106,7 +106,7 @@ class Prefixes:
     def open_request(self, req) -> None:
         """The loop's admission (sched/loop.py): open `req`'s prefix, say where its reused tokens came from, and
         set what is left to compute (`req.pending`)."""
-        o = self.open(req.skills, req.mode, req.repair, settle=True, ids=req.ids, pieces=req.pieces)
+        o = self.open(req.skills, req.asked, req.repair, settle=True, ids=req.ids, pieces=req.pieces)
         req.seq, req.mode, req.reason, req.repair = o.seq, o.mode, o.reason, o.repair
         req.reused = {"prefix_cache": o.info.get("prefix_cache", 0),
                       "skill_kv": o.info.get("skill_kv", o.info["cached"])}

@@ -66,6 +66,8 @@ def bench_cmd(
                                          show_default=False),
     timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="(--agent) Seconds per column, default "
                                             "3600.", show_default=False),
+    kv_budget: Optional[str] = typer.Option(None, "--gpu-kv-budget", "--kv-budget", metavar="SIZE", help="(--agent) "
+                                            "The in-process server's KV pool (default: as serve).", show_default=False),
     host_budget: Optional[str] = typer.Option(None, "--host-budget", metavar="SIZE", help="(--agent) The in-process "
                                               "server's host memory for the host tier and the prefix cache's spill "
                                               "(default: as serve).", show_default=False),
@@ -80,7 +82,8 @@ def bench_cmd(
     given = {"--url": url, "--conversations": conversations, "--turns": turns, "--seed": seed, "--scale": scale,
              "--context": context, "--no-tools": no_tools or None, "--concurrent": concurrent or None,
              "--no-llamacpp": no_llamacpp or None, "--gguf": gguf, "--skills": skills, "--store": store,
-             "--timeout": timeout, "--doc": doc, "--note": note, "--host-budget": host_budget}
+             "--timeout": timeout, "--doc": doc, "--note": note, "--host-budget": host_budget,
+             "--gpu-kv-budget": kv_budget}
     if not agent:
         extra = [k for k, v in given.items() if v is not None]
         if extra:
@@ -110,7 +113,7 @@ def bench_cmd(
                 conversations=conversations or 4, turns=turns or (6 if quick else 20), seed=seed or 0,
                 scale=scale or 1.0, context=context, tools=not no_tools, concurrent=concurrent,
                 llamacpp=not no_llamacpp, gguf=gguf, timeout=timeout or 3600, out=out / "agent.json", doc=doc,
-                host_budget=parse_bytes(host_budget, allow_zero=True),
+                host_budget=parse_bytes(host_budget, allow_zero=True), kv_budget=parse_bytes(kv_budget),
                 note=note or "", command=_command(quick, model, gguf, given), log=log)
     except (TimeoutError, RuntimeError, OSError) as e:
         raise SkillkvError(f"agent benchmark failed: {e}") from None

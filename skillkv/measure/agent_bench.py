@@ -136,7 +136,7 @@ def run(url: str | None = None, model: str | None = None, skills: Path | None = 
         context: int | None = None, tools: bool = True, concurrent: bool = False, llamacpp: bool = True,
         gguf: Path | None = None, threads: int = 2, timeout: float = 3600, out: Path | None = None,
         doc: Path | None = None, note: str = "", command: str = "make bench-agent", log=print,
-        host_budget: int | None = None) -> dict:
+        host_budget: int | None = None, kv_budget: int | None = None) -> dict:
     from skillkv import __version__
     from skillkv.config import default_skills
     from skillkv.measure import llamacpp as peer
@@ -175,7 +175,8 @@ def run(url: str | None = None, model: str | None = None, skills: Path | None = 
             from skillkv.serve.server import ServeConfig, Server
 
             cfg = ServeConfig(port=0, model=model, skills=skills, store=store, device=device, watch=False,
-                              max_batch=max(8, conversations), host_budget=host_budget)
+                              max_batch=max(8, conversations), host_budget=host_budget,
+                              kv_budget=kv_budget)
             srv = Server(cfg, log=lambda s: log(f"server: {s}"), access=lambda e: None).start_background()
         column("skillkv", url or srv.url, {})
         column("skillkv-full", url or srv.url, {"mode": "full"})

@@ -38,6 +38,7 @@ class Req:
     skills: list = field(default_factory=list)  # Skill: the chain the prompt starts with ([] none)
     pieces: list[list[int]] = field(default_factory=list)  # ids[:skill_tokens] cut into the chain's pieces
     mode: str = "auto"  # asked for; once opened, the mode used (auto resolved)
+    asked: str = ""  # the mode asked for (set from `mode`): what a request opened again is opened in
     repair: object = None  # compose's repair setting (compose/repair.Repair), None: the measured default
     stop: list[str] = field(default_factory=list)  # stop strings
     emit: Callable[[tuple], None] = _ignore
@@ -67,6 +68,9 @@ class Req:
     t_start: float = 0.0  # opened
     t_first: float = 0.0  # first answer token chosen
     t_end: float = 0.0
+
+    def __post_init__(self):
+        self.asked = self.asked or self.mode
 
     @property
     def skill_tokens(self) -> int:

@@ -126,3 +126,6 @@ def test_where_the_cache_is_not_exact_only_auto_reuses_it_and_says_so(kv, monkey
     auto = loop.run(_req(kv, again, "auto"))
     assert exact.reused["prefix_cache"] == 0 and exact.mode == "exact"
     assert auto.reused["prefix_cache"] == 48 and auto.mode == "cached" and "not bit-identical" in auto.reason
+    kv.prefixes.open_request(auto)  # opened again (the pool could not hold it yet): in the mode asked for
+    kv.runner.release(auto.seq)
+    assert auto.mode == "cached" and auto.asked == "auto"
