@@ -100,6 +100,22 @@ def run_cli(monkeypatch, capsys, *argv):
     return code, cap.out, cap.err
 
 
+def place_dependent_gemm(monkeypatch) -> None:
+    """Make every weight GEMM mode give the first row of each call other bits, so that no GEMM of the machine is
+    batch-invariant (engine/invariance.py's failing branch, forced on any CPU)."""
+    from skillkv.engine import invariance
+    from skillkv.engine.gemm import Linear
+
+    plain = Linear._call
+
+    def call(self, x, w, b=None):
+        y = plain(self, x, w, b).clone()
+        y[0] = y[0] * (1 + 2 ** -20)
+        return y
+    monkeypatch.setattr(Linear, "_call", call)
+    monkeypatch.setattr(invariance, "_PROCESS", {})
+
+
 def chain_kv(kv, skills):
     """The exact KV of preamble + `skills` in this order on the runner's device (stored pieces loaded, missing ones
     computed and stored)."""

@@ -58,7 +58,8 @@ def serve_cmd(
 
     if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn")):
         raise SkillkvError("skillkv serve needs FastAPI and uvicorn: pip install 'skillkv[serve]'")
-    budget, body, host = parse_bytes(kv_budget), parse_bytes(max_body), parse_bytes(host_budget, allow_zero=True)
+    budget, body = parse_bytes(kv_budget), parse_bytes(max_body)
+    host_bytes = parse_bytes(host_budget, allow_zero=True)
     check_store(store)
     device = check_device(device)
     from skillkv.serve.server import ServeConfig, Server
@@ -66,7 +67,8 @@ def serve_cmd(
     if host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"binding {host}: the server has no authentication")
     cfg = ServeConfig(host=host, port=port, model=model, skills=skills, store=store, device=device,
-                      kv_budget=budget, host_budget=host, pins=pin or [], max_batch=max_batch, max_step_tokens=max_step_tokens,
+                      kv_budget=budget, host_budget=host_bytes, pins=pin or [], max_batch=max_batch,
+                      max_step_tokens=max_step_tokens,
                       attention=attention, batch_invariant=batch_invariant, watch=watch,
                       default_max_tokens=max_tokens, body_limit=body, follow_symlinks=follow_symlinks,
                       compose_neighbours=neighbours)

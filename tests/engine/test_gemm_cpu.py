@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import place_dependent_gemm
 
 from skillkv.engine import invariance
 from skillkv.engine.gemm import Linear, _has_onednn
@@ -92,17 +93,6 @@ def _count_dependent(monkeypatch, modes):
     monkeypatch.setattr(Linear, "_call", call)
 
 
-def _place_dependent(monkeypatch):
-    """Make every mode give the first row of each call other bits (no fixed row block can help)."""
-    plain = Linear._call
-
-    def call(self, x, w, b=None):
-        y = plain(self, x, w, b).clone()
-        y[0] = y[0] * (1 + 2 ** -20)
-        return y
-    monkeypatch.setattr(Linear, "_call", call)
-
-
 def test_a_failing_library_falls_back_to_the_other(monkeypatch):
     if not _has_onednn():
         pytest.skip("torch built without oneDNN")
@@ -128,7 +118,7 @@ def test_when_nothing_holds_the_verdict_says_so_and_batch_invariance_is_refused(
     from skillkv.model import resolve_model
     from skillkv.runners.paged import PagedRunner
 
-    _place_dependent(monkeypatch)
+    place_dependent_gemm(monkeypatch)
     choice = choose_gemm("auto", CPU, torch.float32, _weights(SHAPES[:1]))
     assert not choice.invariant and choice.note.startswith("no GEMM here gives rows independent of the row count")
     weights = as_weights(resolve_model("dummy:tiny", device="cpu").load())

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from conftest import REPO, run_cli, write_skill
+from conftest import REPO, place_dependent_gemm, run_cli, write_skill
 
 
 def post(url: str, body, path: str = "/v1/chat/completions", raw: bytes | None = None) -> tuple[int, dict]:
@@ -442,18 +442,9 @@ def test_loadtest_against_a_running_server(tiny_server, tmp_path):
 def test_where_no_gemm_is_batch_invariant_serve_says_so_and_refuses_the_flag(tmp_path, tiny_skills, monkeypatch,
                                                                             capsys):
     """The check's failing branch, forced on any CPU: every kernel gives a call's first row other bits."""
-    from skillkv.engine import invariance
-    from skillkv.engine.gemm import Linear
     from skillkv.serve.server import ServeConfig, Server
 
-    plain = Linear._call
-
-    def place_dependent(self, x, w, b=None):
-        y = plain(self, x, w, b).clone()
-        y[0] = y[0] * (1 + 2 ** -20)
-        return y
-    monkeypatch.setattr(Linear, "_call", place_dependent)
-    monkeypatch.setattr(invariance, "_PROCESS", {})
+    place_dependent_gemm(monkeypatch)
     lines = []
     cfg = ServeConfig(port=0, model="dummy:tiny", skills=tiny_skills, store=tmp_path / "store", device="cpu",
                       kv_budget=8 << 20, watch=False)
