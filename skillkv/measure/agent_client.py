@@ -45,6 +45,7 @@ class Reply:
     computed: int | None = None
     source: str = ""
     output_ids: list[int] | None = None
+    mode: str = ""  # skillkv's mode used (exact, full, cached: the approximate prefix cache, compose)
     server_prompt_ms: float | None = None
     finish: str = ""
     error: str = ""
@@ -144,7 +145,7 @@ class Client:
         r.text = "".join(parts)
         r.prompt, r.reused, r.computed, r.source = reuse(usage, timings, ext)
         if ext:
-            r.output_ids = ext.get("output_token_ids")
+            r.output_ids, r.mode = ext.get("output_token_ids"), ext.get("mode") or ""
             r.server_prompt_ms = (ext.get("timings_ms") or {}).get("ttft")
         if timings and "prompt_ms" in timings:
             r.server_prompt_ms = round(float(timings["prompt_ms"]), 1)

@@ -71,7 +71,7 @@ def ratios(a: dict, b: dict) -> dict:
 
 def identical(normal: list[dict], full: list[dict]) -> dict:
     other = {(r["conversation"], r["turn"]): r for r in full if r.get("sent", True) and not r["error"]}
-    compared, bad = 0, []
+    compared, bad, approx = 0, [], []  # a turn answered over the approximate cache ("cached") may differ: counted
     for r in normal:
         f = other.get((r["conversation"], r["turn"]))
         if f is None or not r.get("sent", True) or r["error"]:
@@ -80,9 +80,10 @@ def identical(normal: list[dict], full: list[dict]) -> dict:
         both_ids = r.get("output_ids") is not None and f.get("output_ids") is not None
         same = r["output_ids"] == f["output_ids"] if both_ids else r["text"] == f["text"]
         if not same:
-            bad.append([r["conversation"], r["turn"]])
-    return {"compared": compared, "identical": compared - len(bad), "by": "output token ids or text",
-            "mismatches": bad}
+            (approx if r.get("mode") == "cached" else bad).append([r["conversation"], r["turn"]])
+    return {"compared": compared, "identical": compared - len(bad) - len(approx), "by": "output token ids or text",
+            "mismatches": bad, "approximate": sum(r.get("mode") == "cached" for r in normal),
+            "approximate_mismatches": approx}
 
 
 def _cell(x, fmt: str = "{}") -> str:
@@ -147,5 +148,9 @@ def markdown(rep: dict) -> str:
         lines += ["", f"skillkv answers identical to `mode: full`, token for token: **{same['identical']}/"
                       f"{same['compared']}** turns" + (f" (differ: {same['mismatches'][:10]})" if same["mismatches"]
                                                        else "") + "."]
+        if same.get("approximate"):
+            lines[-1] += (f" {same['approximate']} turns were answered over the approximate prefix cache (mode "
+                          f"`cached`: this machine's kernels are not chunk-invariant); "
+                          f"{len(same['approximate_mismatches'])} of them differ from `mode: full`.")
     lines += [f"- {n}" for n in rep.get("notes", [])]
     return "\n".join(lines)

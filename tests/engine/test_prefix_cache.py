@@ -29,9 +29,9 @@ def _runner(weights, pages=200, spill_pages=0):
 
     page_bytes = 2 * weights.config.num_hidden_layers * PS * weights.config.num_key_value_heads * \
         weights.config.head_dim * 4
-    r = PagedRunner(weights, (pages + 1) * page_bytes, attention="torch", batch_invariant=True, page_size=PS,
+    r = PagedRunner(weights, (pages + 1) * page_bytes, attention="torch", batch_invariant=None, page_size=PS,
                     spill_bytes=spill_pages * page_bytes)
-    assert r.prefix_cache, r.cache_note
+    assert r.prefix_cache, r.cache_note  # exact or approximate, as this machine's kernels allow
     return r
 
 
@@ -39,8 +39,17 @@ def _kv(runner, seq, n):
     return runner.read(seq, 0, n)
 
 
+def same(runner, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit where the runner's cache is exact (checked on this machine); else to float32 rounding (a CPU
+    whose kernels are not chunk-invariant: the cache is then approximate, and only auto mode reads it)."""
+    if runner.cache_exact:
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_a_rows_kv_does_not_depend_on_how_its_sequence_was_cut(tiny_weights):
-    """The property the cache rests on, on the real engine: one prefill == pieces == pieces + 1-token steps."""
+    """The property the cache rests on, on the real engine: one prefill == pieces == pieces + 1-token steps; and
+    the runner's verdict (checked at load) says so exactly where it holds on this machine."""
     r = _runner(tiny_weights)
     rng = random.Random(0)
     ids = [rng.randrange(3, 250) for _ in range(301)]
@@ -53,9 +62,11 @@ def test_a_rows_kv_does_not_depend_on_how_its_sequence_was_cut(tiny_weights):
             prev = c
         outs.append((logits, _kv(r, seq, len(ids))))
         r.release(seq)
-    for logits, kv in outs[1:]:
-        assert torch.equal(logits, outs[0][0])
-        assert all(torch.equal(a, b) for (ka, va), (kb, vb) in zip(kv, outs[0][1]) for a, b in ((ka, kb), (va, vb)))
+    holds = all(torch.equal(logits, outs[0][0]) and all(torch.equal(a, b) for (ka, va), (kb, vb) in zip(
+        kv, outs[0][1]) for a, b in ((ka, kb), (va, vb))) for logits, kv in outs[1:])
+    assert holds == r.cache_exact, r.cache_note
+    for logits, _ in outs[1:]:
+        assert same(r, logits, outs[0][0])
 
 
 def _turn(runner, ids, answer_len, rng):
@@ -86,7 +97,7 @@ def test_a_conversation_reuses_every_full_page_and_equals_a_full_prefill(tiny_we
     ids = [rng.randrange(3, 250) for _ in range(37)]
     for turn in range(5):
         answer, first, reused = _turn(r, ids, 6, rng)
-        assert torch.equal(first, _full(r, ids)), turn  # exact: the first token's logits of a full prefill
+        assert same(r, first, _full(r, ids)), turn  # exact: the first token's logits of a full prefill
         if turn:
             assert reused == (len(prev) // PS) * PS  # every full page of the previous prompt and answer
         prev = ids + answer
@@ -102,7 +113,7 @@ def test_interleaved_conversations_share_a_common_head(tiny_weights):
     a, b = head + [5, 6, 7], head + [8, 9, 10, 11]
     _turn(r, a, 3, rng)
     _, first, reused = _turn(r, b, 3, rng)
-    assert reused == 40 and torch.equal(first, _full(r, b))
+    assert reused == 40 and same(r, first, _full(r, b))
 
 
 def test_cached_pages_are_evicted_least_recent_first_and_held_ones_never(tiny_weights):
@@ -177,7 +188,7 @@ def test_a_skill_entry_joins_the_index_and_its_eviction_drops_it(tiny_weights):
     assert info == {"prefix_cache": 0, "skill_kv": 22}
     logits = r.prefill([seq], [ids[22:]])[0]
     r.release(seq)
-    assert torch.equal(logits, _full(r, ids))
+    assert same(r, logits, _full(r, ids))
     entry = r.table.entries["skill"]
     assert len(entry.published) == 22 // PS
     seq, info = r.open_cached(ids + [1, 2], "skill", len(skill))
@@ -201,7 +212,7 @@ def test_pages_evicted_to_host_memory_come_back_bit_for_bit(tiny_weights):
     nxt = conv + answer + [7, 8, 9]
     _, first, reused = _turn(r, nxt, 2, rng)
     assert reused == 44 and r.usage()["restored_pages"] >= 10  # the prompt and the 4 answer tokens fed back
-    assert torch.equal(first, _full(r, nxt))
+    assert same(r, first, _full(r, nxt))
     r.clear_cache()
     assert r.usage()["spilled_pages"] == 0 and len(r.table.cache) == 0
     r.table.check()

@@ -17,10 +17,17 @@ from skillkv.generate import SamplingParams
 def kv(tmp_path, tiny_skills):
     from skillkv.api import SkillKV
 
-    k = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu", batch_invariant=True,
+    k = SkillKV(model="dummy:tiny", store=tmp_path / "store", skills=tiny_skills, device="cpu", batch_invariant=None,
                 kv_budget=16 << 20, on_warning=lambda m: None)
     assert k.runner.prefix_cache, k.runner.cache_note
     return k
+
+
+def exact_here(kv) -> None:
+    """Skip where this machine's kernels are not chunk-invariant (the cache is then approximate: tested by forcing
+    it below, on every machine; whether the verdict is true: tests/engine/test_prefix_cache.py)."""
+    if not kv.runner.cache_exact:
+        pytest.skip(f"the prefix cache is approximate on this machine: {kv.runner.cache_note}")
 
 
 def _req(kv, ids, mode="auto", max_tokens=8, skills=()):
@@ -46,6 +53,7 @@ def test_batched_requests_get_the_answers_they_get_alone(kv):
 
 
 def test_a_prompt_fed_in_pieces_equals_it_fed_whole(kv):
+    exact_here(kv)
     ids = _ids(7, 300)
     whole = kv.make_loop().run(_req(kv, ids, "full"))
     pieces = kv.make_loop(max_step_tokens=37)
@@ -59,6 +67,7 @@ def test_a_prompt_fed_in_pieces_equals_it_fed_whole(kv):
 
 
 def test_a_conversation_reuses_the_last_turn_and_equals_full_mode(kv):
+    exact_here(kv)
     loop = kv.make_loop()
     ids = _ids(9, 45)
     for turn in range(4):
