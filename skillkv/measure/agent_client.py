@@ -16,7 +16,8 @@ Contract:
     prompt_n), else OpenAI's `usage.prompt_tokens_details.cached_tokens`; `source` names the one used. `prompt` is
     `usage.prompt_tokens` (llama.cpp: cache_n + prompt_n when usage is missing);
   - `output_ids` is skillkv's `skillkv.output_token_ids` when the server sends it (None otherwise);
-    `server_prompt_ms` is llama.cpp's `timings.prompt_ms` or skillkv's `skillkv.timings_ms.ttft` when present.
+  - `server_prompt_ms`: the server's own time computing the prompt's new tokens: llama.cpp's `timings.prompt_ms`,
+    skillkv's `skillkv.timings_ms.prefill` (the engine steps that fed the prompt; `ttft` from older servers).
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class Client:
         r.prompt, r.reused, r.computed, r.source = reuse(usage, timings, ext)
         if ext:
             r.output_ids, r.mode = ext.get("output_token_ids"), ext.get("mode") or ""
-            r.server_prompt_ms = (ext.get("timings_ms") or {}).get("ttft")
+            tm = ext.get("timings_ms") or {}
+            r.server_prompt_ms = tm.get("prefill", tm.get("ttft"))
         if timings and "prompt_ms" in timings:
             r.server_prompt_ms = round(float(timings["prompt_ms"]), 1)
         if not r.error and r.prompt is None:

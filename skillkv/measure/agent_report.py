@@ -8,6 +8,8 @@ conversation stopped at an error, or the column ran out of time).
   summarize(records, wall_s)   reused share = sum(reused) / sum(prompt tokens) over the answered turns after the
                                first of each conversation, and over those that bring no new skill body; first-token
                                p50 / p90 per turn kind and for every turn after the first without a new skill body;
+                               on those turns also first token / the server's own time computing the new tokens
+                               (`server_prompt_ms`: the cost of reuse beyond the prefill it leaves; goal <= 1.3)
                                answers/s = answered requests / wall time of the column; prompt and computed tokens
   ratios(a, b)                 a vs b: reused shares a / b, first-token p50s b / a (above 1: a is faster),
                                answers/s a / b, computed tokens b / a (above 1: a computes fewer)
@@ -39,6 +41,13 @@ def _times(rs: list[dict]) -> dict:
             "p90": round(pct(xs, 90), 1) if xs else None}
 
 
+def _over_prefill(rs: list[dict]) -> dict:
+    xs = [r["ttft_ms"] / r["server_prompt_ms"] for r in rs
+          if r["ttft_ms"] is not None and (r.get("server_prompt_ms") or 0) > 0]
+    return {"n": len(xs), "p50": round(statistics.median(xs), 2) if xs else None,
+            "p90": round(pct(xs, 90), 2) if xs else None}
+
+
 def summarize(records: list[dict], wall_s: float) -> dict:
     ok = [r for r in records if r.get("sent", True) and not r["error"]]
     later = [r for r in ok if r["turn"] > 0]
@@ -51,7 +60,7 @@ def summarize(records: list[dict], wall_s: float) -> dict:
             "not_sent": sum(1 for r in records if not r.get("sent", True)),
             "first_error": errors[0]["error"] if errors else "",
             "reused_share_after_first": _share(later), "reused_share_no_new_skill": _share(plain),
-            "ttft_ms": ttft, "answers_per_s": round(len(ok) / wall_s, 3) if wall_s and ok else None,
+            "ttft_ms": ttft, "ttft_over_prefill": _over_prefill(plain), "answers_per_s": round(len(ok) / wall_s, 3) if wall_s and ok else None,
             "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
             "computed_tokens": sum(r["computed"] for r in known) if known else None,
             "wall_s": round(wall_s, 2)}
@@ -105,6 +114,10 @@ def _p50_p90(t: dict) -> str:
     return f"{_cell(t['p50'])} / {_cell(t['p90'])} ms (n={t['n']})"
 
 
+def _ratio_cell(t: dict | None) -> str:
+    return "-" if not t or t["p50"] is None else f"{t['p50']}x / {t['p90']}x (n={t['n']})"
+
+
 def markdown(rep: dict) -> str:
     m, cols = rep["meta"], rep["columns"]
     names = [n for n in ("skillkv", "skillkv-full", "llama.cpp") if n in cols]
@@ -138,6 +151,8 @@ def markdown(rep: dict) -> str:
     for k, label in KINDS.items():
         row(f"first token p50 / p90, {label}", lambda x, k=k: _p50_p90(x["ttft_ms"][k]),
             lambda q, k=k: _better(q["ttft_p50_speedup"][k], "faster", "slower"))
+    row("first token / the server's prefill of the new tokens, p50 / p90, turns after the first without a new "
+        "skill body", lambda x: _ratio_cell(x.get("ttft_over_prefill")))
     row("answers/s over the run", lambda x: _cell(x["answers_per_s"]), lambda q: _x(q["answers_per_s"]))
     row("prompt tokens / computed tokens",
         lambda x: f"{x['prompt_tokens']:,} / {_cell(x['computed_tokens'], '{:,}')}",

@@ -74,11 +74,16 @@ class Loop:
         step = self.sched.plan(self._admit, self._fail)
         if step is None:
             return False
+        t0 = time.perf_counter()
         try:
             logits = self.runner.prefill([r.seq for r in step.reqs], step.inputs)
         except SnapshotError as e:
             self._damaged(e, step)
             return True
+        took = time.perf_counter() - t0
+        for r in step.reqs:
+            if not r.t_first:  # its prompt still being fed (this step may give its first token)
+                r.prefill_s += took
         self.steps += 1
         self._postprocess(step, logits)
         return True

@@ -53,6 +53,7 @@ class Req:
     reused: dict = field(default_factory=lambda: {"prefix_cache": 0, "skill_kv": 0})
     tiers: list[str] = field(default_factory=list)  # per skill: l1 | host | l2 | computed
     snapshot_load: float = 0.0  # seconds spent making the skills' KV resident
+    prefill_s: float = 0.0  # engine time of the steps that fed its prompt (shared with the requests batched beside)
     compose: dict | None = None  # compose mode: what was placed and repaired
     output: list[int] = field(default_factory=list)
     text: str = ""
@@ -92,4 +93,5 @@ class Req:
     def timings_ms(self) -> dict:
         ms = lambda a, b: round((a - b) * 1e3, 1) if a and b else None  # noqa: E731
         return {"queue": ms(self.t_start, self.t_submit), "snapshot_load": round(self.snapshot_load * 1e3, 1),
-                "ttft": ms(self.t_first, self.t_submit), "total": ms(self.t_end, self.t_submit)}
+                "prefill": round(self.prefill_s * 1e3, 1), "ttft": ms(self.t_first, self.t_submit),
+                "total": ms(self.t_end, self.t_submit)}

@@ -17,7 +17,8 @@ skillkv extensions
   response  `usage.prompt_tokens_details.cached_tokens` (as OpenAI) and `usage.skillkv` = {cached_tokens,
             computed_tokens}; a top-level `skillkv` object: skills, injection (why skills were or were not
             injected), mode, tiers (l1 | host | l2 | computed, where each skill's KV came from), output_token_ids,
-            timings_ms (queue, ttft, total; measured in the server)
+            timings_ms (queue, snapshot_load, prefill: the engine steps
+            that fed the prompt, ttft, total; measured in the server)
 """
 
 from __future__ import annotations

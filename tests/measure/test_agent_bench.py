@@ -93,16 +93,16 @@ def test_request_messages_with_and_without_tools(repo_skills, count):
     assert sum(m["content"].count("<tool_call>") for m in flat if m["role"] == "assistant") == len(calls)
 
 
-def rec(conv, turn, kind, prompt, reused, ttft, ids=None, text="", error=""):
+def rec(conv, turn, kind, prompt, reused, ttft, ids=None, text="", error="", prefill=None):
     return {"conversation": conv, "turn": turn, "kind": kind, "skill_body": kind == "skill", "sent": True,
             "prompt_tokens": prompt, "reused": reused, "computed": None if reused is None else prompt - reused,
-            "ttft_ms": ttft, "output_ids": ids, "text": text, "error": error}
+            "ttft_ms": ttft, "server_prompt_ms": prefill, "output_ids": ids, "text": text, "error": error}
 
 
 def test_report_arithmetic():
     rs = [rec(0, 0, "first", 1000, 0, 900.0), rec(0, 1, "skill", 2000, 1000, 500.0),
-          rec(0, 2, "tool", 2200, 2000, 100.0), rec(0, 3, "user", 2400, 2200, 200.0),
-          rec(1, 0, "first", 1000, 100, 800.0), rec(1, 1, "tool", 1200, 1000, 300.0),
+          rec(0, 2, "tool", 2200, 2000, 100.0, prefill=80.0), rec(0, 3, "user", 2400, 2200, 200.0, prefill=100.0),
+          rec(1, 0, "first", 1000, 100, 800.0), rec(1, 1, "tool", 1200, 1000, 300.0, prefill=0.0),
           rec(1, 2, "tool", 0, None, None, error="HTTP 500: boom"),
           {**rec(1, 3, "user", 0, None, None), "sent": False}]
     s = summarize(rs, wall_s=4.0)
@@ -112,6 +112,7 @@ def test_report_arithmetic():
     assert s["reused_share_no_new_skill"] == round(5200 / 5800, 3)
     assert s["ttft_ms"]["first"] == {"n": 2, "p50": 850.0, "p90": 900.0}
     assert s["ttft_ms"]["later"] == {"n": 3, "p50": 200.0, "p90": 300.0}
+    assert s["ttft_over_prefill"] == {"n": 2, "p50": 1.62, "p90": 2.0}  # 100/80, 200/100; a 0 ms prefill left out
     assert s["answers_per_s"] == 1.5 and s["prompt_tokens"] == 9800 and s["computed_tokens"] == 9800 - 6300
     full = summarize([{**r, "reused": 0 if r["reused"] is not None else None, "computed": r["prompt_tokens"],
                        "ttft_ms": r["ttft_ms"] and r["ttft_ms"] * 4} for r in rs], 8.0)
@@ -137,6 +138,7 @@ def test_report_arithmetic():
     assert ("| skillkv | skillkv `mode: full` | llama.cpp (xllamacpp 1) | skillkv vs full | skillkv vs llama.cpp |"
             in md)
     assert "**4.0x** faster" in md and "**1/3** turns (differ: [[0, 1], [0, 2]])" in md
+    assert "| first token / the server's prefill of the new tokens" in md and "1.62x / 2.0x (n=2)" in md
 
 
 def test_reuse_is_read_from_each_servers_fields():
@@ -173,6 +175,7 @@ def test_agent_bench_end_to_end_on_the_tiny_model(monkeypatch, capsys, tiny_skil
     for name, s in r["columns"].items():
         assert (s["requests"], s["answered"], s["errors"]) == (18, 18, 0), name
         assert s["ttft_ms"]["later"]["n"] == 12 and s["answers_per_s"] > 0
+        assert s["ttft_over_prefill"]["n"] == 12 and s["ttft_over_prefill"]["p50"] >= 1.0, s["ttft_over_prefill"]
     assert r["columns"]["skillkv-full"]["reused_share_after_first"] == 0.0
     assert r["columns"]["skillkv"]["reused_share_after_first"] > 0.8  # every earlier turn from the prefix cache
     assert r["identical"]["compared"] == 18 and r["identical"]["mismatches"] == []  # exact turns: always equal

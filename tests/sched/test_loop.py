@@ -66,6 +66,15 @@ def test_a_prompt_fed_in_pieces_equals_it_fed_whole(kv):
     assert req.output == whole.output and steps > len(req.output) + 1  # 300 tokens took several steps
 
 
+def test_the_prefill_time_counts_the_steps_that_fed_the_prompt_only(kv):
+    """`timings_ms.prefill` (serve's responses, the agent bench's first token / prefill ratio): the engine steps
+    of the prompt, here fed in pieces, up to its first token; never the decode steps after it."""
+    req = kv.make_loop(max_step_tokens=37).run(_req(kv, _ids(3, 200), "full", max_tokens=6))
+    assert 0 < req.prefill_s <= req.t_first - req.t_submit
+    t = req.timings_ms()
+    assert t["prefill"] == round(req.prefill_s * 1e3, 1) and t["prefill"] <= t["ttft"] <= t["total"]
+
+
 def test_a_conversation_reuses_the_last_turn_and_equals_full_mode(kv):
     exact_here(kv)
     loop = kv.make_loop()
