@@ -9,8 +9,8 @@ Contract:
   - never raises for a failed request: an HTTP error status, an `{"error": ...}` event in the stream, a stream that
     ends early, a timeout or a refused connection is `Reply.error` (one line); the connection is then reopened;
     a kept-alive connection the server closed while idle is reopened and the request sent again (once);
-  - `ttft` is measured from just before the request is sent to the first chunk with non-empty `delta.content` (or
-    the finish chunk, for an empty answer); `total` to the end of the stream;
+  - `ttft` is measured from just before the request is sent to the first chunk with non-empty `delta.content` or
+    `delta.tool_calls` (or the finish chunk, for an empty answer); `total` to the end of the stream;
   - reuse, in this order: skillkv's `tokens` = {prefix_cache, skill_kv, computed} (top-level `skillkv.tokens` or
     `usage.skillkv`; reused = prefix_cache + skill_kv), llama.cpp's `timings` (reused = cache_n, computed =
     prompt_n), else OpenAI's `usage.prompt_tokens_details.cached_tokens`; `source` names the one used. `prompt` is
@@ -127,10 +127,11 @@ class Client:
                         r.error = _message(json.dumps(obj).encode())
                         continue
                     ch = (obj.get("choices") or [{}])[0]
-                    piece = (ch.get("delta") or {}).get("content")
+                    delta = ch.get("delta") or {}
+                    piece = delta.get("content")
                     if piece:
                         parts.append(piece)
-                    if r.ttft is None and (piece or ch.get("finish_reason")):
+                    if r.ttft is None and (piece or delta.get("tool_calls") or ch.get("finish_reason")):
                         r.ttft = time.perf_counter() - t0
                     r.finish = ch.get("finish_reason") or r.finish
                     usage, timings = obj.get("usage") or usage, obj.get("timings") or timings

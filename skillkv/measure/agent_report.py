@@ -60,7 +60,8 @@ def summarize(records: list[dict], wall_s: float) -> dict:
             "not_sent": sum(1 for r in records if not r.get("sent", True)),
             "first_error": errors[0]["error"] if errors else "",
             "reused_share_after_first": _share(later), "reused_share_no_new_skill": _share(plain),
-            "ttft_ms": ttft, "ttft_over_prefill": _over_prefill(plain), "answers_per_s": round(len(ok) / wall_s, 3) if wall_s and ok else None,
+            "ttft_ms": ttft, "ttft_over_prefill": _over_prefill(plain),
+            "answers_per_s": round(len(ok) / wall_s, 3) if wall_s and ok else None,
             "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
             "computed_tokens": sum(r["computed"] for r in known) if known else None,
             "wall_s": round(wall_s, 2)}

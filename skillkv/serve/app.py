@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 from skillkv import __version__
 from skillkv.serve.middleware import AccessLog, BodyLimit
-from skillkv.serve.protocol import ApiError, ChatRequest, chunk, completion, completion_id, error_body
+from skillkv.serve.protocol import ApiError, ChatRequest, call_deltas, chunk, completion, completion_id, error_body
 from skillkv.serve.worker import Worker
 
 
@@ -153,7 +153,8 @@ def create_app(worker: Worker, body_limit: int = 1 << 20, access_log=None) -> Fa
                 if kind == "error":
                     raise val
                 if kind == "done":
-                    return completion(cid, model, val["text"], val["finish"], val["usage"], val["ext"])
+                    return completion(cid, model, val["text"], val["finish"], val["usage"], val["ext"],
+                                      val.get("tool_calls"))
         finally:
             if getter is not None:
                 getter.cancel()
@@ -170,6 +171,9 @@ async def _stream(worker: Worker, job, events: asyncio.Queue, cid: str, model: s
             kind, val = await events.get()
             if kind == "text":
                 yield _sse(chunk(cid, model, created, {"content": val}))
+            elif kind == "call":
+                for delta in call_deltas(val):
+                    yield _sse(chunk(cid, model, created, delta))
             elif kind == "done":
                 yield _sse(chunk(cid, model, created, {}, val["finish"], ext=val["ext"]))
                 if include_usage:

@@ -114,9 +114,12 @@ def job_facts(job) -> dict:
     if req is None:
         return {"skills": [], "mode": job.body.mode, "cached_tokens": 0, "computed_tokens": 0,
                 "completion_tokens": 0, "ttft_ms": None}
-    return {"skills": [s.name for s in req.skills], "mode": req.mode, "cached_tokens": req.cached,
-            "computed_tokens": len(req.ids) - req.cached, "completion_tokens": len(req.output),
-            "ttft_ms": round((req.t_first - req.t_submit) * 1e3, 1) if req.t_first else None}
+    facts = {"skills": [s.name for s in req.skills], "mode": req.mode, "cached_tokens": req.cached,
+             "computed_tokens": len(req.ids) - req.cached, "completion_tokens": len(req.output),
+             "ttft_ms": round((req.t_first - req.t_submit) * 1e3, 1) if req.t_first else None}
+    if job.calls is not None:  # declared tools: calls parsed, and call-like text left as content
+        facts.update(tool_calls=len(job.calls.calls), invalid_tool_calls=job.calls.invalid)
+    return facts
 
 
 def format_entry(e: dict) -> str:
@@ -128,6 +131,9 @@ def format_entry(e: dict) -> str:
                      f"{e['completion_tokens']:,} answer tokens")
         if e["ttft_ms"] is not None:
             parts.append(f"first token {e['ttft_ms']:,.0f} ms")
+        if e.get("tool_calls") or e.get("invalid_tool_calls"):
+            parts.append(f"{e['tool_calls']} tool calls" + (f" ({e['invalid_tool_calls']} not parsed, kept as text)"
+                                                             if e["invalid_tool_calls"] else ""))
     total = e["total_ms"]
     parts.append(f"total {total:,.0f} ms" if total < 1000 else f"total {total / 1e3:.2f} s")
     return " | ".join(parts)

@@ -9,16 +9,17 @@ Tools (OpenAI's chat-completions shapes): `tools` = [{"type": "function", "funct
 parameters}}] (other tool types, e.g. Codex's `web_search`, are accepted and left out of the prompt), `tool_choice`
 "auto" | "none", `parallel_tool_calls`; assistant messages may carry `tool_calls` = [{id, type: "function",
 function: {name, arguments: JSON string}}] with `content` null or absent; `tool` messages carry `tool_call_id` (and
-optionally `name`). How they enter the prompt: skillkv/serve/render.py.
+optionally `name`). How they enter the prompt: skillkv/serve/render.py; how the answer's calls come back as
+`message.tool_calls` (`completion`, `call_deltas` when streamed): skillkv/serve/tool_calls.py.
 
 skillkv extensions
   request   `skills: [name, ...]`  use these skills in this order ([] = none); omitted: serve/injection.py decides
             `mode: auto | exact | full | compose`  as `skillkv ask --mode` (default auto)
   response  `usage.prompt_tokens_details.cached_tokens` (as OpenAI) and `usage.skillkv` = {cached_tokens,
             computed_tokens}; a top-level `skillkv` object: skills, injection (why skills were or were not
-            injected), mode, tiers (l1 | host | l2 | computed, where each skill's KV came from), output_token_ids,
-            timings_ms (queue, snapshot_load, prefill: the engine steps
-            that fed the prompt, ttft, total; measured in the server)
+            injected), mode, tokens, tool_calls ({format, parsed, invalid}: a request declaring tools), tiers
+            (l1 | host | l2 | computed, where each skill's KV came from), output_token_ids, timings_ms (queue,
+            snapshot_load, prefill: the engine steps that fed the prompt, ttft, total; measured in the server)
 """
 
 from __future__ import annotations
@@ -201,11 +202,25 @@ def usage(prompt: int, completion: int, cached: int) -> dict:
             "skillkv": {"cached_tokens": cached, "computed_tokens": prompt - cached}}
 
 
-def completion(cid: str, model: str, text: str, finish: str, use: dict, ext: dict) -> dict:
+def completion(cid: str, model: str, text: str, finish: str, use: dict, ext: dict,
+               tool_calls: list[dict] | None = None) -> dict:
+    """A whole answer; with `tool_calls` (serve/tool_calls.py's shape) the message carries them, its content null
+    when only space is left around them."""
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message = {"role": "assistant", "content": text if text.strip() else None,
+                   "tool_calls": [{k: c[k] for k in ("id", "type", "function")} for c in tool_calls]}
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": use, "skillkv": ext}
+
+
+def call_deltas(call: dict) -> list[dict]:
+    """A complete tool call as OpenAI streams one: its index, id, type and name first, then its arguments."""
+    i, fn = call["index"], call["function"]
+    return [{"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                             "function": {"name": fn["name"], "arguments": ""}}]},
+            {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]}]
 
 
 def chunk(cid: str, model: str, created: int, delta: dict | None, finish: str | None = None,

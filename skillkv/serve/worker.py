@@ -2,8 +2,9 @@
 
 It alone touches the SkillKV (its runner, tiers, store), the loop (sched/loop.py: the same one `skillkv ask` runs
 a request of one on) and the watcher. HTTP handlers talk to it through a queue (`submit`, `call`, `cancel`) and get
-events back on their own asyncio queue: ("accepted", info) or ("error", ApiError) first, then ("text", delta)...,
-then ("done", result) or ("error", ApiError). One iteration: take new requests (validate, map the messages to a
+events back on their own asyncio queue: ("accepted", info) or ("error", ApiError) first, then ("text", delta) and,
+for a request declaring tools, ("call", tool call) (serve/tool_calls.py)..., then ("done", result) or ("error",
+ApiError). One iteration: take new requests (validate, map the messages to a
 prompt, build the request: `SkillKV.request`), poll the watcher, run one loop step (admission, one batched runner
 step, sampling, stops; cancelled requests' pages freed first).
 
@@ -29,6 +30,7 @@ from skillkv.sched.loop import Loop
 from skillkv.sched.request import Req
 from skillkv.serve.protocol import ApiError, ChatRequest, api_error, usage
 from skillkv.serve.render import render
+from skillkv.serve.tool_calls import CallStream, call_format
 
 CHANGES = {"compiled", "recompiled", "deleted", "renamed"}
 
@@ -43,6 +45,7 @@ class Job:
     rid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     cancelled: bool = False
     req: Req | None = None
+    calls: CallStream | None = None  # a request declaring tools: its answer's tool calls, read as it streams
 
 
 class Worker:
@@ -209,6 +212,9 @@ class Worker:
             job.emit(("error", ApiError(400, str(e))))
             return
         req.data, req.select_on, req.injection, job.req = job, select_on, rd.injection, req
+        if b.tools and b.tool_choice != "none":
+            job.calls = CallStream(call_format(kv.builder.tokenizer), {t.function.name for t in b.tools if t.function},
+                                   parallel=b.parallel_tool_calls is not False)
         self.loop.add(req)
         job.emit(("accepted", {"prompt_tokens": len(req.ids), "skills": [s.name for s in chosen]}))
 
@@ -216,7 +222,8 @@ class Worker:
         """The loop's events of `job`'s request, as the HTTP handler hears them."""
         kind = ev[0]
         if kind == "text":
-            job.emit(ev)
+            for out in job.calls.push(ev[1]) if job.calls else [ev]:
+                job.emit(out)
         elif kind == "done":
             self._complete(job, ev[1])
         elif kind == "error":
@@ -226,11 +233,18 @@ class Worker:
         self.served += 1
         ext = {"skills": [x.name for x in req.skills], "injection": req.injection, "mode": req.mode, "tiers": req.tiers,
                "tokens": req.tokens, "output_token_ids": list(req.output), "timings_ms": req.timings_ms()}
+        text, calls, finish = req.text, [], req.finish_reason
+        if job.calls is not None:
+            for out in job.calls.finish():
+                job.emit(out)
+            text, calls = job.calls.text, job.calls.calls
+            finish = "tool_calls" if calls and finish == "stop" else finish
+            ext["tool_calls"] = {"format": job.calls.fmt, "parsed": len(calls), "invalid": job.calls.invalid}
         try:  # queued before the answer is out, so a /stats after it waits for this record
             self._stats.submit(self._record, req)
         except RuntimeError:  # shutting down: statistics are never worth a failed request
             pass
-        job.emit(("done", {"text": req.text, "finish": req.finish_reason,
+        job.emit(("done", {"text": text, "tool_calls": calls, "finish": finish,
                            "usage": usage(len(req.ids), len(req.output), req.cached), "ext": ext}))
 
     def _record(self, req: Req) -> None:

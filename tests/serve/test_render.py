@@ -292,3 +292,20 @@ def test_agent_request_shapes_round_trip(kv):
     assert back["tool_choice"] == "auto" and back["parallel_tool_calls"] is True
     assert tool_format.function_tools(ChatRequest(**sent).tools) == [t for t in sent["tools"]
                                                                      if t["type"] == "function"]
+
+
+@pytest.mark.parametrize("family, fmt", [("smollm2", "hermes"), ("hermes", "hermes"), ("llama3-json", "llama3_json")])
+def test_each_template_familys_calls_are_read_back_in_its_own_format(families, family, fmt):
+    """The format probed from the template (serve/tool_calls.call_format) parses what a model of that family says
+    for a call (the answer the template renders back into the next prompt), into the same call."""
+    from skillkv.serve.tool_calls import CallStream, call_format
+
+    kv, say = families[family]
+    assert call_format(kv.builder.tokenizer) == fmt
+    msg = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "read_file", "arguments": json.dumps({"path": "skills/pdf/SKILL.md", "lines": [1, 40]})}}]}
+    s = CallStream(fmt, {"read_file"})
+    s.push(say(msg))
+    s.finish()
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in s.calls] == \
+        [("read_file", {"path": "skills/pdf/SKILL.md", "lines": [1, 40]})] and s.text == "" and s.invalid == 0

@@ -1,0 +1,197 @@
+"""Tool calls read back out of the answer (serve/tool_calls.py): the same calls and content however the answer's
+text is cut into streamed pieces; what is not a call stays content, as written, and is counted; and end to end
+through the server on a scripted answer: `message.tool_calls`, `finish_reason: "tool_calls"`, OpenAI's streamed
+deltas (read by the official `openai` client), `tool_choice: "none"` and `parallel_tool_calls: false` honoured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from skillkv.serve.tool_calls import CallStream
+
+CALL = '<tool_call>\n{"name": "read_file", "arguments": {"path": "a.txt"}}\n</tool_call>'
+CALL2 = '<tool_call>\n{"name": "grep", "arguments": {"pattern": "B-17", "n": 3}}\n</tool_call>'
+NAMES = {"read_file", "grep"}
+
+
+def run(text: str, cuts: list[int], fmt: str = "hermes", names=NAMES, parallel: bool = True):
+    s = CallStream(fmt, names, parallel)
+    events, prev = [], 0
+    for c in cuts + [len(text)]:
+        events += s.push(text[prev:c])
+        prev = c
+    events += s.finish()
+    text_out = "".join(v for k, v in events if k == "text")
+    assert text_out == s.text  # what streamed is the content
+    def as_tuple(c):
+        return c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])
+
+    calls = [as_tuple(c) for k, c in events if k == "call"]
+    assert calls == [as_tuple(c) for c in s.calls]
+    return s.text, calls, s.invalid
+
+
+def every_cut(text: str, **kw):
+    """The result of one piece, checked equal for every single cut and for one-character pieces."""
+    whole = run(text, [], **kw)
+    for i in range(1, len(text)):
+        assert run(text, [i], **kw) == whole, i
+    assert run(text, list(range(1, len(text))), **kw) == whole
+    return whole
+
+
+@pytest.mark.parametrize("text, content, calls, invalid", [
+    ("Let me look.\n" + CALL, "Let me look.\n", [(0, "read_file", {"path": "a.txt"})], 0),
+    (CALL + "\n" + CALL2 + "\n", "", [(0, "read_file", {"path": "a.txt"}), (1, "grep", {"pattern": "B-17", "n": 3})],
+     0),
+    ("No call here, just a < sign and <tool but no tag.", "No call here, just a < sign and <tool but no tag.", [], 0),
+    ('<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',  # not a declared tool
+     '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>', [], 1),
+    ("<tool_call>\n{not json}\n</tool_call> then text", "<tool_call>\n{not json}\n</tool_call> then text", [], 1),
+    ('<tool_call>\n{"name": "grep", "arguments": "B-17"}\n</tool_call>',  # arguments not an object
+     '<tool_call>\n{"name": "grep", "arguments": "B-17"}\n</tool_call>', [], 1),
+    ('Sure. <tool_call>\n{"name": "grep", "argu', 'Sure. <tool_call>\n{"name": "grep", "argu', [], 1),  # cut off
+    ("Café ✓ " + CALL + " and after", "Café ✓  and after", [(0, "read_file", {"path": "a.txt"})], 0),
+])
+def test_hermes_calls_and_content_whatever_the_pieces(text, content, calls, invalid):
+    assert every_cut(text) == (content, calls, invalid)
+
+
+def test_parallel_false_keeps_the_first_call_only_and_any_name_without_declared_tools():
+    content, calls, invalid = every_cut(CALL + "\n" + CALL2, parallel=False)
+    assert [c[1] for c in calls] == ["read_file"] and content == CALL2 and invalid == 1
+    assert every_cut('<tool_call>{"name": "anything", "parameters": {"a": 1}}</tool_call>', names=None)[1] == \
+        [(0, "anything", {"a": 1})]
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ('{"name": "grep", "parameters": {"pattern": "x"}}', "", [(0, "grep", {"pattern": "x"})]),
+    ('  <|python_tag|>{"name": "read_file", "arguments": {"path": "b"}}', "", [(0, "read_file", {"path": "b"})]),
+    ("The port is 7311.", "The port is 7311.", []),
+    ('{"answer": 42}', '{"answer": 42}', []),  # JSON that is not a call stays content
+    ("<b>bold</b>", "<b>bold</b>", []),
+])
+def test_llama3_json_the_whole_answer_is_one_call_or_content(text, content, calls):
+    got = every_cut(text, fmt="llama3_json")
+    assert got[:2] == (content, calls) and got[2] == (1 if text.startswith("{") and not calls else 0)
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ValueError, match="unknown tool-call format"):
+        CallStream("pythonic")
+
+
+# ---------------------------------------------------------------------- end to end through the server
+
+TOOLS = [{"type": "function", "function": {"name": n, "description": f"The {n} tool.", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}}}}} for n in sorted(NAMES)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from conftest import write_skill
+
+    from skillkv.serve.server import ServeConfig, Server
+
+    root = tmp_path_factory.mktemp("serve-calls")
+    write_skill(root / "skills", "beta-codes", "Use for beta error codes.", "Code B-17 means the disk is full.\n")
+    srv = Server(ServeConfig(port=0, model="dummy:tiny", skills=root / "skills", store=root / "store", device="cpu",
+                             watch=False), log=lambda s: None, access=lambda e: srv.entries.append(e))
+    srv.entries = []
+    yield srv.start_background()
+    srv.close()
+
+
+@pytest.fixture
+def scripted(server, monkeypatch):
+    """The model answers `script[0]` (a text, then its end-of-turn token) whatever the prompt: every sampled
+    position's logits are replaced by a one-hot of the script's next token."""
+    from skillkv.sched.loop import Loop
+
+    tok, script = server.kv.handle.tokenizer, [""]
+    stop = min(server.kv.handle.stop_ids)
+    real = Loop._postprocess
+
+    def forced(self, step, logits):
+        ids = tok.encode(script[0], add_special_tokens=False) + [stop]
+        logits = logits.clone().fill_(-1e4)
+        for i, r in enumerate(step.reqs):
+            logits[i, ids[min(len(r.output), len(ids) - 1)]] = 0.0
+        return real(self, step, logits)
+
+    monkeypatch.setattr(Loop, "_postprocess", forced)
+    return script
+
+
+def _post(server, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _body(**extra) -> dict:
+    return {"model": "default", "messages": [{"role": "user", "content": "Read a.txt and grep B-17."}],
+            "tools": TOOLS, "max_tokens": 200, **extra}
+
+
+def test_the_answers_calls_come_back_as_tool_calls(server, scripted):
+    scripted[0] = "Let me look.\n" + CALL + "\n" + CALL2
+    r = _post(server, _body())
+    msg, choice = r["choices"][0]["message"], r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and msg["content"] == "Let me look.\n"
+    assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]] \
+        == [("function", "read_file", {"path": "a.txt"}), ("function", "grep", {"pattern": "B-17", "n": 3})]
+    ids = [c["id"] for c in msg["tool_calls"]]
+    assert len(set(ids)) == 2 and all(i.startswith("call_") for i in ids)
+    assert r["skillkv"]["tool_calls"] == {"format": "hermes", "parsed": 2, "invalid": 0}
+    assert server.entries[-1]["tool_calls"] == 2 and server.entries[-1]["invalid_tool_calls"] == 0
+
+    r = _post(server, _body(parallel_tool_calls=False))
+    msg = r["choices"][0]["message"]
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["read_file"] and msg["content"].endswith(CALL2)
+
+    for extra in ({"tool_choice": "none"}, {"tools": None}):  # no tools in play: the text is the answer, as written
+        r = _post(server, _body(**extra))
+        assert r["choices"][0]["message"]["content"] == scripted[0] and "tool_calls" not in r["choices"][0]["message"]
+        assert r["choices"][0]["finish_reason"] == "stop" and "tool_calls" not in r["skillkv"]
+
+    scripted[0] = CALL  # the call alone: content null
+    r = _post(server, _body())
+    assert r["choices"][0]["message"]["content"] is None and r["choices"][0]["finish_reason"] == "tool_calls"
+
+    scripted[0] = '<tool_call>\n{"name": "delete_everything", "arguments": {}}\n</tool_call>'
+    r = _post(server, _body())
+    assert r["choices"][0]["message"]["content"] == scripted[0] and r["choices"][0]["finish_reason"] == "stop"
+    assert r["skillkv"]["tool_calls"]["invalid"] == 1 and server.entries[-1]["invalid_tool_calls"] == 1
+
+
+def test_streamed_calls_as_openai_streams_them_read_by_the_openai_client(server, scripted):
+    from openai import OpenAI
+
+    scripted[0] = "Checking.\n" + CALL + "\n" + CALL2
+    whole = _post(server, _body())["choices"][0]["message"]
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    body = _body()
+    stream = client.chat.completions.create(model="default", messages=body["messages"], tools=TOOLS, max_tokens=200,
+                                            stream=True)
+    content, calls, finish = [], {}, []
+    for ch in stream:
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        content.append(d.content or "")
+        for tc in d.tool_calls or []:
+            c = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+            c["id"] += tc.id or ""
+            c["name"] += (tc.function.name or "") if tc.function else ""
+            c["arguments"] += (tc.function.arguments or "") if tc.function else ""
+        finish += [ch.choices[0].finish_reason] if ch.choices[0].finish_reason else []
+    assert "".join(content) == whole["content"] == "Checking.\n" and finish == ["tool_calls"]
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == \
+        [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["tool_calls"]]
+    assert all(c["id"].startswith("call_") for c in calls.values())
