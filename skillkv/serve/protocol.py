@@ -1,15 +1,16 @@
 """Request and response shapes of the OpenAI-compatible API (chat completions), and its error shape.
 
 Requests are validated by pydantic; anything the server cannot honour is refused with a 400, never silently
-ignored when it would change the answer (n > 1, logprobs, tool_choice "required" or a named function, non-text
-content parts). Unknown fields are accepted and ignored, as OpenAI-compatible servers do (clients send `user`,
-`presence_penalty`, ... routinely).
+ignored when it would change the answer (n > 1, logprobs, non-text content parts). `tool_choice` "required" or a
+named function and `response_format` constrain the answer (serve/constraints.py). Unknown fields are accepted and
+ignored, as OpenAI-compatible servers do (clients send `user`, `presence_penalty`, ... routinely).
 
 Tools (OpenAI's chat-completions shapes): `tools` = [{"type": "function", "function": {name, description,
 parameters}}] (other tool types, e.g. Codex's `web_search`, are accepted and left out of the prompt), `tool_choice`
-"auto" | "none", `parallel_tool_calls`; assistant messages may carry `tool_calls` = [{id, type: "function",
-function: {name, arguments: JSON string}}] with `content` null or absent; `tool` messages carry `tool_call_id` (and
-optionally `name`). How they enter the prompt: skillkv/serve/render.py; how the answer's calls come back as
+"auto" | "none" | "required" | {"type": "function", "function": {"name"}}, `parallel_tool_calls`; assistant
+messages may carry `tool_calls` = [{id, type: "function", function: {name, arguments: JSON string}}] with `content`
+null or absent; `tool` messages carry `tool_call_id` (and optionally `name`). How they enter the prompt:
+skillkv/serve/render.py; how the answer's calls come back as
 `message.tool_calls` (`completion`, `call_deltas` when streamed): skillkv/serve/tool_calls.py.
 
 skillkv extensions
@@ -153,8 +154,9 @@ class ChatRequest(BaseModel):
     stop: Union[str, list[str], None] = None
     logprobs: Optional[bool] = None
     tools: Optional[list[Tool]] = None
-    tool_choice: Union[str, dict, None] = None  # "auto" | "none" ("required" and a named function: refused)
+    tool_choice: Union[str, dict, None] = None  # "auto" | "none" | "required" | a named function
     parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[dict] = None  # {"type": "text" | "json_object" | "json_schema", ...}
     skills: Optional[list[str]] = None  # skillkv extension: these skills, in this order
     mode: Literal["auto", "exact", "full", "compose"] = "auto"  # skillkv extension: as `skillkv ask --mode`
 
@@ -182,10 +184,6 @@ class ChatRequest(BaseModel):
             raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
         if self.logprobs:
             raise ApiError(400, "logprobs are not supported", param="logprobs", code="unsupported_parameter")
-        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
-            raise ApiError(400, "tool_choice 'required' or a named function needs constrained tool calls, which are "
-                           "not supported yet (use 'auto' or 'none')", param="tool_choice",
-                           code="unsupported_parameter")
 
     @property
     def answer_limit(self) -> int | None:

@@ -29,6 +29,7 @@ from skillkv.generate import SamplingParams
 from skillkv.sched.loop import Loop
 from skillkv.sched.request import Req
 from skillkv.serve.protocol import ApiError, ChatRequest, api_error, usage
+from skillkv.serve.constraints import constraint_for
 from skillkv.serve.render import render
 from skillkv.serve.tool_calls import CallStream, call_format
 
@@ -68,6 +69,10 @@ class Worker:
         self._stats = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="skillkv-stats")
         self.steps = 0
         self.served = 0
+        # answers with tools or a grammar since start (/health, /stats): calls parsed, call-like text left as
+        # content, answers constrained by tool_choice or response_format
+        self.protocol = {"tool_calls": 0, "invalid_tool_calls": 0, "constrained_tool_choice": 0,
+                         "constrained_response_format": 0}
 
     # ------------------------------------------------------------------ lifecycle (caller's thread)
 
@@ -141,7 +146,8 @@ class Worker:
         """Counters for /health, read without locking (approximate while a step runs)."""
         sched = self.loop.sched
         return {"running": len(sched.running), "waiting": len(sched.waiting), "steps": self.loop.steps,
-                "served": self.served, "runner": self.runner.name, "pool": self.runner.usage()}
+                "served": self.served, "protocol": dict(self.protocol), "runner": self.runner.name,
+                "pool": self.runner.usage()}
 
     # ------------------------------------------------------------------ the loop (engine thread)
 
@@ -215,6 +221,11 @@ class Worker:
         if b.tools and b.tool_choice != "none":
             job.calls = CallStream(call_format(kv.builder.tokenizer), {t.function.name for t in b.tools if t.function},
                                    parallel=b.parallel_tool_calls is not False)
+        try:
+            req.constraint = constraint_for(kv, b, job.calls.fmt if job.calls else "hermes")
+        except (ApiError, SkillkvError) as e:
+            job.emit(("error", e if isinstance(e, ApiError) else ApiError(400, str(e))))
+            return
         self.loop.add(req)
         job.emit(("accepted", {"prompt_tokens": len(req.ids), "skills": [s.name for s in chosen]}))
 
@@ -240,6 +251,11 @@ class Worker:
             text, calls = job.calls.text, job.calls.calls
             finish = "tool_calls" if calls and finish == "stop" else finish
             ext["tool_calls"] = {"format": job.calls.fmt, "parsed": len(calls), "invalid": job.calls.invalid}
+            self.protocol["tool_calls"] += len(calls)
+            self.protocol["invalid_tool_calls"] += job.calls.invalid
+        if req.constraint is not None:
+            ext["constrained"] = req.constraint.what
+            self.protocol["constrained_" + req.constraint.what] += 1
         try:  # queued before the answer is out, so a /stats after it waits for this record
             self._stats.submit(self._record, req)
         except RuntimeError:  # shutting down: statistics are never worth a failed request

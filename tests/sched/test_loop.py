@@ -147,3 +147,49 @@ def test_where_the_cache_is_not_exact_only_auto_reuses_it_and_says_so(kv, monkey
     kv.prefixes.open_request(auto)  # opened again (the pool could not hold it yet): in the mode asked for
     kv.runner.release(auto.seq)
     assert auto.mode == "cached" and auto.asked == "auto"
+
+
+class _Only:
+    """A constraint that allows one token until `n` were accepted, then only the stop token (sched/grammar.py's
+    interface); `fail_at`: raise ConstraintError when asked for that position's mask."""
+
+    def __init__(self, token, stop, n, fail_at=None):
+        self.token, self.stop, self.n, self.fail_at, self.accepted = token, stop, n, fail_at, []
+
+    def mask(self, row):
+        from skillkv.sched.grammar import ConstraintError
+
+        if len(self.accepted) == self.fail_at:
+            raise ConstraintError("the grammar allows no next token")
+        keep = self.token if len(self.accepted) < self.n else self.stop
+        value = row[keep].clone()
+        row.fill_(float("-inf"))
+        row[keep] = value
+
+    def accept(self, tok):
+        self.accepted.append(tok)
+
+    @property
+    def finished(self):
+        return len(self.accepted) > self.n
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_constraint_masks_every_chosen_token_and_a_dead_end_fails_only_its_request(kv, temperature):
+    loop = kv.make_loop(max_batch=4)
+    stop = min(loop.stop_ids)
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=1)
+    held = kv.request([], _ids(1, 30), params, "full", preamble=False)
+    held.constraint = _Only(77, stop, 4)
+    dead = kv.request([], _ids(2, 30), params, "full", preamble=False)
+    dead.constraint = _Only(77, stop, 4, fail_at=2)
+    free = kv.request([], _ids(3, 30), params, "full", preamble=False)
+    alone = kv.make_loop().run(kv.request([], _ids(3, 30), params, "full", preamble=False)).output
+    for r in (held, dead, free):
+        loop.add(r)
+    while any(r.state != "done" for r in (held, dead, free)):
+        loop.step()
+    assert held.output == [77] * 4 and held.finish_reason == "stop" and held.constraint.accepted == [77] * 4 + [stop]
+    assert dead.finish_reason == "error" and "no next token" in str(dead.error) and dead.output == [77, 77]
+    assert free.output == alone  # its neighbours' constraints never touch it
+    kv.runner.table.check()

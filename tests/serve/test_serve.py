@@ -105,6 +105,10 @@ def test_usage_reports_cached_and_computed_tokens(tiny_server):
     assert again["skillkv"]["tokens"]["prefix_cache"] == (r["usage"]["prompt_tokens"] - 1) // 16 * 16 > 0
 
 
+AGENT_TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}, {"type": "web_search"}]
+
+
 @pytest.mark.parametrize("body,raw,status,param,code", [
     (None, b"{not json", 400, None, "invalid_request"),
     ({"model": "default"}, None, 400, "messages", "invalid_request"),
@@ -118,9 +122,14 @@ def test_usage_reports_cached_and_computed_tokens(tiny_server):
     (chat("x " * 3000, max_tokens=2000), None, 400, "messages", "context_length_exceeded"),
     ({"model": "default", "messages": [{"role": "system", "content": "only system"}]}, None, 400, "messages",
      "no_user_message"),
-    (chat("hi", tool_choice="required"), None, 400, "tool_choice", "unsupported_parameter"),
-    (chat("hi", tool_choice={"type": "function", "function": {"name": "f"}}), None, 400, "tool_choice",
-     "unsupported_parameter"),
+    (chat("hi", tool_choice="required"), None, 400, "tool_choice", "invalid_request"),  # no tools to call
+    (chat("hi", tools=AGENT_TOOLS, tool_choice={"type": "function", "function": {"name": "f"}}), None, 400,
+     "tool_choice", "unknown_function"),
+    (chat("hi", tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "no-such-type"}}}}}], tool_choice="required"), None, 400, "tools", "invalid_schema"),
+    (chat("hi", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}), None,
+     400, "response_format", "invalid_schema"),
+    (chat("hi", response_format={"type": "xml"}), None, 400, "response_format", "invalid_request"),
     (chat("hi", tool_choice="sometimes"), None, 400, "tool_choice", "invalid_request"),
     ({"model": "default", "messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}, None,
      400, "messages", "invalid_request"),
@@ -135,10 +144,6 @@ def test_errors_have_the_openai_shape(tiny_server, body, raw, status, param, cod
     assert r["error"]["code"] == code
     if param:
         assert (r["error"]["param"] or "").startswith(param)
-
-
-AGENT_TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file.", "parameters": {
-    "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}, {"type": "web_search"}]
 
 
 def test_agent_turns_with_tools_are_answered_and_extend_the_prompt(tiny_server):

@@ -195,3 +195,85 @@ def test_streamed_calls_as_openai_streams_them_read_by_the_openai_client(server,
     assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == \
         [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole["tool_calls"]]
     assert all(c["id"].startswith("call_") for c in calls.values())
+
+
+# ---------------------------------------------------------------------- constrained answers (sched/grammar.py)
+
+BOUNDED = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
+                                            "size": {"enum": [1, 2, 3]}},
+           "required": ["color", "ok", "size"], "additionalProperties": False}
+PICK = [{"type": "function", "function": {"name": n, "parameters": BOUNDED}} for n in ("paint", "resize")]
+
+
+def _valid(obj: dict) -> bool:
+    return set(obj) == {"color", "ok", "size"} and obj["color"] in ("red", "green", "blue") and \
+        isinstance(obj["ok"], bool) and obj["size"] in (1, 2, 3)
+
+
+@pytest.mark.parametrize("choice, names", [("required", {"paint", "resize"}),
+                                           ({"type": "function", "function": {"name": "resize"}}, {"resize"})])
+def test_a_forced_call_of_a_random_model_parses_and_matches_its_schema(server, choice, names):
+    """Random weights write whatever scores highest; the grammar lets through only a call of a declared (or the
+    named) function whose arguments match its schema, then the stop token."""
+    for q in ("Paint it.", "Make it bigger, please.", "x"):
+        for stream in (False, True):
+            body = {"model": "default", "messages": [{"role": "user", "content": q}], "tools": PICK,
+                    "tool_choice": choice, "max_tokens": 200, "temperature": 0.7, "seed": 3}
+            if stream:
+                from openai import OpenAI
+
+                client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+                body.pop("model")
+                parts = list(client.chat.completions.create(model="default", stream=True, **body))
+                deltas = [tc for p in parts if p.choices for tc in p.choices[0].delta.tool_calls or []]
+                calls = [{"function": {"name": deltas[0].function.name,
+                                       "arguments": "".join(d.function.arguments or "" for d in deltas)}}]
+                finish = [p.choices[0].finish_reason for p in parts if p.choices and p.choices[0].finish_reason]
+                assert finish == ["tool_calls"]
+            else:
+                r = _post(server, body)
+                assert r["choices"][0]["finish_reason"] == "tool_calls", r["choices"][0]
+                calls = r["choices"][0]["message"]["tool_calls"]
+                assert r["skillkv"]["tool_calls"] == {"format": "hermes", "parsed": 1, "invalid": 0}
+            assert len(calls) == 1 and calls[0]["function"]["name"] in names
+            assert _valid(json.loads(calls[0]["function"]["arguments"]))
+
+
+def test_response_format_json_schema_gives_an_instance(server):
+    for seed in range(3):
+        r = _post(server, {"model": "default", "messages": [{"role": "user", "content": "Describe it."}],
+                           "response_format": {"type": "json_schema", "json_schema": {"name": "thing",
+                                                                                      "schema": BOUNDED}},
+                           "max_tokens": 200, "temperature": 1.0, "seed": seed})
+        assert r["choices"][0]["finish_reason"] == "stop" and _valid(json.loads(r["choices"][0]["message"]["content"]))
+
+
+def test_health_and_stats_count_calls_and_constrained_answers(server, scripted):
+    import urllib.request
+
+    def counts():
+        with urllib.request.urlopen(server.url + "/stats", timeout=60) as r:
+            st = json.loads(r.read())["server"]
+        with urllib.request.urlopen(server.url + "/health", timeout=60) as r:
+            assert json.loads(r.read())["protocol"] == st
+        return st
+
+    before = counts()
+    scripted[0] = CALL + "\n" + '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>'
+    _post(server, _body())
+    scripted[0] = '{"color": "red", "ok": true, "size": 2}'
+    r = _post(server, {"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 50,
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": BOUNDED}}})
+    assert r["skillkv"]["constrained"] == "response_format" and server.entries[-1]["constrained"] == "response_format"
+    after = counts()
+    assert {k: after[k] - before[k] for k in after} == {"tool_calls": 1, "invalid_tool_calls": 1,
+                                                        "constrained_tool_choice": 0, "constrained_response_format": 1}
+
+
+def test_an_unconstrained_request_is_untouched_by_the_grammars(server):
+    """Same answer before and after constrained requests ran (no state leaks between requests)."""
+    body = {"model": "default", "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 12}
+    before = _post(server, body)["skillkv"]["output_token_ids"]
+    _post(server, {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": BOUNDED}},
+                   "max_tokens": 200})
+    assert _post(server, body)["skillkv"]["output_token_ids"] == before
