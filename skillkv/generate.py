@@ -55,6 +55,7 @@ class StopText:
 
     def __init__(self, stops: list[str], emit: Callable[[str], None]):
         self.stops, self.emit, self.buf, self.text, self.hit = stops, emit, "", "", False
+        self.which: str | None = None  # the stop string that cut the text
         self.hold = max((len(s) for s in stops), default=1) - 1  # held back
 
     def push(self, delta: str) -> None:
@@ -62,9 +63,10 @@ class StopText:
             return
         self.buf += delta
         # every stop occurrence starts inside buf: what was sent was checked with `hold` characters after it
-        found = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        found = [(i, s) for i, s in ((self.buf.find(s), s) for s in self.stops) if i >= 0]
         if found:
-            self.buf, self.hit = self.buf[:min(found)], True
+            at, self.which = min(found)
+            self.buf, self.hit = self.buf[:at], True
             self.flush()
             return
         keep = len(self.buf) - self.hold

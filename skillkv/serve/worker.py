@@ -142,6 +142,15 @@ class Worker:
         self.inbox.put(("call", fn, fut))
         return fut
 
+    def prompt_tokens(self, body: ChatRequest) -> int:
+        """The prompt tokens `body` would be answered over (skills injected as they would be): count_tokens. Run
+        on the engine thread (`call`)."""
+        b, kv = body, self.kv
+        b.check()
+        rd = render(kv, b)
+        pieces = [p for _, p in kv.compiler.pieces(rd.skills)] if rd.skills else []
+        return sum(map(len, pieces)) + len(rd.ids)
+
     def snapshot(self) -> dict:
         """Counters for /health, read without locking (approximate while a step runs)."""
         sched = self.loop.sched
@@ -260,7 +269,7 @@ class Worker:
             self._stats.submit(self._record, req)
         except RuntimeError:  # shutting down: statistics are never worth a failed request
             pass
-        job.emit(("done", {"text": text, "tool_calls": calls, "finish": finish,
+        job.emit(("done", {"text": text, "tool_calls": calls, "finish": finish, "stop_sequence": req.stop_text.which,
                            "usage": usage(len(req.ids), len(req.output), req.cached), "ext": ext}))
 
     def _record(self, req: Req) -> None:

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from protocol_server import scripted, server  # noqa: F401 - fixtures
 from skillkv.serve.tool_calls import CallStream
 
 CALL = '<tool_call>\n{"name": "read_file", "arguments": {"path": "a.txt"}}\n</tool_call>'
@@ -87,42 +88,6 @@ def test_unknown_format_is_refused():
 
 TOOLS = [{"type": "function", "function": {"name": n, "description": f"The {n} tool.", "parameters": {
     "type": "object", "properties": {"path": {"type": "string"}}}}} for n in sorted(NAMES)]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from conftest import write_skill
-
-    from skillkv.serve.server import ServeConfig, Server
-
-    root = tmp_path_factory.mktemp("serve-calls")
-    write_skill(root / "skills", "beta-codes", "Use for beta error codes.", "Code B-17 means the disk is full.\n")
-    srv = Server(ServeConfig(port=0, model="dummy:tiny", skills=root / "skills", store=root / "store", device="cpu",
-                             watch=False), log=lambda s: None, access=lambda e: srv.entries.append(e))
-    srv.entries = []
-    yield srv.start_background()
-    srv.close()
-
-
-@pytest.fixture
-def scripted(server, monkeypatch):
-    """The model answers `script[0]` (a text, then its end-of-turn token) whatever the prompt: every sampled
-    position's logits are replaced by a one-hot of the script's next token."""
-    from skillkv.sched.loop import Loop
-
-    tok, script = server.kv.handle.tokenizer, [""]
-    stop = min(server.kv.handle.stop_ids)
-    real = Loop._postprocess
-
-    def forced(self, step, logits):
-        ids = tok.encode(script[0], add_special_tokens=False) + [stop]
-        logits = logits.clone().fill_(-1e4)
-        for i, r in enumerate(step.reqs):
-            logits[i, ids[min(len(r.output), len(ids) - 1)]] = 0.0
-        return real(self, step, logits)
-
-    monkeypatch.setattr(Loop, "_postprocess", forced)
-    return script
 
 
 def _post(server, body: dict) -> dict:
