@@ -21,6 +21,8 @@ from skillkv.sched.grammar import Constraint, Grammars
 from skillkv.serve.protocol import ApiError, ChatRequest
 from skillkv.serve.tool_calls import CLOSE, OPEN
 
+SPACE = 8  # the longest run of space a response_format answer may hold (pretty-printed JSON, 2-3 levels deep)
+
 
 def _function_schema(fn, fmt: str) -> dict:
     key = "parameters" if fmt == "llama3_json" else "arguments"
@@ -63,14 +65,22 @@ def _format_schema(body: ChatRequest) -> tuple[str, object] | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return "json_object", lambda: __import__("xgrammar").Grammar.builtin_json_grammar()
+        return "json_object", lambda: _json_grammar('{"type": "object"}', strict=False)
     spec = rf.get("json_schema")
     if kind != "json_schema" or not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ApiError(400, 'response_format is {"type": "text" | "json_object"} or {"type": "json_schema", '
                        '"json_schema": {"name": ..., "schema": {...}}}', param="response_format",
                        code="invalid_request")
     schema = json.dumps(spec["schema"])  # the properties in the client's order: the answer's order
-    return "schema:" + schema, lambda: __import__("xgrammar").Grammar.from_json_schema(schema)
+    return "schema:" + schema, lambda: _json_grammar(schema)
+
+
+def _json_grammar(schema: str, strict: bool = True):
+    """JSON of `schema` with space where JSON allows it but at most SPACE characters in a row: a small model under a
+    grammar that allows any space can write nothing else until `max_tokens` (seen with the tiny model)."""
+    import xgrammar as xgr
+
+    return xgr.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=SPACE, strict_mode=strict)
 
 
 def constraint_for(kv, body: ChatRequest, fmt: str) -> Constraint | None:

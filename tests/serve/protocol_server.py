@@ -40,3 +40,21 @@ def scripted(server, monkeypatch):
 
     monkeypatch.setattr(Loop, "_postprocess", forced)
     return script
+
+
+
+def logged(server, send) -> tuple[object, dict]:
+    """(what `send()` returns, the access-log entry of the request it made): the log line is written once the response
+    has been sent, so it may land just after the client has read it."""
+    import time
+
+    before = -1
+    while before != len(server.entries):  # the lines of earlier requests landed: none for 0.3 s
+        before = len(server.entries)
+        time.sleep(0.3)
+    out = send()
+    deadline = time.monotonic() + 10
+    while len(server.entries) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(server.entries) == before + 1, server.entries[before:]
+    return out, server.entries[-1]

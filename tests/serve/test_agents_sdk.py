@@ -32,10 +32,13 @@ def _run(url: str, question: str, skills: dict[str, str], max_tokens: int) -> tu
 
 
 def test_an_agent_calls_a_tool_and_completes_on_the_tiny_model(server):
+    import time
+
     before = len(server.entries)
     result, loaded = _run(server.url, "What does code B-17 mean?", {"beta-codes": "Code B-17 means the disk is full."},
                           200)  # the tiny model's tokens are bytes
     assert len(loaded) == 1 and isinstance(result.final_output, str)
+    time.sleep(0.5)  # the access log's line is written once the response has been sent
     chats = [e for e in server.entries[before:] if e["path"] == "/v1/chat/completions"]
     assert len(chats) >= 2 and all(e["status"] == 200 for e in chats)
     assert chats[0]["constrained"] == "tool_choice" and chats[0]["tool_calls"] == 1

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from protocol_server import scripted, server  # noqa: F401 - fixtures
+from protocol_server import logged, scripted, server  # noqa: F401 - fixtures
 from skillkv.serve.tool_calls import CallStream
 
 CALL = '<tool_call>\n{"name": "read_file", "arguments": {"path": "a.txt"}}\n</tool_call>'
@@ -106,7 +106,7 @@ def _body(**extra) -> dict:
 
 def test_the_answers_calls_come_back_as_tool_calls(server, scripted):
     scripted[0] = "Let me look.\n" + CALL + "\n" + CALL2
-    r = _post(server, _body())
+    r, entry = logged(server, lambda: _post(server, _body()))
     msg, choice = r["choices"][0]["message"], r["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and msg["content"] == "Let me look.\n"
     assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]] \
@@ -114,7 +114,7 @@ def test_the_answers_calls_come_back_as_tool_calls(server, scripted):
     ids = [c["id"] for c in msg["tool_calls"]]
     assert len(set(ids)) == 2 and all(i.startswith("call_") for i in ids)
     assert r["skillkv"]["tool_calls"] == {"format": "hermes", "parsed": 2, "invalid": 0}
-    assert server.entries[-1]["tool_calls"] == 2 and server.entries[-1]["invalid_tool_calls"] == 0
+    assert entry["tool_calls"] == 2 and entry["invalid_tool_calls"] == 0
 
     r = _post(server, _body(parallel_tool_calls=False))
     msg = r["choices"][0]["message"]
@@ -130,9 +130,9 @@ def test_the_answers_calls_come_back_as_tool_calls(server, scripted):
     assert r["choices"][0]["message"]["content"] is None and r["choices"][0]["finish_reason"] == "tool_calls"
 
     scripted[0] = '<tool_call>\n{"name": "delete_everything", "arguments": {}}\n</tool_call>'
-    r = _post(server, _body())
+    r, entry = logged(server, lambda: _post(server, _body()))
     assert r["choices"][0]["message"]["content"] == scripted[0] and r["choices"][0]["finish_reason"] == "stop"
-    assert r["skillkv"]["tool_calls"]["invalid"] == 1 and server.entries[-1]["invalid_tool_calls"] == 1
+    assert r["skillkv"]["tool_calls"]["invalid"] == 1 and entry["invalid_tool_calls"] == 1
 
 
 def test_streamed_calls_as_openai_streams_them_read_by_the_openai_client(server, scripted):
@@ -227,9 +227,10 @@ def test_health_and_stats_count_calls_and_constrained_answers(server, scripted):
     scripted[0] = CALL + "\n" + '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>'
     _post(server, _body())
     scripted[0] = '{"color": "red", "ok": true, "size": 2}'
-    r = _post(server, {"model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 50,
-                       "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": BOUNDED}}})
-    assert r["skillkv"]["constrained"] == "response_format" and server.entries[-1]["constrained"] == "response_format"
+    r, entry = logged(server, lambda: _post(server, {
+        "model": "default", "messages": [{"role": "user", "content": "x"}], "max_tokens": 50,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": BOUNDED}}}))
+    assert r["skillkv"]["constrained"] == "response_format" and entry["constrained"] == "response_format"
     after = counts()
     assert {k: after[k] - before[k] for k in after} == {"tool_calls": 1, "invalid_tool_calls": 1,
                                                         "constrained_tool_choice": 0, "constrained_response_format": 1}
@@ -242,3 +243,21 @@ def test_an_unconstrained_request_is_untouched_by_the_grammars(server):
     _post(server, {**body, "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": BOUNDED}},
                    "max_tokens": 200})
     assert _post(server, body)["skillkv"]["output_token_ids"] == before
+
+
+def test_the_openai_clients_structured_output_parses(server):
+    """`client.chat.completions.parse` with a pydantic model: the SDK sends a strict json_schema response_format and
+    parses the answer into the model."""
+    from typing import Literal
+
+    from openai import OpenAI
+    from pydantic import BaseModel
+
+    class Thing(BaseModel):
+        color: Literal["red", "green", "blue"]
+        ok: bool
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.parse(model="default", messages=[{"role": "user", "content": "Describe it."}],
+                                      response_format=Thing, max_tokens=200)
+    assert isinstance(r.choices[0].message.parsed, Thing) and r.choices[0].finish_reason == "stop"
