@@ -14,7 +14,7 @@ Two formats, chosen per chat template by rendering a probe call once (`call_form
   ("call", call)   a complete call, OpenAI's shape: {"index", "id", "type": "function",
                    "function": {"name", "arguments": JSON string}}
 `finish()` flushes what was held back. A block that does not hold a call (not JSON, no name, a name the request did
-not declare, arguments that are not an object) or is cut off by the answer's end stays content, as the model wrote
+not declare, arguments that are not an object nor a string holding one) or is cut off by the answer's end stays content, as the model wrote
 it (vLLM does the same), and is counted in `invalid`. With `parallel=False` (the request's `parallel_tool_calls:
 false`) calls after the first stay content too. Nothing here constrains what the model writes: a weak model may
 write no call, or text that looks like one (constrained decoding is the next step of issue 24).
@@ -57,6 +57,8 @@ def _call(obj, names: set[str] | None, index: int) -> dict | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # some models write the arguments as a JSON string, as the API carries them
+        args = _loads(args)
     if not isinstance(args, dict) or (names is not None and obj["name"] not in names):
         return None
     return {"index": index, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",

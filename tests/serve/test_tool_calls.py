@@ -53,6 +53,7 @@ def every_cut(text: str, **kw):
     ("<tool_call>\n{not json}\n</tool_call> then text", "<tool_call>\n{not json}\n</tool_call> then text", [], 1),
     ('<tool_call>\n{"name": "grep", "arguments": "B-17"}\n</tool_call>',  # arguments not an object
      '<tool_call>\n{"name": "grep", "arguments": "B-17"}\n</tool_call>', [], 1),
+    ('<tool_call>{"name": "grep", "arguments": "{\\"n\\": 2}"}</tool_call>', "", [(0, "grep", {"n": 2})], 0),
     ('Sure. <tool_call>\n{"name": "grep", "argu', 'Sure. <tool_call>\n{"name": "grep", "argu', [], 1),  # cut off
     ("Café ✓ " + CALL + " and after", "Café ✓  and after", [(0, "read_file", {"path": "a.txt"})], 0),
 ])
