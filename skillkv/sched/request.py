@@ -54,6 +54,7 @@ class Req:
     tiers: list[str] = field(default_factory=list)  # per skill: l1 | host | l2 | computed
     snapshot_load: float = 0.0  # seconds spent making the skills' KV resident
     constraint: object = field(default=None, repr=False)  # sched/grammar.Constraint: the answer's grammar
+    spans: list = field(default_factory=list)  # select/spans.Span: compiled skills the prompt holds, where
     prefill_s: float = 0.0  # engine time of the steps that fed its prompt (shared with the requests batched beside)
     compose: dict | None = None  # compose mode: what was placed and repaired
     output: list[int] = field(default_factory=list)

@@ -18,7 +18,8 @@ skillkv extensions
             `mode: auto | exact | full | compose`  as `skillkv ask --mode` (default auto)
   response  `usage.prompt_tokens_details.cached_tokens` (as OpenAI) and `usage.skillkv` = {cached_tokens,
             computed_tokens}; a top-level `skillkv` object: skills, injection (why skills were or were not
-            injected), mode, tokens, tool_calls ({format, parsed, invalid}: a request declaring tools), tiers
+            injected), mode, tokens, spans (compiled skills found in the prompt: skill, form, start, tokens, of),
+            tool_calls ({format, parsed, invalid}: a request declaring tools), tiers
             (l1 | host | l2 | computed, where each skill's KV came from), output_token_ids, timings_ms (queue,
             snapshot_load, prefill: the engine steps that fed the prompt, ttft, total; measured in the server)
 """

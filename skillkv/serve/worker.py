@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from skillkv.errors import PromptTooLong, SkillkvError
@@ -29,6 +29,7 @@ from skillkv.generate import SamplingParams
 from skillkv.sched.loop import Loop
 from skillkv.sched.request import Req
 from skillkv.serve.protocol import ApiError, ChatRequest, api_error, usage
+from skillkv.select.spans import SpanIndex
 from skillkv.serve.constraints import constraint_for
 from skillkv.serve.render import render
 from skillkv.serve.tool_calls import CallStream, call_format
@@ -227,6 +228,10 @@ class Worker:
             job.emit(("error", ApiError(400, str(e))))
             return
         req.data, req.select_on, req.injection, job.req = job, select_on, rd.injection, req
+        # the compiled skills the conversation itself holds, and where (issue 23: reported; placement is next)
+        shift = len(req.ids) - len(q_ids)
+        req.spans = [replace(sp, start=sp.start + shift, end=sp.end + shift) for sp in
+                     SpanIndex.of(kv.load_skills().skills, kv.builder.tokenizer).find(q_ids)]
         if b.tools and b.tool_choice != "none":
             job.calls = CallStream(call_format(kv.builder.tokenizer), {t.function.name for t in b.tools if t.function},
                                    parallel=b.parallel_tool_calls is not False)
@@ -252,7 +257,8 @@ class Worker:
     def _complete(self, job: Job, req: Req) -> None:
         self.served += 1
         ext = {"skills": [x.name for x in req.skills], "injection": req.injection, "mode": req.mode, "tiers": req.tiers,
-               "tokens": req.tokens, "output_token_ids": list(req.output), "timings_ms": req.timings_ms()}
+               "tokens": req.tokens, "spans": [sp.to_json() for sp in req.spans],
+               "output_token_ids": list(req.output), "timings_ms": req.timings_ms()}
         text, calls, finish = req.text, [], req.finish_reason
         if job.calls is not None:
             for out in job.calls.finish():

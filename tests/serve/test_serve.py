@@ -169,6 +169,25 @@ def test_agent_turns_with_tools_are_answered_and_extend_the_prompt(tiny_server):
     assert r["skillkv"]["injection"] == "chosen from the first user message"
 
 
+def test_a_skill_the_conversation_holds_is_reported_where_it_is(tiny_server):
+    """skillkv.spans: the alpha-tool body in a tool result (as Gemini CLI's activate_skill returns it), found in
+    the prompt; nothing for a prompt that holds no skill text (an injected skill is in `skills`, not a span)."""
+    body = (tiny_server.skills_dir / "alpha-tool" / "SKILL.md").read_text().split("---", 2)[2].strip()
+    msgs = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Flags of alpha?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c0", "type": "function", "function": {
+                "name": "activate_skill", "arguments": '{"name": "alpha-tool"}'}}]},
+            {"role": "tool", "tool_call_id": "c0", "content": f"<activated_skill>\n{body}\n</activated_skill>"}]
+    tools = [{"type": "function", "function": {"name": "activate_skill", "parameters": {"type": "object"}}}]
+    code, r = post(tiny_server.url, {"model": "default", "messages": msgs, "tools": tools, "max_tokens": 2})
+    assert code == 200 and r["skillkv"]["skills"] == []
+    [span] = r["skillkv"]["spans"]
+    assert (span["skill"], span["form"]) == ("alpha-tool", "body") and span["of"] - 2 <= span["tokens"] <= span["of"]
+    assert span["tokens"] > 100  # the body as sent (stripped here: its last newline is not in the prompt)
+    assert 0 < span["start"] < r["usage"]["prompt_tokens"] - span["tokens"]
+    code, r = post(tiny_server.url, chat("What does code B-17 mean?", max_tokens=2))
+    assert r["skillkv"]["skills"] == ["beta-codes"] and r["skillkv"]["spans"] == []
+
+
 def test_unknown_route_and_method(tiny_server):
     code, r = post(tiny_server.url, {}, path="/v1/nothing")
     assert code == 404 and r["error"]["type"] == "not_found_error"
