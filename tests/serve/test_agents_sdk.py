@@ -9,6 +9,8 @@ import pytest
 
 from protocol_server import server  # noqa: F401 - fixture
 
+pytest.importorskip("agents", reason="openai-agents: a dev dependency (make install), not on the GPU machine")
+
 
 def _run(url: str, question: str, skills: dict[str, str], max_tokens: int) -> tuple[object, list[str]]:
     from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled

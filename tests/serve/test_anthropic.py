@@ -11,6 +11,8 @@ import json
 import pytest
 
 from protocol_server import scripted, server  # noqa: F401 - fixtures
+
+pytest.importorskip("anthropic", reason="the anthropic SDK: a dev dependency (make install), not on the GPU machine")
 from skillkv.serve.anthropic import MessagesRequest, to_chat
 from skillkv.serve.protocol import ApiError, ChatRequest
 
