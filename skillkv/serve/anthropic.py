@@ -30,7 +30,7 @@ import json
 import uuid
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from skillkv.serve.protocol import ApiError, ChatRequest
 
@@ -161,7 +161,12 @@ def to_chat(req: MessagesRequest, stream: bool | None = None) -> ChatRequest:
             "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop_sequences or None,
             "tools": tools or None, "tool_choice": choice if tools or choice not in ("auto", "none") else None,
             "parallel_tool_calls": parallel, "skills": req.skills, "mode": req.mode}
-    return ChatRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    try:
+        return ChatRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    except ValidationError as e:  # what the chat request refuses of it (an empty stop sequence, ...): the client's
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or None
+        raise ApiError(400, f"{where}: {err.get('msg')}" if where else str(err.get("msg")), param=where) from None
 
 
 def error_body(status: int, message: str) -> dict:

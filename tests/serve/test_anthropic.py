@@ -69,6 +69,7 @@ def test_a_messages_request_is_the_chat_request_of_the_same_conversation():
     (lambda b: b["messages"][0]["content"].append({"type": "image", "source": {}}), "'image' block"),
     (lambda b: b.update(tool_choice={"type": "sometimes"}), "tool_choice type"),
     (lambda b: b.update(stop_sequences=list("abcde")), "stop_sequences"),
+    (lambda b: b.update(stop_sequences=[""]), "stop"),  # refused by the chat request it maps to: still a 400
 ])
 def test_bad_messages_requests_are_400s_naming_what(change, needle):
     body = claude_code_turns()
