@@ -16,12 +16,14 @@ declared, `required` without tools: ApiError 400 naming the field.
 from __future__ import annotations
 
 import json
+import re
 
 from skillkv.sched.grammar import Constraint, Grammars
 from skillkv.serve.protocol import ApiError, ChatRequest
 from skillkv.serve.tool_calls import CLOSE, OPEN
 
 SPACE = 8  # the longest run of space a response_format answer may hold (pretty-printed JSON, 2-3 levels deep)
+DIGITS = 16  # the most digits in each part of a JSON number (bounded_numbers)
 
 
 def _function_schema(fn, fmt: str) -> dict:
@@ -30,10 +32,29 @@ def _function_schema(fn, fmt: str) -> dict:
     return {"type": "object", "properties": {"name": {"const": fn.name}, key: params}, "required": ["name", key]}
 
 
+def bounded_numbers(grammar):
+    """`grammar` with every run of digits xgrammar writes for a JSON number bounded to DIGITS: more than a double
+    holds. Unbounded, a small model can write `0.000000...` or `1000000...` until `max_tokens` (seen with the default
+    model on `number` and `integer` values); JSON Schema has no way to say it, so the rules are rewritten: `[0-9]*`
+    and repetitions `{1, -1}` / `{0, -1}` of a rule that is one digit, everywhere but in string patterns."""
+    import xgrammar as xgr
+
+    text = str(grammar)
+    digit = set(re.findall(r"^(\w+) ::= \(\(\[0-9\]\)\)$", text, re.M))
+    lines = []
+    for line in text.splitlines():
+        if "Regex(" not in line:
+            line = line.replace("[0-9]*", f"[0-9]{{0,{DIGITS - 1}}}")
+            line = re.sub(r"\b(\w+)\{([01]), -1\}", lambda m: f"{m[1]}{{{m[2]}, {DIGITS}}}" if m[1] in digit
+                          else m[0], line)
+        lines.append(line)
+    return xgr.Grammar.from_ebnf("\n".join(lines))
+
+
 def _call_grammar(schema: dict, fmt: str):
     import xgrammar as xgr
 
-    call = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    call = bounded_numbers(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
     if fmt == "llama3_json":
         return call
     literal = lambda s: xgr.Grammar.from_ebnf(f"root ::= {json.dumps(s)}")  # noqa: E731
@@ -80,7 +101,8 @@ def _json_grammar(schema: str, strict: bool = True):
     grammar that allows any space can write nothing else until `max_tokens` (seen with the tiny model)."""
     import xgrammar as xgr
 
-    return xgr.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=SPACE, strict_mode=strict)
+    return bounded_numbers(xgr.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=SPACE,
+                                                        strict_mode=strict))
 
 
 def constraint_for(kv, body: ChatRequest, fmt: str) -> Constraint | None:

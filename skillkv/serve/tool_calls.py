@@ -13,11 +13,13 @@ Two formats, chosen per chat template by rendering a probe call once (`call_form
                    `<tool_call>` is held back; llama3_json: an answer whose first character is `{` is held to its end)
   ("call", call)   a complete call, OpenAI's shape: {"index", "id", "type": "function",
                    "function": {"name", "arguments": JSON string}}
-`finish()` flushes what was held back. A block that does not hold a call (not JSON, no name, a name the request did
-not declare, arguments that are not an object nor a string holding one) or is cut off by the answer's end stays content, as the model wrote
-it (vLLM does the same), and is counted in `invalid`. With `parallel=False` (the request's `parallel_tool_calls:
-false`) calls after the first stay content too. Nothing here constrains what the model writes: a weak model may
-write no call, or text that looks like one (constrained decoding is the next step of issue 24).
+A block ends at the first `</tool_call>` after which its text parses as JSON (a
+string in the arguments may hold the tag). `finish()` flushes what was held back. A block that does not hold a call
+(not JSON, no name, a name the request did not declare, arguments that are not an object nor a string holding one)
+or is cut off by the answer's end stays content, as the model wrote it (vLLM does the same), and is counted in
+`invalid`. With `parallel=False` (the request's `parallel_tool_calls: false`) calls after the first stay content
+too. Nothing here constrains what the model writes (a weak model may write no call, or text that looks like one);
+`tool_choice` "required" or a named function does (serve/constraints.py).
 """
 
 from __future__ import annotations
@@ -129,14 +131,19 @@ class CallStream:
             if not (self.calls and not self._buf[:at].strip()):  # not the space between two calls
                 out += self._text(self._buf[:at])
             self._buf = self._buf[at:]
-            close = self._buf.find(CLOSE)
+            close, obj = self._buf.find(CLOSE), None
+            while close >= 0:  # a close tag inside the JSON (a string holding it) is not the block's end
+                obj = _loads(self._buf[len(OPEN):close].strip())
+                if obj is not None:
+                    break
+                close = self._buf.find(CLOSE, close + 1)
             if close < 0:
-                if end:  # cut off by the answer's end
+                if end:  # no close tag ends a JSON object: cut off by the answer's end, or not a call
                     out += self._take(self._buf, None)
                     self._buf = ""
                 return out
             block, self._buf = self._buf[:close + len(CLOSE)], self._buf[close + len(CLOSE):]
-            out += self._take(block, _loads(block[len(OPEN):-len(CLOSE)].strip()))
+            out += self._take(block, obj)
 
     def _llama(self, end: bool) -> list[tuple]:
         if not self._started:

@@ -5,6 +5,8 @@ its call valid) and, marked slow, on the real default model answering a fact fro
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 
 from protocol_server import server  # noqa: F401 - fixture
@@ -19,11 +21,13 @@ def _run(url: str, question: str, skills: dict[str, str], max_tokens: int) -> tu
     set_tracing_disabled(True)
     loaded: list[str] = []
 
-    @function_tool
     def load_skill(name: str) -> str:
         """Load the instructions of one skill by its name."""
         loaded.append(name)
         return skills.get(name, f"no skill named {name!r}")
+
+    load_skill.__annotations__["name"] = Literal[tuple(skills)]  # an enum in the schema: a name the grammar keeps
+    load_skill = function_tool(load_skill)
 
     model = OpenAIChatCompletionsModel(model="default", openai_client=AsyncOpenAI(base_url=url + "/v1",
                                                                                   api_key="unused", max_retries=0))

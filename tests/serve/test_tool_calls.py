@@ -54,6 +54,8 @@ def every_cut(text: str, **kw):
     ('<tool_call>\n{"name": "grep", "arguments": "B-17"}\n</tool_call>',  # arguments not an object
      '<tool_call>\n{"name": "grep", "arguments": "B-17"}\n</tool_call>', [], 1),
     ('<tool_call>{"name": "grep", "arguments": "{\\"n\\": 2}"}</tool_call>', "", [(0, "grep", {"n": 2})], 0),
+    ('<tool_call>{"name": "grep", "arguments": {"p": "a</tool_call>b"}}</tool_call>x', "x",  # the tag in a string
+     [(0, "grep", {"p": "a</tool_call>b"})], 0),
     ('Sure. <tool_call>\n{"name": "grep", "argu', 'Sure. <tool_call>\n{"name": "grep", "argu', [], 1),  # cut off
     ("Café ✓ " + CALL + " and after", "Café ✓  and after", [(0, "read_file", {"path": "a.txt"})], 0),
 ])
@@ -262,3 +264,28 @@ def test_the_openai_clients_structured_output_parses(server):
     r = client.chat.completions.parse(model="default", messages=[{"role": "user", "content": "Describe it."}],
                                       response_format=Thing, max_tokens=200)
     assert isinstance(r.choices[0].message.parsed, Thing) and r.choices[0].finish_reason == "stop"
+
+
+def test_numbers_under_a_grammar_are_bounded():
+    """A number's digits are bounded (16 per part) so a model cannot write digits forever; JSON numbers a double
+    holds still pass, and nothing else changes (a string of digits stays unbounded)."""
+    import xgrammar as xgr
+
+    from skillkv.serve.constraints import bounded_numbers
+
+    grammar = bounded_numbers(xgr.Grammar.from_json_schema(json.dumps({
+        "type": "object", "properties": {"x": {"type": "number"}, "s": {"type": "string", "pattern": "^[0-9]*$"},
+                                         "n": {"type": "integer", "minimum": 0}}, "required": ["x", "s", "n"]}),
+        any_whitespace=False))
+    info = xgr.TokenizerInfo([chr(c) for c in range(32, 127)] + ["<end>"], stop_token_ids=[95])
+    matcher_of = lambda: xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(grammar))  # noqa: E731
+
+    def accepts(text: str) -> bool:
+        m = matcher_of()
+        return all(m.accept_token(ord(ch) - 32) for ch in text) and m.accept_token(95)
+
+    assert accepts('{"x": -12.5e3, "s": "' + "9" * 40 + '", "n": 7}')  # a pattern's digits stay unbounded
+    assert accepts('{"x": 0.' + "1" * 16 + ', "s": "", "n": ' + "9" * 16 + '}')
+    assert not accepts('{"x": 0.' + "0" * 17 + ', "s": "", "n": 1}')
+    assert not accepts('{"x": ' + "1" * 17 + ', "s": "", "n": 1}')
+    assert not accepts('{"x": 1, "s": "", "n": ' + "1" * 17 + '}')
