@@ -37,6 +37,9 @@ from skillkv.serve.protocol import ApiError, ChatRequest, call_deltas, chunk, co
 from skillkv.serve.worker import Worker
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -122,7 +125,7 @@ def create_app(worker: Worker, body_limit: int = 1 << 20, access_log=None) -> Fa
         from skillkv.report import collect
 
         await asyncio.wrap_future(worker.stats_written())  # answers finished before this request are counted
-        return await on_engine(lambda: {**collect(worker.kv, None)[0], "server": worker.snapshot()["protocol"]})
+        return await on_engine(lambda: {**collect(worker.kv, None)[0], "server": dict(worker.protocol)})
 
     async def submit(body: ChatRequest, request: Request):
         """Queue `body`; (job, its event queue) once accepted, else raise its ApiError."""
@@ -176,7 +179,7 @@ def create_app(worker: Worker, body_limit: int = 1 << 20, access_log=None) -> Fa
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(worker, job, events, cid, model, include_usage),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers=SSE_HEADERS)
         val = await whole(job, events, request)
         if val is None:
             return JSONResponse(error_body("client disconnected"), status_code=499)
@@ -192,7 +195,7 @@ def create_app(worker: Worker, body_limit: int = 1 << 20, access_log=None) -> Fa
             return StreamingResponse(_anthropic_stream(worker, job, events, Events(mid, model,
                                                                                    accepted["prompt_tokens"])),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers=SSE_HEADERS)
         val = await whole(job, events, request)
         if val is None:
             return JSONResponse(anthropic_error(499, "client disconnected"), status_code=499)
